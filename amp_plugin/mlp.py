@@ -82,7 +82,8 @@ def _slice_linear(lin: nn.Linear, idxs: torch.Tensor, dim: int) -> None:
                               requires_grad=lin.weight.requires_grad)
     if dim == 0:
         if lin.bias is not None:
-            lin.bias = nn.Parameter(lin.bias.data[idxs].clone(), requires_grad=lin.bias.requires_grad)
+            lin.bias = nn.Parameter(lin.bias.data[idxs].clone(),
+                                    requires_grad=lin.bias.requires_grad)
         lin.out_features = len(idxs)
     else:
         lin.in_features = len(idxs)

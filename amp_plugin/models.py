@@ -121,3 +121,6 @@ def create_model(spec: ModelSpec | dict, load: bool = True) -> nn.Module:
         load_weights(model, spec)
     model.amp_spec = spec.model_dump()
     return model
+
+
+from . import convert, zoo  # noqa: E402,F401  (fill BUILDERS / CONVERTERS)

@@ -13,6 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
+from .evaluate import EvalConfig
 from .models import ModelSpec
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
@@ -85,7 +86,7 @@ class Recipe(Strict):
     amp: AMPConfig = Field(default_factory=AMPConfig)
     train: TeacherTraining | None = None
     distill: dict[str, Any] | None = None
-    eval: dict[str, Any] | None = None
+    eval: EvalConfig | None = None
     _source: Path | None = PrivateAttr(default=None)
 
     @field_validator("stages")
@@ -106,6 +107,8 @@ class Recipe(Strict):
                 value = getattr(self.data, key)
                 if value:
                     paths[f"data.{key}"] = value
+        if self.eval is not None:
+            paths.update(self.eval.required_paths())
         return paths
 
 

@@ -23,7 +23,7 @@ def _root() -> None:
     """Adaptive MLP Pruning (AMP) for large vision transformers."""
 
 
-COMMAND_MODULES = ["amp_cli.run"]
+COMMAND_MODULES = ["amp_cli.run", "amp_cli.plan", "amp_cli.evaluate"]
 
 
 def _register_all() -> None:

@@ -1,0 +1,36 @@
+# Two commands do everything on a fresh clone: `make demo` and `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# torch and torchvision come from the local wheel cache here; pyproject only sets ranges.
+TORCH_PKGS ?= torch==2.14.1 torchvision==0.29.1
+
+.PHONY: demo test lint venv bench clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q $(TORCH_PKGS) || $(BIN)/pip install -q torch torchvision
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+demo: venv
+	$(BIN)/amp run
+
+test: venv
+	$(BIN)/ruff check amp_plugin cli integration_tests
+	$(BIN)/python -m pytest -q integration_tests
+
+lint: venv
+	$(BIN)/ruff check amp_plugin cli integration_tests
+
+bench: venv
+	$(BIN)/amp bench search
+	$(BIN)/amp bench throughput
+
+clean:
+	rm -rf runs .cache
