@@ -86,10 +86,14 @@ class TimmViT(Adapter):
         return tower.forward_head(tower.forward_features(x), pre_logits=True)
 
     def final_tokens(self, tower, x):
-        state = self.embed(tower, x)
-        for blk in tower.blocks:
-            state = (blk(state[0]),)
-        t = state[0]
+        t = self.embed(tower, x)[0]
+        # As forward_features runs the blocks, so that grad checkpointing applies.
+        if tower.grad_checkpointing and torch.is_grad_enabled():
+            from timm.models._manipulate import checkpoint_seq
+
+            t = checkpoint_seq(tower.blocks, t)
+        else:
+            t = tower.blocks(t)
         npt = tower.num_prefix_tokens
         patch = t[:, npt:]
         pooled = t[:, 0] if tower.global_pool == "token" else patch.mean(dim=1)
@@ -125,9 +129,13 @@ class TimmEva(Adapter):
         return tower.forward_head(tower.forward_features(x), pre_logits=True)
 
     def final_tokens(self, tower, x):
+        from timm.models._manipulate import checkpoint
+
         state = self.embed(tower, x)
+        ckpt = tower.grad_checkpointing and torch.is_grad_enabled()
         for i in range(len(tower.blocks)):
-            state = self.run_block(tower, i, state)
+            state = (checkpoint(self.run_block, tower, i, state) if ckpt
+                     else self.run_block(tower, i, state))
         t = state[0]
         npt = tower.num_prefix_tokens
         patch = t[:, npt:]

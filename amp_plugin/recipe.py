@@ -8,11 +8,12 @@ reported by name). Nothing is written to the run directory until the recipe is v
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
+from .distill import DistillConfig
 from .evaluate import EvalConfig
 from .models import ModelSpec
 
@@ -85,7 +86,7 @@ class Recipe(Strict):
     data: DataConfig = Field(default_factory=DataConfig)
     amp: AMPConfig = Field(default_factory=AMPConfig)
     train: TeacherTraining | None = None
-    distill: dict[str, Any] | None = None
+    distill: DistillConfig | None = None
     eval: EvalConfig | None = None
     _source: Path | None = PrivateAttr(default=None)
 
@@ -107,6 +108,11 @@ class Recipe(Strict):
                 value = getattr(self.data, key)
                 if value:
                     paths[f"data.{key}"] = value
+        if self.distill is not None and "distill" in self.stages:
+            for key in ("teacher", "student", "root"):
+                value = getattr(self.distill, key)
+                if value:
+                    paths[f"distill.{key}"] = value
         if self.eval is not None:
             paths.update(self.eval.required_paths())
         return paths

@@ -248,7 +248,8 @@ class AMPPruner:
                 prune_mlp(dg, view, torch.sort(order[:best]).values)
             if fast:
                 self.cache.drop(block_of[name])
-        e_end = e_prev if e_prev is not None else evaluate(names[-1])
+        # the states entering the last searched block are dropped by now: full forward
+        e_end = e_prev if e_prev is not None else self._entropy_full()
         self.model.train(was_training)
         sizes = {n: v.hidden for n, v in find_mlps(tower).items()}
         return PruneResult(

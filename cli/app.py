@@ -19,11 +19,17 @@ app = typer.Typer(
 )
 
 @app.callback()
-def _root() -> None:
+def _root(
+    # `deepspeed $(which amp) ...` inserts --local_rank=N before the command; ranks read
+    # LOCAL_RANK from the environment, so the value is accepted and not used.
+    local_rank: int = typer.Option(None, "--local_rank", "--local-rank", hidden=True),
+) -> None:
     """Adaptive MLP Pruning (AMP) for large vision transformers."""
 
 
-COMMAND_MODULES = ["amp_cli.run", "amp_cli.plan", "amp_cli.evaluate"]
+COMMAND_MODULES = [
+    "amp_cli.run", "amp_cli.bench", "amp_cli.plan", "amp_cli.evaluate", "amp_cli.distill",
+]
 
 
 def _register_all() -> None:

@@ -1,0 +1,133 @@
+"""Training images for distillation, in an order that a resumed run reproduces exactly.
+
+The order of an epoch comes from torch's `DistributedSampler` (seed + epoch, one shard
+per rank); each image is cropped with torchvision's `RandomResizedCrop` (scale from
+`min_crop` to 1, as the authors) under a seed derived from (run seed, epoch, index), so
+that step k of a resumed run sees the same pixels as step k of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torchvision import transforms
+
+Key = tuple[int, int]  # (image index, crop seed)
+
+
+def train_transform(image_size: int, min_crop: float, mean, std, tensor_input: bool):
+    crop = transforms.RandomResizedCrop(
+        image_size, scale=(min_crop, 1.0),
+        interpolation=transforms.InterpolationMode.BICUBIC, antialias=True)
+    steps = [crop] if tensor_input else [crop, transforms.ToTensor()]
+    return transforms.Compose([*steps, transforms.Normalize(mean, std)])
+
+
+class SeededCrops(Dataset):
+    """Wraps an image source; item (index, seed) is image `index` cropped under `seed`.
+
+    torchvision's random transforms draw from the global torch generator, so the draw is
+    made inside `fork_rng` with that seed; the caller's random state is left untouched.
+    """
+
+    def __init__(self, images, transform):
+        self.images = images  # indexable: a (N, C, H, W) tensor or an ImageFolder
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, key: Key) -> torch.Tensor:
+        index, seed = key
+        item = self.images[index]
+        image = item[0] if isinstance(item, tuple) else item
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.transform(image)
+
+
+@dataclass
+class DistillData:
+    """Fixed-size micro-batches per rank; `batches(step)` starts anywhere in the run."""
+
+    dataset: SeededCrops
+    micro_batch: int
+    grad_accum: int
+    world_size: int
+    rank: int
+    seed: int
+    workers: int = 0
+    pin_memory: bool = False
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Optimizer steps per epoch (every rank drops the same incomplete tail)."""
+        per_rank = len(self.dataset) // self.world_size
+        return per_rank // self.micro_batch // self.grad_accum
+
+    @property
+    def global_batch(self) -> int:
+        return self.micro_batch * self.grad_accum * self.world_size
+
+    def _epoch_keys(self, epoch: int) -> list[Key]:
+        sampler = DistributedSampler(self.dataset, num_replicas=self.world_size, rank=self.rank,
+                                     shuffle=True, seed=self.seed, drop_last=True)
+        sampler.set_epoch(epoch)
+        base = (self.seed * 1_000_003 + epoch) * len(self.dataset)
+        return [(i, base + i) for i in sampler]
+
+    def batches(self, step: int) -> Iterator[tuple[int, torch.Tensor]]:
+        """(epoch, micro-batch) pairs from optimizer step `step` on, without end."""
+        if self.steps_per_epoch < 1:
+            raise ValueError(
+                f"{len(self.dataset)} training images make no full step of "
+                f"{self.global_batch} (batch_size x grad_accum x world size)")
+        per_epoch = self.steps_per_epoch * self.grad_accum
+        epoch, skip = divmod(step * self.grad_accum, per_epoch)
+        while True:
+            keys = self._epoch_keys(epoch)
+            plan = [keys[i:i + self.micro_batch]
+                    for i in range(skip * self.micro_batch, per_epoch * self.micro_batch,
+                                   self.micro_batch)]
+            loader = DataLoader(self.dataset, batch_sampler=plan, num_workers=self.workers,
+                                pin_memory=self.pin_memory)
+            for batch in loader:
+                yield epoch, batch
+            epoch, skip = epoch + 1, 0
+
+
+def image_source(kind: str, root: str | None, data_cfg, seed: int):
+    """(images, tensor_input) for the recipe's data: an ImageNet-style folder, or the
+    digits training split as (N, 1, 8, 8) tensors in [0, 1]."""
+    if root is not None:
+        from torchvision.datasets import ImageFolder
+
+        if not Path(root).is_dir():
+            raise FileNotFoundError(f"distill.root: {root} is not a folder")
+        return ImageFolder(root), False
+    if kind == "digits":
+        # Imported here: amp_plugin.recipe imports this package's distill module.
+        from .data import digits_splits
+
+        images = digits_splits(data_cfg, seed, raw=True)["train"].images
+        return images.expand(-1, 3, -1, -1).contiguous(), True
+    if kind == "imagefolder":
+        from torchvision.datasets import ImageFolder
+
+        return ImageFolder(data_cfg.root), False
+    raise ValueError(f"data.kind {kind!r} has no image folder to distill on: set distill.root "
+                     "to an ImageNet-style training folder")
+
+
+def distill_data(data_cfg, seed: int, root: str | None, min_crop: float, micro_batch: int,
+                 grad_accum: int, world_size: int, rank: int, workers: int,
+                 pin_memory: bool = False) -> DistillData:
+    images, tensor_input = image_source(data_cfg.kind, root, data_cfg, seed)
+    tf = train_transform(data_cfg.image_size, min_crop, data_cfg.mean, data_cfg.std,
+                         tensor_input)
+    return DistillData(SeededCrops(images, tf), micro_batch, grad_accum, world_size, rank,
+                       seed, workers, pin_memory)

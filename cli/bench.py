@@ -1,0 +1,97 @@
+"""amp bench search / throughput: speed and memory goals live here, not in tests."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+bench = typer.Typer(help="Benchmarks: search speed and pruned-model throughput.",
+                    no_args_is_help=True)
+
+
+def _table(title: str, rows: list[tuple[str, str]]) -> Table:
+    t = Table(title=title)
+    t.add_column("quantity")
+    t.add_column("value", justify="right")
+    for k, v in rows:
+        t.add_row(k, v)
+    return t
+
+
+def _write(path: Path | None, data: dict) -> None:
+    if path is not None:
+        from amp_plugin.pipeline import write_json
+
+        write_json(Path(path), data)
+
+
+@bench.command("search")
+def search_cmd(
+    layers: int = typer.Option(12, help="transformer blocks"),
+    width: int = typer.Option(384, help="embedding width (MLP hidden = 4x)"),
+    val_images: int = typer.Option(64, help="validation images (one batch)"),
+    image_size: int = typer.Option(32, help="input resolution"),
+    patch_size: int = typer.Option(4, help="patch size"),
+    threshold: float = typer.Option(2e-3, help="entropy threshold"),
+    seed: int = typer.Option(0),
+    json_out: Path = typer.Option(None, "--json", help="also write the numbers here"),
+) -> None:
+    """Reference procedure vs AMPPruner on one model: same sizes, wall times, ratio."""
+    from amp_plugin.bench import bench_search
+
+    r = bench_search(layers, width, val_images, image_size, patch_size, threshold, seed=seed)
+    Console().print(_table(f"search: {layers} blocks, width {width}, {val_images} images", [
+        ("identical hidden sizes", str(r["identical_sizes"])),
+        ("reference procedure (s)", f"{r['reference_seconds']:.1f}"),
+        ("AMPPruner (s)", f"{r['fast_seconds']:.1f}"),
+        ("speed-up", f"{r['speedup']:.2f}x"),
+        ("suffix-only bound", f"{r['suffix_bound']:.2f}x"),
+        ("entropy evaluations", str(r["evaluations"])),
+        ("state cache", r["cache"]),
+        ("MLP params kept", f"{r['mlp_params']['after'] / r['mlp_params']['before']:.1%}"),
+        ("CPU threads", str(r["threads"])),
+    ]))
+    _write(json_out, r)
+    if not r["identical_sizes"]:
+        raise typer.Exit(1)
+
+
+@bench.command("throughput")
+def throughput_cmd(
+    run: Path = typer.Option(None, help="run directory: time its original vs pruned model"),
+    model: str = typer.Option("vit_base_patch16_224", help="timm model (without --run)"),
+    threshold: float = typer.Option(1e-3, help="AMP threshold (without --run)"),
+    round_to: int = typer.Option(64, help="candidate sizes are multiples (0: off)"),
+    search_images: int = typer.Option(32, help="calibration = validation images"),
+    batch_size: int = typer.Option(32),
+    image_size: int = typer.Option(224),
+    dtype: str = typer.Option("float32"),
+    runs: int = typer.Option(10),
+    json_out: Path = typer.Option(None, "--json", help="also write the numbers here"),
+) -> None:
+    """Throughput before vs after pruning, realised gain next to the FLOPs ratio."""
+    from amp_plugin.bench import bench_throughput
+
+    r = bench_throughput(run=run, model_name=model, threshold=threshold,
+                         round_to=round_to or None, search_images=search_images,
+                         batch_size=batch_size, image_size=image_size, dtype=dtype, runs=runs)
+    Console().print(_table(f"throughput: {r['model']} on {r['device']}", [
+        ("MLP params removed", f"{r['mlp_reduction']:.1%}"),
+        ("hidden sizes", json.dumps(sorted(set(r["hidden_sizes"].values())))),
+        ("FLOPs before / after (G)", f"{r['flops']['before'] / 1e9:.2f} / "
+                                     f"{r['flops']['after'] / 1e9:.2f}"),
+        ("FLOPs ratio", f"{r['flops_ratio']:.3f}x"),
+        ("img/s before / after", f"{r['before']['images_per_s']:.1f} / "
+                                 f"{r['after']['images_per_s']:.1f}"),
+        ("realised gain", f"{r['gain']:.3f}x"),
+        ("gain / FLOPs ratio", f"{r['efficiency']:.3f}"),
+    ]))
+    _write(json_out, r)
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(bench, name="bench")

@@ -1,0 +1,103 @@
+"""`amp plan`: the paper's figures from the architectures alone (meta device), FLOPs equal
+to a hand count, the MLP inventory, the search cost, and the CLI's table and JSON."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from amp_cli.app import app
+from typer.testing import CliRunner
+
+import amp_plugin as amp
+from amp_plugin.cost import count_params
+from amp_plugin.plan import plan, search_cost
+from amp_plugin.recipe import load_recipe
+
+# recipe: (paper params, paper FLOPs or None, blocks, width, MLP hidden, packed gate)
+PAPER = {
+    "open_clip_g": (1.01e9, 0.52e12, 40, 1408, 6144, False),
+    "open_clip_bigG": (1.84e9, 0.95e12, 48, 1664, 8192, False),
+    "eva_clip_E": (4.35e9, 2.23e12, 64, 1792, 15360, False),
+    "eva_clip_8B": (7.53e9, 3.86e12, 32, 4096, 20480, False),
+    "dinov2_g": (1.14e9, None, 40, 1536, 4096, True),
+}
+KIND = {"open_clip_g": "open_clip_mlp", "open_clip_bigG": "open_clip_mlp",
+        "eva_clip_E": "timm_mlp", "eva_clip_8B": "timm_mlp", "dinov2_g": "timm_glu_packed"}
+
+
+def hand_flops(blocks: int, width: int, hidden: int, packed: bool, tokens: int = 257,
+               patch: int = 14) -> int:
+    """2 x multiply-adds of one 224px image: patch embedding, q/k/v/out projections, the
+    two attention products and the MLP (a packed gate has 2*hidden fc1 outputs)."""
+    patches = tokens - 1
+    mlp = width * hidden * (3 if packed else 2)
+    per_block = tokens * (4 * width * width + mlp) + 2 * tokens * tokens * width
+    return 2 * (patches * 3 * patch * patch * width + blocks * per_block)
+
+
+@pytest.mark.parametrize("name", list(PAPER))
+def test_paper_figures(name: str) -> None:
+    params, flops, blocks, width, hidden, packed = PAPER[name]
+    p = plan(load_recipe(name, check_paths=False))
+    assert p["params"] == pytest.approx(params, rel=0.01)
+    if flops is not None:
+        assert p["flops"] == pytest.approx(flops, rel=0.05)
+    assert p["flops"] == hand_flops(blocks, width, hidden, packed)
+    assert (p["blocks"], p["width"], p["tokens"]) == (blocks, width, 257)
+    assert len(p["mlps"]) == blocks and {m["hidden"] for m in p["mlps"]} == {hidden}
+    per_mlp = (2 if packed else 1) * (width + 1) * hidden + (hidden + 1) * width
+    assert p["mlp_params"] == blocks * per_mlp
+    [row] = p["inventory"]
+    assert (row["count"], row["hidden"]) == (blocks, hidden)
+    assert row["kind"] == KIND[name] and {m["kind"] for m in p["mlps"]} == {KIND[name]}
+    assert row["share_of_params"] == pytest.approx(p["mlp_params"] / p["params"])
+    s = p["search"]
+    assert s["calibration"]["forward_backward_passes"] == 1024 // 128
+    assert s["validation"]["full_forward_passes_reference"] == blocks * 6 + 1
+    assert s["validation"]["full_forward_equivalents_cached"] == pytest.approx(
+        1 + 6 * (blocks + 1) / 2, abs=0.05)
+
+
+def test_meta_plan_equals_a_real_build() -> None:
+    """The meta-device count is the count of the model that score/prune will build."""
+    r = load_recipe("dinov2_g", {"model.kwargs.depth": 2, "model.kwargs.img_size": 56,
+                                 "data.image_size": 56}, check_paths=False)
+    p = plan(r)
+    model = amp.create_model(r.model.model_copy(update={"weights": None}))
+    assert p["params"] == count_params(model)
+    assert p["mlp_params"] == sum(v.num_params() for v in amp.find_mlps(model).values())
+    assert p["tokens"] == 1 + 4 * 4
+
+
+def test_search_cost_counts() -> None:
+    c = search_cost(n_blocks=4, max_steps=3, calib_images=300, val_images=300, batch_size=128)
+    assert c["calibration"]["batches"] == 3  # the last partial calibration batch is kept
+    assert c["validation"]["batches"] == 2  # the last partial validation batch is dropped
+    assert c["validation"]["entropy_evaluations"] == {"usual": 13, "at_most": 16}
+    # cache fill + trials over blocks 3..0 running 1, 2, 3, 4 of the 4 blocks
+    assert c["validation"]["full_forward_equivalents_cached"] == 1 + 3 * (1 + 2 + 3 + 4) / 4
+
+
+def test_cli_table_and_json(tmp_path: Path) -> None:
+    out = tmp_path / "plan.json"
+    done = CliRunner().invoke(app, ["plan", "eva_clip_8B", "--json", str(out)],
+                              env={"COLUMNS": "160"})
+    assert done.exit_code == 0, done.output
+    for text in ("7.53B", "MLP inventory", "20480", "timm_mlp", "search cost", "FlopCounterMode"):
+        assert text in done.stdout
+    assert "note: model.weights: /path/to/EVA-CLIP-8B" in done.stderr
+    data = json.loads(out.read_text())
+    assert {"params", "flops", "mlp_params", "mlps"} <= data.keys()
+    assert data["params"] == 7_526_089_984
+    assert data["mlps"][0] == {"name": "trunk.blocks.0.mlp", "hidden": 20480, "kind": "timm_mlp"}
+
+
+def test_cli_bad_recipe_names_key(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\noutput_dir: runs/x\nmodel: {library: timm, name: vit_base_patch16_224}"
+                   "\namp: {threshold: lots}\n")
+    done = CliRunner().invoke(app, ["plan", str(bad)])
+    assert done.exit_code == 2
+    assert "amp.threshold" in done.stderr
