@@ -55,6 +55,11 @@ class Adapter:
     def final_tokens(self, tower: nn.Module, x: torch.Tensor):
         raise NotImplementedError
 
+    def project(self, tower: nn.Module, features: torch.Tensor) -> torch.Tensor:
+        """`head`'s features mapped into the space text features live in (CLIP towers);
+        used only when a criterion compares images with text."""
+        return features
+
     def set_grad_checkpointing(self, tower: nn.Module, enable: bool = True) -> None:
         tower.set_grad_checkpointing(enable)
 
@@ -175,6 +180,9 @@ class OpenClipViT(Adapter):
         t = tower.transformer(tower._embeds(x))
         return tower._global_pool(t)
 
+    def project(self, tower, features):
+        return features @ tower.proj if tower.proj is not None else features
+
 
 class OpenClipTimm(Adapter):
     """open_clip TimmModel (e.g. EVA02-E-14-plus): a timm trunk followed by a projection."""
@@ -206,6 +214,10 @@ class OpenClipTimm(Adapter):
 
     def final_tokens(self, tower, x):
         return self._inner(tower).final_tokens(tower.trunk, x)
+
+    def project(self, tower, features):
+        # open_clip uses the trunk's classifier as the projection when timm_proj is unset
+        return tower.head(tower.trunk.get_classifier()(features))
 
 
 class OpenClipCLIP(Adapter):

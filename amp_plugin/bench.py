@@ -95,17 +95,17 @@ def suffix_bound(trace, hidden: int, n_blocks: int, attn: float, per_neuron: flo
         by_block.setdefault(t.index, []).append(t)
     fast += sum(attn + per_neuron * h for h in sizes)  # caching pass (original model)
     ref += sum(attn + per_neuron * h for h in sizes)  # both measure E_prev once
-    for l in range(n_blocks - 1, -1, -1):
-        trials = by_block.get(l, [])
+    for blk in range(n_blocks - 1, -1, -1):
+        trials = by_block.get(blk, [])
         for t in trials:
-            trial_sizes = sizes[:l] + [t.size] + sizes[l + 1:]
-            fast += sum(attn + per_neuron * h for h in trial_sizes[l:])
+            trial_sizes = sizes[:blk] + [t.size] + sizes[blk + 1:]
+            fast += sum(attn + per_neuron * h for h in trial_sizes[blk:])
         for s in range(max_steps):
-            size = trials[s].size if s < len(trials) else sizes[l]
-            trial_sizes = sizes[:l] + [size] + sizes[l + 1:]
+            size = trials[s].size if s < len(trials) else sizes[blk]
+            trial_sizes = sizes[:blk] + [size] + sizes[blk + 1:]
             ref += sum(attn + per_neuron * h for h in trial_sizes)
         accepted = [t.size for t in trials if t.accepted]
-        sizes[l] = min(accepted) if accepted else hidden
+        sizes[blk] = min(accepted) if accepted else hidden
     return ref / fast
 
 

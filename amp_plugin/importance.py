@@ -34,6 +34,11 @@ def split_batch(batch) -> tuple[torch.Tensor, object]:
     raise TypeError(f"a batch must be a tensor or a (images, ...) tuple, got {type(batch)}")
 
 
+def is_text(extra) -> bool:
+    """Text features ride along with image-text batches (labels are integers)."""
+    return isinstance(extra, torch.Tensor) and extra.is_floating_point()
+
+
 def _world() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
@@ -89,11 +94,14 @@ class AMPImportance(tp.importance.Importance):
         self.num_batches = 0
 
     # ---- scoring ------------------------------------------------------------------------
-    def features(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    def features(self, model: nn.Module, images: torch.Tensor, joint: bool = False
+                 ) -> torch.Tensor:
+        """Pooled features; `joint`: projected into the text space (image-text criteria)."""
         if self.feature_fn is not None:
             return self.feature_fn(model, images)
         tower, adapter = vision_tower(model)
-        return adapter.features(tower, images)
+        feats = adapter.features(tower, images)
+        return adapter.project(tower, feats) if joint else feats
 
     def accumulate(self, model: nn.Module, batches: Iterable) -> dict[str, torch.Tensor]:
         """Forward and backward over calibration `batches` with parameters frozen; adds the
@@ -125,7 +133,7 @@ class AMPImportance(tp.importance.Importance):
                         extra = extra.to(device)
                     for s in slots.values():
                         s.zero_()
-                    loss = self.criterion(self.features(model, images), extra)
+                    loss = self.criterion(self.features(model, images, is_text(extra)), extra)
                     loss.backward()
                     n_global = global_batch_size(images.shape[0], device)
                     for n in views:

@@ -136,7 +136,7 @@ class Run:
         if r.data.kind == "coco":
             from .captions import caption_batches
 
-            calib, val = caption_batches(r, self.teacher())
+            calib, val = caption_batches(r, self.teacher(), show_progress=self.show_progress)
         else:
             from .data import amp_batches
 
@@ -220,7 +220,11 @@ class Run:
         from .evaluate import evaluate_run
 
         t0 = time.perf_counter()
-        out = evaluate_run(self.recipe, self.dir, show_progress=self.show_progress)
+        out = {}
+        if ddp.is_main():  # evaluation is not sharded; rank 0 measures and writes
+            out = evaluate_run(self.recipe, self.dir, show_progress=self.show_progress,
+                               log=self.log)
+        ddp.barrier()
         self.seconds["eval"] = time.perf_counter() - t0
         return out
 

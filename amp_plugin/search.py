@@ -25,7 +25,7 @@ from .adapters import Adapter, vision_tower
 from .cache import StateCache
 from .cost import count_flops, count_mlp_params, count_params
 from .graph import build_dependency_graph, prune_mlp
-from .importance import AMPImportance, split_batch
+from .importance import AMPImportance, is_text, split_batch
 from .mlp import MLPView, find_mlps
 from .progress import progress
 
@@ -139,7 +139,7 @@ class AMPPruner:
         """E_val by full forward passes (used with a custom feature_fn)."""
         device, total = self._device(), 0.0
         for images, extra in self.val_batches:
-            feats = self.importance.features(self.model, images.to(device))
+            feats = self.importance.features(self.model, images.to(device), is_text(extra))
             total += float(self.criterion(feats, _to(extra, device)))
         return total / len(self.val_batches)
 
@@ -151,6 +151,8 @@ class AMPPruner:
             for i in range(start, n_blocks):
                 state = adapter.run_block(tower, i, state)
             feats = adapter.head(tower, state)
+            if is_text(extra):
+                feats = adapter.project(tower, feats)
             total += float(self.criterion(feats, _to(extra, device)))
         return total / len(self.val_batches)
 
