@@ -110,7 +110,7 @@ def suffix_bound(trace, hidden: int, n_blocks: int, attn: float, per_neuron: flo
 
 
 def bench_search(layers: int = 12, width: int = 384, val_images: int = 64,
-                 image_size: int = 32, patch_size: int = 4, threshold: float = 2e-3,
+                 image_size: int = 32, patch_size: int = 8, threshold: float = 2e-3,
                  inv_temperature: float = 20.0, seed: int = 0,
                  show_progress: bool = True) -> dict:
     """Reference procedure vs AMPPruner on the same random-weight ViT and digits images."""

@@ -66,10 +66,10 @@ class AMPConfig(Strict):
 class TeacherTraining(Strict):
     """Demo only: train the teacher with a SimCLR objective (no labels) and cache it."""
 
-    epochs: int = Field(default=30, gt=0)
+    epochs: int = Field(default=60, gt=0)
     batch_size: int = Field(default=128, gt=1)
-    lr: float = Field(default=2e-3, gt=0)
-    temperature: float = Field(default=0.2, gt=0)
+    lr: float = Field(default=1e-3, gt=0)
+    temperature: float = Field(default=0.1, gt=0)
     checkpoint: str = Field(description="where the trained teacher is cached")
 
 

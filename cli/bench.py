@@ -35,7 +35,7 @@ def search_cmd(
     width: int = typer.Option(384, help="embedding width (MLP hidden = 4x)"),
     val_images: int = typer.Option(64, help="validation images (one batch)"),
     image_size: int = typer.Option(32, help="input resolution"),
-    patch_size: int = typer.Option(4, help="patch size"),
+    patch_size: int = typer.Option(8, help="patch size"),
     threshold: float = typer.Option(2e-3, help="entropy threshold"),
     seed: int = typer.Option(0),
     json_out: Path = typer.Option(None, "--json", help="also write the numbers here"),

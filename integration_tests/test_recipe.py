@@ -1,0 +1,86 @@
+"""Recipe validation: errors name the file and key path before anything is written."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from amp_plugin.recipe import RECIPES_DIR, RecipeError, load_recipe
+
+
+def _write(tmp_path, data) -> str:
+    p = tmp_path / "r.yaml"
+    p.write_text(yaml.safe_dump(data))
+    return str(p)
+
+
+def _demo() -> dict:
+    return yaml.safe_load((RECIPES_DIR / "demo_digits.yaml").read_text())
+
+
+def test_demo_recipe_is_valid_and_is_the_default():
+    r = load_recipe(None)
+    assert r.name == "demo_digits" and r.amp.threshold == pytest.approx(1e-2)
+    assert r.stages[:3] == ["train", "score", "prune"]
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda d: d["amp"].update(treshold=0.1), "amp.treshold: Extra inputs are not permitted"),
+    (lambda d: d["amp"].update(threshold="high"), "amp.threshold: Input should be a valid number"),
+    (lambda d: d["data"].update(batch_size=-1), "data.batch_size: Input should be greater than 0"),
+    (lambda d: d.pop("model"), "model: Field required"),
+    (lambda d: d["model"].pop("name"), "model.name: Field required"),
+    (lambda d: d.update(stages=["prune", "score"]), "stages: Value error, stages must be"),
+    (lambda d: d["amp"].update(criterion="kl"), "amp.criterion: Input should be 'entropy'"),
+])
+def test_schema_errors_name_the_key_path(tmp_path, edit, message):
+    data = _demo()
+    edit(data)
+    with pytest.raises(RecipeError) as err:
+        load_recipe(_write(tmp_path, data))
+    assert message in str(err.value)
+    assert str(tmp_path / "r.yaml") in str(err.value)
+
+
+def test_missing_paths_are_named(tmp_path):
+    data = _demo()
+    data["stages"] = ["score", "prune"]
+    data.pop("train")
+    data["model"]["weights"] = str(tmp_path / "nope.safetensors")
+    data["data"] = {"kind": "imagefolder", "root": str(tmp_path / "train"), "image_size": 32}
+    with pytest.raises(RecipeError) as err:
+        load_recipe(_write(tmp_path, data))
+    text = str(err.value)
+    assert f"model.weights: {tmp_path / 'nope.safetensors'} does not exist" in text
+    assert f"data.root: {tmp_path / 'train'} does not exist" in text
+
+
+def test_not_yaml_and_not_a_mapping(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("name: [unclosed")
+    with pytest.raises(RecipeError, match="not valid YAML"):
+        load_recipe(str(p))
+    p.write_text("- a\n- b\n")
+    with pytest.raises(RecipeError, match="expected a mapping"):
+        load_recipe(str(p))
+    with pytest.raises(RecipeError, match="recipe file not found"):
+        load_recipe(str(tmp_path / "missing.yaml"))
+
+
+def test_cli_rejects_bad_recipe_before_writing(tmp_path):
+    data = _demo()
+    data["amp"]["threshold"] = "high"
+    data["output_dir"] = str(tmp_path / "run")
+    out = subprocess.run([sys.executable, "-m", "amp_cli.app", "run", _write(tmp_path, data)],
+                         capture_output=True, text=True)
+    assert out.returncode == 2
+    assert "amp.threshold" in out.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_overrides_use_key_paths():
+    r = load_recipe(None, {"amp.threshold": 0.5, "data.val_images": 64})
+    assert r.amp.threshold == 0.5 and r.data.val_images == 64
