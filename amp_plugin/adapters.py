@@ -64,7 +64,28 @@ class Adapter:
         tower.set_grad_checkpointing(enable)
 
 
-class TimmViT(Adapter):
+def _timm_split_tokens(tower: nn.Module, t: torch.Tensor):
+    """(pooled, patch tokens) of timm block outputs, before the final norm."""
+    patch = t[:, tower.num_prefix_tokens:]
+    pooled = t[:, 0] if tower.global_pool == "token" else patch.mean(dim=1)
+    return pooled, patch
+
+
+class _Timm(Adapter):
+    """What timm's ViT-like towers share: blocks, pre-logits head, own forward path."""
+
+    def blocks(self, tower):
+        return tower.blocks
+
+    def head(self, tower, state):
+        return tower.forward_head(tower.norm(state[0]), pre_logits=True)
+
+    def features(self, tower, x):
+        # The model's own path (honours grad checkpointing); equal to the block-wise one.
+        return tower.forward_head(tower.forward_features(x), pre_logits=True)
+
+
+class TimmViT(_Timm):
     """timm VisionTransformer (also DINOv2 checkpoints converted to the timm layout)."""
 
     family = "timm_vit"
@@ -80,16 +101,6 @@ class TimmViT(Adapter):
         x = tower.patch_drop(x)
         return (tower.norm_pre(x),)
 
-    def blocks(self, tower):
-        return tower.blocks
-
-    def head(self, tower, state):
-        return tower.forward_head(tower.norm(state[0]), pre_logits=True)
-
-    def features(self, tower, x):
-        # The model's own path (honours grad checkpointing); equal to the block-wise one.
-        return tower.forward_head(tower.forward_features(x), pre_logits=True)
-
     def final_tokens(self, tower, x):
         t = self.embed(tower, x)[0]
         # As forward_features runs the blocks, so that grad checkpointing applies.
@@ -99,13 +110,10 @@ class TimmViT(Adapter):
             t = checkpoint_seq(tower.blocks, t)
         else:
             t = tower.blocks(t)
-        npt = tower.num_prefix_tokens
-        patch = t[:, npt:]
-        pooled = t[:, 0] if tower.global_pool == "token" else patch.mean(dim=1)
-        return pooled, patch
+        return _timm_split_tokens(tower, t)
 
 
-class TimmEva(Adapter):
+class TimmEva(_Timm):
     family = "timm_eva"
 
     def matches(self, model):
@@ -118,20 +126,11 @@ class TimmEva(Adapter):
         x, rope = tower._pos_embed(x)
         return (tower.norm_pre(x), rope)
 
-    def blocks(self, tower):
-        return tower.blocks
-
     def run_block(self, tower, i, state):
         x, rope = state
         if getattr(tower, "rope_mixed", False) and rope is not None:
             return (tower.blocks[i](x, rope=rope[i]), rope)
         return (tower.blocks[i](x, rope=rope), rope)
-
-    def head(self, tower, state):
-        return tower.forward_head(tower.norm(state[0]), pre_logits=True)
-
-    def features(self, tower, x):
-        return tower.forward_head(tower.forward_features(x), pre_logits=True)
 
     def final_tokens(self, tower, x):
         from timm.models._manipulate import checkpoint
@@ -141,11 +140,7 @@ class TimmEva(Adapter):
         for i in range(len(tower.blocks)):
             state = (checkpoint(self.run_block, tower, i, state) if ckpt
                      else self.run_block(tower, i, state))
-        t = state[0]
-        npt = tower.num_prefix_tokens
-        patch = t[:, npt:]
-        pooled = t[:, 0] if tower.global_pool == "token" else patch.mean(dim=1)
-        return pooled, patch
+        return _timm_split_tokens(tower, state[0])
 
 
 class OpenClipViT(Adapter):

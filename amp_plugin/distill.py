@@ -21,6 +21,7 @@ Layout of a run directory:
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
 import math
@@ -491,8 +492,28 @@ class Distiller:
                 "global_batch": self.data.global_batch, "total_steps": self.total_steps,
                 "seed": self.recipe.seed}
 
+    def _fingerprint(self) -> str:
+        """What the training trajectory depends on (not checkpointing or loader options)."""
+        from .serialization import read_manifest
+
+        cfg = self.cfg.model_dump(exclude={"checkpoint_every", "keep_checkpoints", "workers"})
+        parts = [cfg, self.recipe.data.model_dump(), self.recipe.seed, str(self.teacher_dir),
+                 self.recipe.model.model_dump(), read_manifest(self.student_dir)["shapes"]]
+        blob = json.dumps(parts, sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
     def _resume(self) -> int:
-        ckpt = self.paths["checkpoints"]
+        ckpt, marker = self.paths["checkpoints"], self.paths["log"].with_name("fingerprint")
+        fingerprint = self._fingerprint()
+        if marker.is_file() and marker.read_text() != fingerprint:
+            # Another student or schedule: the checkpoints cannot continue this run.
+            if self.rank == 0:
+                shutil.rmtree(ckpt, ignore_errors=True)
+                ckpt.mkdir(parents=True)
+                self.paths["log"].unlink(missing_ok=True)
+            dist.barrier()
+        if self.rank == 0:
+            _atomic_write(marker, fingerprint)
         if not (ckpt / "latest").is_file():
             if self.rank == 0 and self.paths["log"].exists():
                 self.paths["log"].unlink()

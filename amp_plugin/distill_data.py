@@ -129,5 +129,7 @@ def distill_data(data_cfg, seed: int, root: str | None, min_crop: float, micro_b
     images, tensor_input = image_source(data_cfg.kind, root, data_cfg, seed)
     tf = train_transform(data_cfg.image_size, min_crop, data_cfg.mean, data_cfg.std,
                          tensor_input)
+    # Images already in memory need no decoding: worker processes would only add start-up
+    # time at every epoch.
     return DistillData(SeededCrops(images, tf), micro_batch, grad_accum, world_size, rank,
-                       seed, workers, pin_memory)
+                       seed, 0 if tensor_input else workers, pin_memory)
