@@ -85,25 +85,21 @@ def _block_costs(model: nn.Module, x: torch.Tensor) -> tuple[float, float]:
 
 def suffix_bound(trace, hidden: int, n_blocks: int, attn: float, per_neuron: float,
                  max_steps: int) -> float:
-    """Best ratio an exact search can reach: the reference's cost (every trial runs all
-    blocks) over the cost of running only blocks l..L-1 per trial plus one caching pass,
-    counted in FLOPs with the sizes in force at each trial."""
+    """Best ratio an exact search can reach on this trace: the reference's cost (every trial
+    runs all blocks at full width, since it removes neurons by masks) over running only
+    blocks l..L-1 per trial (block l masked, the later ones already pruned) plus one pass
+    to cache the block inputs; counted in FLOPs."""
+    full = attn + per_neuron * hidden
+    ref = (1 + max_steps * n_blocks) * n_blocks * full
     sizes = [hidden] * n_blocks
-    ref = fast = 0.0
+    fast = n_blocks * full  # the caching pass over the original model
     by_block: dict[int, list] = {}
     for t in trace:
         by_block.setdefault(t.index, []).append(t)
-    fast += sum(attn + per_neuron * h for h in sizes)  # caching pass (original model)
-    ref += sum(attn + per_neuron * h for h in sizes)  # both measure E_prev once
     for blk in range(n_blocks - 1, -1, -1):
         trials = by_block.get(blk, [])
-        for t in trials:
-            trial_sizes = sizes[:blk] + [t.size] + sizes[blk + 1:]
-            fast += sum(attn + per_neuron * h for h in trial_sizes[blk:])
-        for s in range(max_steps):
-            size = trials[s].size if s < len(trials) else sizes[blk]
-            trial_sizes = sizes[:blk] + [size] + sizes[blk + 1:]
-            ref += sum(attn + per_neuron * h for h in trial_sizes)
+        suffix = sum(attn + per_neuron * h for h in sizes[blk + 1:])
+        fast += len(trials) * (full + suffix)  # the searched block runs full width, masked
         accepted = [t.size for t in trials if t.accepted]
         sizes[blk] = min(accepted) if accepted else hidden
     return ref / fast
