@@ -212,7 +212,7 @@ class Run:
         from .distill import distill
 
         t0 = time.perf_counter()
-        out = distill(self.recipe, self.dir)
+        out = distill(self.recipe, self.dir, progress_bar=self.show_progress)
         self.seconds["distill"] = time.perf_counter() - t0
         return out
 

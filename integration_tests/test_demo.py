@@ -16,7 +16,7 @@ def test_demo_recipe_end_to_end(tmp_path):
     run = tmp_path / "run"
     sets = ["--set", "train.epochs=2", "--set", f"train.checkpoint={tmp_path / 'teacher'}",
             "--set", "data.calib_images=256", "--set", "data.val_images=256",
-            "--set", "eval.tasks=[knn, linear_probe]"]
+            "--set", "eval.tasks=[knn, linear_probe]", "--set", "distill.max_steps=4"]
     out = _amp("run", "demo_digits", "--out", str(run), "--no-progress", *sets)
     assert out.returncode == 0, out.stderr[-3000:]
     report = json.loads((run / "report.json").read_text())
@@ -28,7 +28,9 @@ def test_demo_recipe_end_to_end(tmp_path):
     assert all(0 < h <= 256 for h in report["hidden_sizes"].values())
     assert report["mlp_params"]["after"] <= report["mlp_params"]["before"]
     assert report["flops"]["after"] <= report["flops"]["before"]
-    assert 0 <= report["accuracy"]["pruned"] <= 100 and 0 <= report["accuracy"]["teacher"] <= 100
+    for model in ("teacher", "pruned", "distilled"):
+        assert 0 <= report["accuracy"][model] <= 100, model
+    assert (run / "distilled" / "amp.json").is_file()
     assert (run / "pruned" / "model.safetensors").is_file()
     assert (run / "plots" / "hidden_sizes.png").read_bytes()[:4] == b"\x89PNG"
     # A rerun keeps the completed stages.
