@@ -127,6 +127,7 @@ class Run:
                                r.train.temperature, r.seed, self.show_progress)
         if ddp.is_main():
             save_pruned(model, ckpt, meta={"fingerprint": fp, "simclr_loss": history})
+        ddp.barrier()
         self.log(f"teacher: trained {r.train.epochs} epochs (loss {history[0]:.3f} -> "
                  f"{history[-1]:.3f}), saved to {ckpt}")
 
@@ -175,6 +176,7 @@ class Run:
             os.replace(tmp, path)
             write_json(self.dir / "scores.json", {"fingerprint": fp, "batches": imp.num_batches,
                                                   "seconds": self.seconds["score"]})
+        ddp.barrier()  # other ranks look for the scores file only once it is written
         self.log(f"score: {len(scores)} MLPs over {imp.num_batches} calibration batches")
         return scores
 
@@ -185,8 +187,7 @@ class Run:
         if self._done(marker, fp) and (self.dir / "pruned" / "amp.json").is_file():
             self.log("prune: kept from an earlier run")
             return json.loads(marker.read_text())["result"]
-        scores = self.stage_score() if not (self.dir / "scores.safetensors").is_file() \
-            else load_file(str(self.dir / "scores.safetensors"))
+        scores = self.stage_score()  # kept from disk when already computed
         model = self._prepare(self.teacher())
         _, val = self.batches()
         val = [_cast(b, self.device, self.dtype) for b in val]
@@ -203,6 +204,7 @@ class Run:
             save_pruned(model.float(), self.dir / "pruned",
                         meta={"threshold": r.amp.threshold, "source": self.teacher_source()})
             write_json(marker, {"fingerprint": fp, "result": result})
+        ddp.barrier()
         b, a = result["mlp_params"]["before"], result["mlp_params"]["after"]
         self.log(f"prune: MLP parameters {b:,} -> {a:,} ({100 * (1 - a / b):.1f}% removed), "
                  f"{result['evaluations']} entropy evaluations, cache: {result['cache']}")

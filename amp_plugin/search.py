@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from .adapters import Adapter, vision_tower
@@ -135,13 +136,24 @@ class AMPPruner:
     def _device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    @staticmethod
+    def _agree(value: float) -> float:
+        """Every rank computes the entropy of the same global batches, but must take the
+        same accept/reject decisions bit for bit: average the value across ranks."""
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.float64,
+                         device="cuda" if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(t)
+        return float(t.item()) / dist.get_world_size()
+
     def _entropy_full(self) -> float:
         """E_val by full forward passes (used with a custom feature_fn)."""
         device, total = self._device(), 0.0
         for images, extra in self.val_batches:
             feats = self.importance.features(self.model, images.to(device), is_text(extra))
             total += float(self.criterion(feats, _to(extra, device)))
-        return total / len(self.val_batches)
+        return self._agree(total / len(self.val_batches))
 
     def _entropy_suffix(self, tower: nn.Module, adapter: Adapter, start: int) -> float:
         """E_val running only blocks start..L-1 on the cached states entering `start`."""
@@ -154,7 +166,7 @@ class AMPPruner:
             if is_text(extra):
                 feats = adapter.project(tower, feats)
             total += float(self.criterion(feats, _to(extra, device)))
-        return total / len(self.val_batches)
+        return self._agree(total / len(self.val_batches))
 
     @contextmanager
     def _candidate(self, tower: nn.Module, view: MLPView, keep: torch.Tensor):
