@@ -62,6 +62,19 @@ def train_simclr(
 ) -> list[float]:
     """Train `model`'s pooled features with SimCLR on raw (N, 1, h, w) images in [0, 1].
     Returns the mean loss of each epoch."""
+    # One thread: CPU float reductions then run in a fixed order, so the same seed gives
+    # the same teacher on every machine of a kind (with 2 threads the teachers differed).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _train(model, images, image_size, mean, std, epochs, batch_size, lr,
+                      temperature, seed, show_progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(model, images, image_size, mean, std, epochs, batch_size, lr, temperature, seed,
+           show_progress) -> list[float]:
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     tower, adapter = vision_tower(model)

@@ -120,6 +120,7 @@ class Run:
 
         if r.data.kind != "digits":
             raise ValueError("the train stage pre-trains the demo teacher on data.kind: digits")
+        torch.manual_seed(r.seed)  # the teacher's initialisation is part of the recipe
         model = create_model(r.model)
         raw = digits_splits(r.data, r.seed, raw=True)["train"].images
         history = train_simclr(model, raw, r.data.image_size, r.data.mean, r.data.std,

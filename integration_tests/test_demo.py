@@ -23,7 +23,7 @@ def test_demo_recipe_end_to_end(tmp_path):
     for key in ("hidden_sizes", "params", "mlp_params", "flops", "accuracy", "threshold",
                 "inv_temperature", "trace"):
         assert key in report, key
-    assert report["threshold"] == 0.01 and report["inv_temperature"] == 20
+    assert report["threshold"] == 0.002 and report["inv_temperature"] == 20
     assert set(report["hidden_sizes"]) == {f"blocks.{i}.mlp" for i in range(4)}
     assert all(0 < h <= 256 for h in report["hidden_sizes"].values())
     assert report["mlp_params"]["after"] <= report["mlp_params"]["before"]

@@ -23,7 +23,7 @@ def _demo() -> dict:
 
 def test_demo_recipe_is_valid_and_is_the_default():
     r = load_recipe(None)
-    assert r.name == "demo_digits" and r.amp.threshold == pytest.approx(1e-2)
+    assert r.name == "demo_digits" and r.amp.threshold == pytest.approx(2e-3)
     assert r.stages[:3] == ["train", "score", "prune"]
 
 
