@@ -40,6 +40,7 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from .adapters import Adapter, vision_tower
+from .atomic import atomic_write
 from .criterion import gather_features
 from .distill_data import DistillData, distill_data
 from .models import create_model
@@ -335,13 +336,6 @@ def distill_paths(run_dir: str | Path) -> dict[str, Path]:
             "result": work / "result.json", "distilled": run_dir / "distilled"}
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def read_loss_log(path: str | Path) -> list[dict]:
     path = Path(path)
     if not path.is_file():
@@ -513,7 +507,7 @@ class Distiller:
                 self.paths["log"].unlink(missing_ok=True)
             dist.barrier()
         if self.rank == 0:
-            _atomic_write(marker, fingerprint)
+            atomic_write(marker, fingerprint)
         if not (ckpt / "latest").is_file():
             if self.rank == 0 and self.paths["log"].exists():
                 self.paths["log"].unlink()
@@ -529,7 +523,7 @@ class Distiller:
         step = int(state["step"])
         if self.rank == 0:  # steps logged after the checkpoint are run again
             kept = [r for r in read_loss_log(self.paths["log"]) if r["step"] <= step]
-            _atomic_write(self.paths["log"], "".join(json.dumps(r) + "\n" for r in kept))
+            atomic_write(self.paths["log"], "".join(json.dumps(r) + "\n" for r in kept))
         return step
 
     # ---- training ------------------------------------------------------------------------
@@ -579,7 +573,7 @@ class Distiller:
             self.step), save_latest=False)
         dist.barrier()
         if self.rank == 0:
-            _atomic_write(ckpt / "latest", tag)
+            atomic_write(ckpt / "latest", tag)
             tags = sorted((p.name for p in ckpt.glob("global_step*") if p.is_dir()),
                           key=_tag_step)
             for old in tags[:-self.cfg.keep_checkpoints]:
@@ -635,7 +629,7 @@ class Distiller:
             "seconds": round(time.perf_counter() - t0, 2),
         }
         if self.rank == 0:
-            _atomic_write(self.paths["result"], json.dumps(result, indent=2))
+            atomic_write(self.paths["result"], json.dumps(result, indent=2))
         return result
 
 

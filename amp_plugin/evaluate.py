@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -29,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from torch import nn
 
 from .adapters import vision_tower
+from .atomic import atomic_write
 from .progress import progress
 
 if TYPE_CHECKING:
@@ -284,20 +284,10 @@ def load_classifier(path: str | Path, meta: dict[str, str] | None = None) -> tor
 
 
 def save_classifier(path: str | Path, classifier: torch.Tensor, meta: dict[str, str]) -> Path:
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({"classifier": classifier.detach().float().cpu().contiguous()}, tmp,
-                  metadata=meta)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    tensors = {"classifier": classifier.detach().float().cpu().contiguous()}
+    return atomic_write(path, save(tensors, metadata=meta))
 
 
 def _autocast_device(model: nn.Module) -> str:

@@ -16,35 +16,26 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 import yaml
 from rich.console import Console
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
 
 from . import distributed as ddp
 from .adapters import vision_tower
+from .atomic import atomic_write
 from .importance import AMPImportance
 from .models import create_model
 from .recipe import Recipe
+from .report import write_json
 from .search import AMPPruner
 from .serialization import load_pruned, read_manifest, save_pruned
 
 DTYPES = {"float32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def write_json(path: Path, data: dict) -> None:
-    """Atomic JSON write (temp file in the same folder, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2)
-    os.replace(tmp, path)
 
 
 def _fingerprint(*parts) -> str:
@@ -171,10 +162,7 @@ class Run:
         scores = imp.accumulate(model, [_cast(b, self.device, self.dtype) for b in calib])
         self.seconds["score"] = time.perf_counter() - t0
         if ddp.is_main():
-            fd, tmp = tempfile.mkstemp(prefix=".scores.", dir=self.dir)
-            os.close(fd)
-            save_file({k: v.contiguous() for k, v in scores.items()}, tmp)
-            os.replace(tmp, path)
+            atomic_write(path, save({k: v.contiguous() for k, v in scores.items()}))
             write_json(self.dir / "scores.json", {"fingerprint": fp, "batches": imp.num_batches,
                                                   "seconds": self.seconds["score"]})
         ddp.barrier()  # other ranks look for the scores file only once it is written

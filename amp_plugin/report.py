@@ -15,14 +15,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import re
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rich.table import Table
+
+from .atomic import atomic_write
 
 if TYPE_CHECKING:
     from .recipe import Recipe
@@ -61,22 +61,10 @@ def dumps(data: Any) -> str:
     return json.dumps(to_jsonable(data), indent=2, allow_nan=False) + "\n"
 
 
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_json(path: str | Path, data: Any) -> Path:
     path = Path(path)
     text = dumps(data).encode()
-    _atomic_write(path, lambda f: f.write(text))
+    atomic_write(path, text)
     return path
 
 
@@ -279,7 +267,7 @@ def block_label(name: str, position: int) -> str:
 def _save(fig, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
-    _atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120, bbox_inches="tight"))
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120, bbox_inches="tight"))
     plt.close(fig)
     return path
 

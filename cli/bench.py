@@ -24,7 +24,7 @@ def _table(title: str, rows: list[tuple[str, str]]) -> Table:
 
 def _write(path: Path | None, data: dict) -> None:
     if path is not None:
-        from amp_plugin.pipeline import write_json
+        from amp_plugin.report import write_json
 
         write_json(Path(path), data)
 

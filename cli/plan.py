@@ -62,9 +62,9 @@ def register(app: typer.Typer) -> None:
              json_out: Path = typer.Option(None, "--json", help="also write the plan here")
              ) -> None:
         """Parameters, FLOPs, MLP inventory and search cost (meta device: no weights)."""
-        from amp_plugin.pipeline import write_json
         from amp_plugin.plan import plan as make_plan
         from amp_plugin.recipe import RecipeError, load_recipe
+        from amp_plugin.report import write_json
 
         try:
             r = load_recipe(recipe, check_paths=False)
