@@ -1,20 +1,69 @@
-"""AMP: Adaptive MLP Pruning for large vision transformers, as a Torch-Pruning plugin."""
+"""AMP: Adaptive MLP Pruning for large vision transformers, as a Torch-Pruning plugin.
 
-from .adapters import ADAPTERS, Adapter, get_adapter, register_adapter, vision_tower
-from .criterion import clip_entropy_loss, entropy_loss, make_criterion, one_hot_loss
-from .graph import PackedGatePruner, build_dependency_graph, customized_pruners, prune_mlps
-from .importance import AMPImportance
-from .mlp import MLP_KINDS, MLPView, PackedGateLinear, find_mlps, register_mlp_kind
-from .models import ModelSpec, create_model, register_builder, register_converter
-from .search import AMPPruner, PruneResult, Trial
-from .serialization import load_pruned, save_pruned
+The plugin (Torch-Pruning style):
+
+    import amp_plugin as amp
+    imp = amp.AMPImportance(inv_temperature=20)
+    imp.accumulate(model, calib_batches)                      # Taylor scores, label-free
+    result = amp.AMPPruner(model, example, imp, val_batches, threshold=5e-3).step()
+    amp.save_pruned(model, "pruned/")
+
+The pipeline (what `amp run RECIPE` does): `amp.run(amp.load_recipe("demo_digits"))`.
+Extension points are registries: `register_adapter`, `register_mlp_kind`,
+`register_builder`, `register_converter`, `register_criterion`, `register_source`,
+`register_task`.
+"""
+
+from . import families  # noqa: F401  (registers the timm and open_clip families)
+from .config import Recipe
+from .core.adapter import Adapter, get_adapter, list_adapters, register_adapter, vision_tower
+from .core.criterion import (
+    clip_entropy_loss,
+    criterion_info,
+    entropy_loss,
+    list_criteria,
+    make_criterion,
+    one_hot_loss,
+    register_criterion,
+)
+from .core.importance import AMPImportance
+from .core.mlp import MLPView, find_mlps, list_mlp_kinds, register_mlp_kind
+from .core.models import (
+    ModelSpec,
+    build_model,
+    create_model,
+    list_builders,
+    list_converters,
+    register_builder,
+    register_converter,
+)
+from .core.pruner import AMPPruner
+from .core.search import PruneResult, Trial
+from .core.serialization import load_pruned, save_pruned
+from .core.tp import (
+    PackedGateLinear,
+    PackedGatePruner,
+    build_dependency_graph,
+    customized_pruners,
+    mark_packed_gates,
+    prune_mlps,
+)
+from .data import list_sources, register_source
+from .evaluate import list_tasks, register_task
+from .run import RecipeError, Run, RunDir, load_recipe, plan, run
+
+prepare = mark_packed_gates  # the one step a Torch-Pruning script adds before its pruner
 
 __all__ = [
-    "ADAPTERS", "AMPImportance", "AMPPruner", "Adapter", "MLPView", "MLP_KINDS", "ModelSpec",
-    "PackedGateLinear", "PackedGatePruner", "PruneResult", "Trial", "build_dependency_graph",
-    "clip_entropy_loss", "create_model", "customized_pruners", "entropy_loss", "find_mlps",
-    "get_adapter", "load_pruned", "make_criterion", "one_hot_loss", "prune_mlps",
-    "register_adapter", "register_builder", "register_converter", "register_mlp_kind",
-    "save_pruned", "vision_tower",
+    "AMPImportance", "AMPPruner", "Adapter", "MLPView", "ModelSpec", "PackedGateLinear",
+    "PackedGatePruner", "PruneResult", "Recipe", "RecipeError", "Run", "RunDir", "Trial",
+    "build_dependency_graph", "build_model", "clip_entropy_loss", "create_model",
+    "criterion_info", "customized_pruners", "entropy_loss", "find_mlps", "get_adapter",
+    "list_adapters", "list_builders", "list_converters", "list_criteria", "list_mlp_kinds",
+    "list_sources", "list_tasks", "load_pruned", "load_recipe", "make_criterion",
+    "mark_packed_gates", "one_hot_loss", "plan", "prepare", "prune_mlps",
+    "register_adapter", "register_builder", "register_converter", "register_criterion",
+    "register_mlp_kind", "register_source", "register_task", "run", "save_pruned",
+    "vision_tower",
 ]
 __version__ = "0.1.0"

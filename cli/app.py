@@ -1,15 +1,15 @@
-"""The `amp` command: a thin Typer layer over amp_plugin (everything here is callable
-from Python through amp_plugin.pipeline and friends).
-
-Sub-command groups live in their own modules, each exposing `register(app)`; they are
-listed once in COMMAND_MODULES.
-"""
+"""The `amp` command: a thin Typer layer over amp_plugin. Every command is a module-level
+function (importable, callable from Python) registered here once; everything a command
+does is a call into amp_plugin (`amp_plugin.run`, `amp_plugin.plan`, ...)."""
 
 from __future__ import annotations
 
-import importlib
-
 import typer
+
+from .bench import bench
+from .evaluate import eval_cmd, report_cmd
+from .plan import plan_cmd
+from .run import distill, prune, run_cmd, score, validate
 
 app = typer.Typer(
     name="amp",
@@ -17,6 +17,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
 )
+
 
 @app.callback()
 def _root(
@@ -27,17 +28,15 @@ def _root(
     """Adaptive MLP Pruning (AMP) for large vision transformers."""
 
 
-COMMAND_MODULES = [
-    "amp_cli.run", "amp_cli.bench", "amp_cli.plan", "amp_cli.evaluate", "amp_cli.distill",
-]
-
-
-def _register_all() -> None:
-    for name in COMMAND_MODULES:
-        importlib.import_module(name).register(app)
-
-
-_register_all()
+app.command()(validate)
+app.command("run")(run_cmd)
+app.command()(score)
+app.command()(prune)
+app.command()(distill)
+app.command("eval")(eval_cmd)
+app.command("report")(report_cmd)
+app.command("plan")(plan_cmd)
+app.add_typer(bench, name="bench")
 
 
 def main() -> None:

@@ -24,7 +24,7 @@ def _table(title: str, rows: list[tuple[str, str]]) -> Table:
 
 def _write(path: Path | None, data: dict) -> None:
     if path is not None:
-        from amp_plugin.report import write_json
+        from amp_plugin.utils.io import write_json
 
         write_json(Path(path), data)
 
@@ -41,7 +41,7 @@ def search_cmd(
     json_out: Path = typer.Option(None, "--json", help="also write the numbers here"),
 ) -> None:
     """Reference procedure vs AMPPruner on one model: same sizes, wall times, ratio."""
-    from amp_plugin.bench import bench_search
+    from amp_plugin.run.bench import bench_search
 
     r = bench_search(layers, width, val_images, image_size, patch_size, threshold, seed=seed)
     Console().print(_table(f"search: {layers} blocks, width {width}, {val_images} images", [
@@ -74,7 +74,7 @@ def throughput_cmd(
     json_out: Path = typer.Option(None, "--json", help="also write the numbers here"),
 ) -> None:
     """Throughput before vs after pruning, realised gain next to the FLOPs ratio."""
-    from amp_plugin.bench import bench_throughput
+    from amp_plugin.run.bench import bench_throughput
 
     r = bench_throughput(run=run, model_name=model, threshold=threshold,
                          round_to=round_to or None, search_images=search_images,
@@ -91,7 +91,3 @@ def throughput_cmd(
         ("gain / FLOPs ratio", f"{r['efficiency']:.3f}"),
     ]))
     _write(json_out, r)
-
-
-def register(app: typer.Typer) -> None:
-    app.add_typer(bench, name="bench")

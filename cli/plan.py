@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+from .common import load, user_errors
+
 
 def _fmt(n: float) -> str:
     for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
@@ -56,27 +58,21 @@ def show(p: dict) -> None:
                   "on the meta device")
 
 
-def register(app: typer.Typer) -> None:
-    @app.command()
-    def plan(recipe: str = typer.Argument(..., help="recipe file or shipped name"),
+@user_errors
+def plan_cmd(recipe: str = typer.Argument(..., help="recipe file or shipped name"),
              json_out: Path = typer.Option(None, "--json", help="also write the plan here")
              ) -> None:
-        """Parameters, FLOPs, MLP inventory and search cost (meta device: no weights)."""
-        from amp_plugin.plan import plan as make_plan
-        from amp_plugin.recipe import RecipeError, load_recipe
-        from amp_plugin.report import write_json
+    """Parameters, FLOPs, MLP inventory and search cost (meta device: no weights)."""
+    from amp_plugin import plan
+    from amp_plugin.utils.io import write_json
 
-        try:
-            r = load_recipe(recipe, check_paths=False)
-        except RecipeError as e:
-            typer.secho(str(e), err=True, fg="red")
-            raise typer.Exit(2) from None
-        p = make_plan(r)
-        show(p)
-        missing = {k: v for k, v in r.required_paths().items() if not Path(v).exists()}
-        for key, path in missing.items():
-            typer.secho(f"note: {key}: {path} does not exist (needed by score/prune)",
-                        err=True, fg="yellow")
-        if json_out is not None:
-            write_json(json_out, p)
-            typer.echo(f"plan written to {json_out}")
+    r = load(recipe, None, check_paths=False)
+    p = plan(r)
+    show(p)
+    missing = {k: v for k, v in r.required_paths().items() if not Path(v).exists()}
+    for key, path in missing.items():
+        typer.secho(f"note: {key}: {path} does not exist (needed by score/prune)",
+                    err=True, fg="yellow")
+    if json_out is not None:
+        write_json(json_out, p)
+        typer.echo(f"plan written to {json_out}")

@@ -1,68 +1,104 @@
-"""amp run / score / prune / validate: thin wrappers over amp_plugin.pipeline."""
+"""amp validate / run / score / prune / distill: thin wrappers over amp_plugin.run."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import typer
-import yaml
 
-RecipeArg = typer.Argument(None, help="recipe file, or the name of one in recipes/ "
-                                      "(default: demo_digits)")
-OutOpt = typer.Option(None, "--out", "-o", help="run directory (default: recipe output_dir)")
-SetOpt = typer.Option(None, "--set", "-s", help="override a recipe value: key.path=value "
-                                                 "(YAML value), repeatable")
+from .common import OutOpt, ProgressOpt, RecipeArg, SetOpt, fail, load, user_errors
 
 
-def parse_overrides(items: list[str] | None) -> dict:
-    out = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise typer.BadParameter(f"--set expects key.path=value, got {item!r}")
-        out[key.strip()] = yaml.safe_load(value)
-    return out
+@user_errors
+def validate(recipe: str = RecipeArg, set_: list[str] = SetOpt) -> None:
+    """Check a recipe (schema, registries and paths) without running anything."""
+    r = load(recipe, set_)
+    typer.echo(f"{r.name}: valid ({Path(r._source)})")
 
 
-def load(recipe: str | None, overrides: list[str] | None):
-    from amp_plugin.recipe import RecipeError, load_recipe
+def _stages(names: list[str] | None) -> list[str] | None:
+    from amp_plugin.config import STAGES
 
-    try:
-        return load_recipe(recipe, parse_overrides(overrides))
-    except RecipeError as e:
-        typer.secho(str(e), err=True, fg="red")
-        raise typer.Exit(2) from None
-
-
-def _run(recipe, out, overrides, stages, progress):
-    from amp_plugin.pipeline import run
-
-    r = load(recipe, overrides)
-    return run(r, out, stages=stages, show_progress=progress)
+    for name in names or []:
+        if name not in STAGES:
+            raise typer.BadParameter(f"unknown stage {name!r}; choose from "
+                                     f"{', '.join(STAGES)}", param_hint="--stage")
+    return names or None
 
 
-def register(app: typer.Typer) -> None:
-    @app.command()
-    def validate(recipe: str = RecipeArg, set_: list[str] = SetOpt) -> None:
-        """Check a recipe (schema and paths) without running anything."""
-        r = load(recipe, set_)
-        typer.echo(f"{r.name}: valid ({Path(r._source)})")
+def _run(recipe, out, overrides, stages, progress) -> dict:
+    from amp_plugin import run
 
-    @app.command("run")
-    def run_cmd(recipe: str = RecipeArg, out: Path = OutOpt, set_: list[str] = SetOpt,
-                stage: list[str] = typer.Option(None, "--stage", help="run only these stages"),
-                progress: bool = typer.Option(True, help="show progress bars")) -> None:
-        """Run a recipe's stages (train, score, prune, distill, eval, report)."""
-        _run(recipe, out, set_, stage or None, progress)
+    return run(load(recipe, overrides), out, stages=stages, show_progress=progress)
 
-    @app.command()
-    def score(recipe: str = RecipeArg, out: Path = OutOpt, set_: list[str] = SetOpt,
-              progress: bool = typer.Option(True, help="show progress bars")) -> None:
-        """Compute AMP neuron scores (torchrun-aware)."""
-        _run(recipe, out, set_, ["score"], progress)
 
-    @app.command()
-    def prune(recipe: str = RecipeArg, out: Path = OutOpt, set_: list[str] = SetOpt,
-              progress: bool = typer.Option(True, help="show progress bars")) -> None:
-        """Score (if needed) and adaptively prune (torchrun-aware)."""
-        _run(recipe, out, set_, ["score", "prune"], progress)
+@user_errors
+def run_cmd(recipe: str = RecipeArg, out: Path = OutOpt, set_: list[str] = SetOpt,
+            stage: list[str] = typer.Option(None, "--stage", help="run only these stages"),
+            progress: bool = ProgressOpt) -> None:
+    """Run a recipe's stages (train, score, prune, distill, eval, report)."""
+    _run(recipe, out, set_, _stages(stage), progress)
+
+
+@user_errors
+def score(recipe: str = RecipeArg, out: Path = OutOpt, set_: list[str] = SetOpt,
+          progress: bool = ProgressOpt) -> None:
+    """Compute AMP neuron scores (torchrun-aware)."""
+    _run(recipe, out, set_, ["score"], progress)
+
+
+@user_errors
+def prune(recipe: str = RecipeArg, out: Path = OutOpt, set_: list[str] = SetOpt,
+          progress: bool = ProgressOpt) -> None:
+    """Score (kept when done) and adaptively prune (torchrun-aware)."""
+    _run(recipe, out, set_, ["score", "prune"], progress)
+
+
+def _distill_table(result: dict):
+    from rich.table import Table
+
+    table = Table(title="distillation")
+    table.add_column("")
+    table.add_column("value", justify="right")
+    rows = [
+        ("steps", f"{result['steps']} / {result['total_steps']}"),
+        ("resumed from step", str(result["resumed_from"] or "-")),
+        ("loss", result["loss"]),
+        ("first -> final loss", f"{result['first_loss']:.5g} -> {result['final_loss']:.5g}"
+         if result["first_loss"] is not None else "-"),
+        ("ranks x ZeRO stage", f"{result['world_size']} x {result['zero_stage']}"),
+        ("global batch", str(result["global_batch"])),
+        ("peak lr", f"{result['lr']:.3g}"),
+        ("dtype", result["dtype"]),
+        ("seconds", f"{result['seconds']:.1f}"),
+        ("distilled model", result["paths"]["distilled"]),
+        ("loss log", result["paths"]["log"]),
+    ]
+    for name, value in rows:
+        table.add_row(name, value)
+    return table
+
+
+@user_errors
+def distill(recipe: str = RecipeArg, out: Path = OutOpt, set_: list[str] = SetOpt,
+            progress: bool = ProgressOpt) -> None:
+    """Distil the pruned model of a run from the original (DeepSpeed ZeRO; resumable).
+
+        amp distill RECIPE                                   one process (no launcher)
+        deepspeed --num_gpus 2 $(which amp) distill RECIPE   two ranks (GPUs, or gloo on CPU)
+    """
+    import torch.distributed as dist
+    from rich.console import Console
+
+    from amp_plugin import Run
+    from amp_plugin.distill.distiller import init_distributed
+
+    r = load(recipe, set_)
+    init_distributed()  # DeepSpeed's process group (the launcher's ranks, or one)
+    result = Run(r, out, show_progress=progress).execute(["distill"])["distill"]
+    if dist.get_rank() == 0:
+        Console().print(_distill_table(result))
+        typer.echo(f"result: {result['paths']['result']}")
+
+
+__all__ = ["distill", "fail", "prune", "run_cmd", "score", "validate"]

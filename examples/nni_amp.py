@@ -32,7 +32,7 @@ from rich.table import Table
 
 from amp_plugin import AMPImportance, AMPPruner
 from amp_plugin.data import batches, digits_raw, to_model_input
-from amp_plugin.nni_compat import AMPNNIPruner, apply_nni_masks, entropy_evaluator
+from amp_plugin.nni import AMPNNIPruner, apply_nni_masks, entropy_evaluator
 
 
 def build_model(depth: int, seed: int) -> torch.nn.Module:

@@ -20,20 +20,20 @@ import yaml
 from safetensors.torch import load_file
 
 import amp_plugin as amp
-from amp_plugin.data import digits_splits
+from amp_plugin.config import DataConfig, DistillConfig
+from amp_plugin.core.mlp import find_mlps
+from amp_plugin.data import digits_splits, get_source
 from amp_plugin.distill import (
-    DistillConfig,
-    Distiller,
     DistillError,
     WarmupCosine,
     kl_entropy_loss,
     read_loss_log,
     token_mse_loss,
-    untrained_parameters,
 )
-from amp_plugin.distill_data import distill_data
-from amp_plugin.mlp import find_mlps
-from amp_plugin.recipe import DataConfig, RecipeError, load_recipe
+from amp_plugin.distill.data import distill_data
+from amp_plugin.distill.distiller import untrained_parameters
+from amp_plugin.run import Run
+from amp_plugin.run.recipe import RecipeError, load_recipe
 
 VIT = {"library": "timm", "name": "vit_small_patch16_224",
        "kwargs": {"img_size": 32, "patch_size": 8, "embed_dim": 64, "depth": 2,
@@ -134,7 +134,9 @@ def test_schedule_lr_and_weight_decay():
 
 def test_data_order_resumes_and_shards():
     cfg = DataConfig(**DATA)
-    make = lambda rank: distill_data(cfg, 0, None, 0.5, micro_batch=32, grad_accum=2,  # noqa: E731
+    images, tensor_input = get_source("digits").train_images(cfg, 0)
+    make = lambda rank: distill_data(images, tensor_input, cfg.image_size, cfg.mean,  # noqa: E731
+                                     cfg.std, 0, 0.5, micro_batch=32, grad_accum=2,
                                      world_size=2, rank=rank, workers=0)
     data = make(0)
     per_epoch = data.steps_per_epoch  # 1348 train images / 2 ranks / 32 / 2
@@ -188,7 +190,7 @@ def test_recipe_section_errors_name_the_key(tmp_path, models):
 def test_missing_student_is_reported_before_any_work(tmp_path, models):
     path = write_recipe(tmp_path / "r.yaml", tmp_path / "run", models, student=None)
     with pytest.raises(DistillError, match="prune stage's output.*pruned"):
-        Distiller(load_recipe(path), tmp_path / "run")
+        Run(load_recipe(path), tmp_path / "run").execute(["distill"])
     assert not (tmp_path / "run").exists()
 
 

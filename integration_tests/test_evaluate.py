@@ -18,13 +18,12 @@ from torch.utils.data import DataLoader
 from typer.testing import CliRunner
 
 import amp_plugin as amp
-from amp_plugin.cost import count_mlp_params
-from amp_plugin.data import digits_raw, labelled_splits
+from amp_plugin.config import Recipe
+from amp_plugin.core.cost import count_mlp_params
+from amp_plugin.data import digits_raw, get_source
 from amp_plugin.evaluate import (
-    captions_collate,
     classification_dataset,
     clip_transform,
-    evaluate_run,
     extract_features,
     knn_top1,
     linear_probe,
@@ -34,8 +33,10 @@ from amp_plugin.evaluate import (
     zero_shot_classification,
     zero_shot_retrieval,
 )
-from amp_plugin.recipe import Recipe, RecipeError, load_recipe
-from amp_plugin.throughput import measure_throughput
+from amp_plugin.evaluate.throughput import measure_throughput
+from amp_plugin.evaluate.zero_shot import captions_collate
+from amp_plugin.run import evaluate_run
+from amp_plugin.run.recipe import RecipeError, load_recipe
 
 torch.set_num_threads(2)
 
@@ -96,7 +97,7 @@ def tokenizer():
 
 
 def _clip_classification_loader(model, root: Path):
-    from amp_plugin.evaluate import ZeroShotDataset
+    from amp_plugin.config import ZeroShotDataset
 
     cfg = ZeroShotDataset(name="digits", root=str(root / "folder"), templates=TEMPLATES)
     ds, classnames, templates = classification_dataset(cfg, clip_transform(model))
@@ -145,7 +146,7 @@ def direct_knn(train_f, train_y, test_f, test_y, k, t) -> float:
 def vit_features():
     torch.manual_seed(1)
     model = amp.create_model(VIT_SPEC).eval()
-    splits = labelled_splits(_digits_cfg(), seed=0)
+    splits = get_source("digits").labelled_splits(_digits_cfg(), seed=0)
     train, test = splits["train"], splits["test"]
     return (model, extract_features(model, train.images[:600], 128, show_progress=False),
             train.labels[:600], extract_features(model, test.images, 128, show_progress=False),
@@ -153,7 +154,7 @@ def vit_features():
 
 
 def _digits_cfg():
-    from amp_plugin.recipe import DataConfig
+    from amp_plugin.config import DataConfig
 
     return DataConfig(kind="digits", image_size=32, mean=(0.5,) * 3, std=(0.5,) * 3)
 
@@ -237,7 +238,7 @@ def test_cached_classifier_matches_fresh(clip_model, tokenizer, data_root, tmp_p
 
 @torch.no_grad()
 def test_zero_shot_retrieval_equals_direct(clip_model, tokenizer, data_root):
-    from amp_plugin.evaluate import RetrievalDataset
+    from amp_plugin.config import RetrievalDataset
 
     cfg = RetrievalDataset(name="coco", root=str(data_root / "coco"),
                            captions=str(data_root / "captions.json"))
@@ -314,7 +315,7 @@ def test_eval_section_errors_name_the_key_path(tmp_path, data_root):
 
 def _make_run(tmp_path: Path, spec: dict, eval_cfg: dict, seed: int) -> tuple[Recipe, Path]:
     """A run directory as `amp run` leaves it: recipe.yaml, the original weights, pruned/."""
-    from amp_plugin.adapters import vision_tower
+    from amp_plugin.core.adapter import vision_tower
 
     torch.manual_seed(seed)
     model = amp.create_model(spec).eval()
@@ -344,7 +345,7 @@ def test_eval_command_on_run_dir_knn_probe_throughput(tmp_path):
                                    "--no-progress"])
     assert res.exit_code == 0, res.output
     ev = json.loads((run / "eval.json").read_text())
-    splits = labelled_splits(recipe.data, recipe.seed, max_train=400)
+    splits = get_source("digits").labelled_splits(recipe.data, recipe.seed, max_train=400)
     for role, model in (("teacher", amp.create_model(recipe.model)),
                         ("pruned", amp.load_pruned(run / "pruned"))):
         feats = [extract_features(model, splits[s].images, show_progress=False)

@@ -19,10 +19,10 @@ import torch
 import torch.nn.functional as F
 
 import amp_plugin as amp
+from amp_plugin.core.models import ModelSpec, get_converter, load_weights
 from amp_plugin.data import digits_raw, to_model_input
-from amp_plugin.models import CONVERTERS, ModelSpec, load_weights
-from amp_plugin.recipe import RECIPES_DIR, RecipeError, load_recipe
-from amp_plugin.zoo import model_config
+from amp_plugin.families.open_clip import model_config
+from amp_plugin.run.recipe import RECIPES_DIR, RecipeError, load_recipe
 
 torch.set_num_threads(2)
 SIZE = 28  # patch 14: a 2x2 grid plus the class token keeps real-width blocks cheap
@@ -37,7 +37,7 @@ def _open_clip(name: str) -> dict:
 
 
 def _zoo(name: str) -> dict:
-    return {"library": "zoo", "name": name, "kwargs": {
+    return {"library": "open_clip", "name": name, "kwargs": {
         "vision_cfg": {"image_size": SIZE, "timm_model_kwargs": {"depth": 2, "img_size": SIZE}},
         "text_cfg": {"layers": 1}}}
 
@@ -231,7 +231,7 @@ def _eva_clip_8b_from_baai_layout(images: torch.Tensor) -> torch.nn.Module:
     with torch.no_grad():
         for p in model.parameters():
             p.zero_()
-    model.load_state_dict(CONVERTERS["eva_clip"](baai, model), strict=True)
+    model.load_state_dict(get_converter("eva_clip")(baai, model), strict=True)
     del baai
     assert torch.equal(embed(model, images), want)
     return model
@@ -282,10 +282,10 @@ def test_reload_in_fresh_process(saved) -> None:
 CKPT_SPECS = {
     "timm_vit_glu": {"library": "timm", "name": "vit_giant_patch14_dinov2", "kwargs": {
         "depth": 2, "img_size": SIZE, "embed_dim": 96, "num_heads": 4, "num_classes": 0}},
-    "open_clip_vit": {"library": "zoo", "name": "ViT-B-32", "kwargs": {
+    "open_clip_vit": {"library": "open_clip", "name": "ViT-B-32", "kwargs": {
         "image_only": True, "vision_cfg": {"layers": 2, "width": 96, "head_width": 24,
                                            "patch_size": 8, "image_size": 32}}},
-    "timm_eva_postnorm_rope": {"library": "zoo", "name": "EVA02-E-14-plus", "kwargs": {
+    "timm_eva_postnorm_rope": {"library": "open_clip", "name": "EVA02-E-14-plus", "kwargs": {
         "image_only": True, "vision_cfg": {"image_size": SIZE, "timm_model_kwargs": {
             "depth": 2, "img_size": SIZE, "embed_dim": 128, "num_heads": 4,
             "use_rot_pos_emb": True}}}},
@@ -380,7 +380,7 @@ def _coco(tmp_path: Path, n: int) -> tuple[Path, Path, list[list[str]]]:
 def test_caption_batches_feed_clip_entropy(tmp_path: Path) -> None:
     import open_clip
 
-    from amp_plugin.captions import caption_batches
+    from amp_plugin.data.coco import caption_batches
 
     root, file, captions = _coco(tmp_path, 20)
     cfg = model_config("ViT-B-32", {"vision_cfg": {"layers": 1, "image_size": 64},
@@ -388,12 +388,12 @@ def test_caption_batches_feed_clip_entropy(tmp_path: Path) -> None:
     spec = {"library": "open_clip", "name": "ViT-B-32",
             "kwargs": {"vision_cfg": cfg["vision_cfg"], "text_cfg": cfg["text_cfg"]}}
     model = build(spec, 0)
-    r = amp.recipe.Recipe.model_validate({
+    r = amp.Recipe.model_validate({
         "name": "coco", "output_dir": str(tmp_path / "run"), "model": spec,
         "data": {"kind": "coco", "root": str(root), "captions": str(file), "image_size": 64,
                  "calib_images": 10, "val_images": 10, "batch_size": 4},
         "amp": {"criterion": "clip_entropy", "inv_temperature": 15}})
-    calib, val = caption_batches(r, model, show_progress=False)
+    calib, val = caption_batches(r.data, r.seed, model, show_progress=False)
     assert [len(b[0]) for b in calib] == [4, 4, 2]  # calibration keeps its last batch
     assert [len(b[0]) for b in val] == [4, 4]  # validation drops it
     assert calib[0][0].shape == (4, 3, 64, 64) and calib[0][1].shape == (4, 512)
@@ -438,5 +438,4 @@ def test_caption_batches_feed_clip_entropy(tmp_path: Path) -> None:
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"images": []}))
     with pytest.raises(ValueError, match="data.captions: .*bad.json is not a COCO captions"):
-        caption_batches(r.model_copy(update={"data": r.data.model_copy(
-            update={"captions": str(bad)})}), model)
+        caption_batches(r.data.model_copy(update={"captions": str(bad)}), r.seed, model)

@@ -13,9 +13,9 @@ from nni.compression.pruning import L1NormPruner, LevelPruner, TaylorPruner
 from torch import nn
 
 from amp_plugin import AMPImportance, AMPPruner
-from amp_plugin.criterion import entropy_loss
+from amp_plugin.core.criterion import entropy_loss
 from amp_plugin.data import digits_raw, to_model_input
-from amp_plugin.nni_compat import (
+from amp_plugin.nni import (
     AMPNNIPruner,
     MaskError,
     apply_nni_masks,

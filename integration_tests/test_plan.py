@@ -11,9 +11,9 @@ from amp_cli.app import app
 from typer.testing import CliRunner
 
 import amp_plugin as amp
-from amp_plugin.cost import count_params
-from amp_plugin.plan import plan, search_cost
-from amp_plugin.recipe import load_recipe
+from amp_plugin.core.cost import count_params
+from amp_plugin.run.plan import plan, search_cost
+from amp_plugin.run.recipe import load_recipe
 
 # recipe: (paper params, paper FLOPs or None, blocks, width, MLP hidden, packed gate)
 PAPER = {

@@ -8,7 +8,7 @@ import sys
 import pytest
 import yaml
 
-from amp_plugin.recipe import RECIPES_DIR, RecipeError, load_recipe
+from amp_plugin.run.recipe import RECIPES_DIR, RecipeError, load_recipe
 
 
 def _write(tmp_path, data) -> str:

@@ -16,8 +16,8 @@ from typer.testing import CliRunner
 
 import amp_plugin as amp
 from amp_plugin.data import digits_raw, to_model_input
-from amp_plugin.recipe import load_recipe
-from amp_plugin.report import (
+from amp_plugin.run.recipe import load_recipe
+from amp_plugin.run.report import (
     PLOTS,
     block_label,
     build_report,

@@ -1,0 +1,295 @@
+"""Every section of a recipe, as strict pydantic models (configuration as data).
+
+Engines take their own section plus explicit inputs; the recipe (`Recipe`) wires them.
+Loading a YAML file, overrides and error messages live in `amp_plugin.run.recipe`.
+An unknown key, a wrong type or a missing field is reported with its key path.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+
+from .core.criterion import list_criteria
+from .core.models import ModelSpec
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataConfig(Strict):
+    kind: str = Field(default="digits", description="a registered data source: digits, "
+                      "imagefolder, coco")
+    root: str | None = Field(default=None, description="train folder / image folder")
+    val_root: str | None = Field(default=None, description="validation/test folder")
+    captions: str | None = Field(default=None, description="COCO captions JSON (kind: coco)")
+    image_size: int = Field(default=224, gt=0)
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    calib_images: int = Field(default=1024, gt=0, description="images used for scoring")
+    val_images: int = Field(default=1024, gt=0, description="images of the entropy test")
+    batch_size: int = Field(default=128, gt=0, description="calibration/validation batch")
+    workers: int = Field(default=4, ge=0)
+    test_fraction: float = Field(default=0.25, gt=0, lt=1, description="digits: test split")
+
+
+class CacheConfig(Strict):
+    device_gib: float = Field(default=2.0, ge=0, description="states kept on the device up to")
+    host_gib: float = Field(default=8.0, ge=0, description="then in host memory up to")
+    dir: str | None = Field(default=None, description="then on disk here (default: tmp)")
+
+
+class AMPConfig(Strict):
+    criterion: str = Field(default="entropy", description="a registered criterion")
+    inv_temperature: float = Field(default=20.0, gt=0)
+    threshold: float = Field(default=5e-3, ge=0, description="allowed entropy rise (Delta E)")
+    max_steps: int = Field(default=6, ge=1)
+    round_to: int | None = Field(default=None, ge=1)
+    use_abs: bool = True
+    grad_checkpointing: bool = False
+    dtype: Literal["float32", "bf16", "fp16"] = "float32"
+    device: str = "auto"
+    cache: CacheConfig = Field(default_factory=CacheConfig)
+
+    @field_validator("criterion")
+    @classmethod
+    def _known_criterion(cls, v):
+        names = list_criteria()
+        if v not in names:
+            expected = ", ".join(repr(n) for n in names[:-1]) + f" or {names[-1]!r}"
+            raise PydanticCustomError("literal_error", "Input should be {expected}",
+                                      {"expected": expected})
+        return v
+
+
+class TeacherTraining(Strict):
+    """Demo only: train the teacher with a SimCLR objective (no labels) and cache it."""
+
+    epochs: int = Field(default=60, gt=0)
+    batch_size: int = Field(default=128, gt=1)
+    lr: float = Field(default=1e-3, gt=0)
+    temperature: float = Field(default=0.1, gt=0)
+    checkpoint: str = Field(description="where the trained teacher is cached")
+
+
+class DistillConfig(Strict):
+    """The recipe's `distill` section."""
+
+    teacher: str | None = Field(default=None, description=(
+        "save_pruned directory of the teacher (default: train.checkpoint when the recipe "
+        "trains one, else the recipe's model)"))
+    student: str | None = Field(default=None, description=(
+        "save_pruned directory of the student (default: <output_dir>/pruned)"))
+    loss: Literal["mse", "kl_entropy"] = "mse"
+    inv_temperature: float = Field(default=20.0, gt=0, description="kl_entropy only")
+    root: str | None = Field(default=None, description=(
+        "ImageNet-style training folder (default: the recipe's data)"))
+    min_crop: float = Field(default=0.35, gt=0, le=1, description="RandomResizedCrop scale")
+    epochs: int = Field(default=5, gt=0)
+    max_steps: int | None = Field(default=None, gt=0, description="cap on optimizer steps")
+    batch_size: int = Field(default=64, gt=0, description="images per rank and micro-step")
+    grad_accum: int = Field(default=1, gt=0)
+    base_lr: float = Field(default=2e-5, gt=0, description="lr = base_lr x global batch / 256")
+    min_lr: float = Field(default=1e-6, ge=0)
+    warmup_epochs: float = Field(default=1.0, ge=0)
+    weight_decay: tuple[float, float] = Field(default=(0.04, 0.2),
+                                              description="cosine from first to second")
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float | None = Field(default=None, gt=0)
+    dtype: Literal["auto", "float32", "bf16", "fp16"] = Field(
+        default="auto", description="auto: bf16 on accelerators that support it, else float32")
+    zero_stage: Literal[1, 2, 3] = 2
+    offload_optimizer: dict[str, Any] | None = Field(default=None, description=(
+        "DeepSpeed zero_optimization.offload_optimizer, passed through"))
+    offload_param: dict[str, Any] | None = Field(default=None, description=(
+        "DeepSpeed zero_optimization.offload_param (stage 3), passed through"))
+    deepspeed: dict[str, Any] = Field(default_factory=dict, description=(
+        "extra DeepSpeed config, merged last"))
+    grad_checkpointing: bool = False
+    checkpoint_every: int = Field(default=500, gt=0, description="optimizer steps")
+    keep_checkpoints: int = Field(default=2, ge=1)
+    workers: int | None = Field(default=None, ge=0, description="default: data.workers")
+
+    @field_validator("offload_optimizer", "offload_param")
+    @classmethod
+    def _deepspeed_offload(cls, v, info):
+        if v is None:
+            return v
+        # DeepSpeed's own schema for these sections, so the recipe fails before any work.
+        from deepspeed.runtime.zero.offload_config import (
+            DeepSpeedZeroOffloadOptimizerConfig,
+            DeepSpeedZeroOffloadParamConfig,
+        )
+
+        schema = (DeepSpeedZeroOffloadOptimizerConfig if info.field_name == "offload_optimizer"
+                  else DeepSpeedZeroOffloadParamConfig)
+        schema(**v)
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.offload_param is not None and self.zero_stage != 3:
+            raise ValueError("offload_param needs zero_stage 3")
+        return self
+
+
+# clip-benchmark datasets that read an existing local folder and never download when it
+# is there (imagenetv2 downloads unless complete; checked before it is built).
+CLIP_BENCHMARK_DATASETS = ("imagenet1k", "imagenetv2", "imagenet-a", "imagenet-r",
+                           "imagenet-o", "imagenet_sketch", "objectnet")
+
+
+def is_file_ref(value: str) -> bool:
+    return value.endswith((".json", ".txt")) or os.sep in value
+
+
+def clip_benchmark_json(name: str) -> dict:
+    import clip_benchmark.datasets as cbd
+
+    return json.loads((Path(cbd.__file__).parent / name).read_text())
+
+
+class ZeroShotDataset(Strict):
+    """One zero-shot classification set: an ImageNet-style folder (or a clip-benchmark
+    dataset read from a local folder), its class names and prompt templates."""
+
+    name: str = Field(description="label in the report, e.g. imagenet1k")
+    dataset: str = Field(default="imagefolder",
+                         description="imagefolder or one of " + ", ".join(CLIP_BENCHMARK_DATASETS))
+    root: str = Field(description="local image folder")
+    classnames: list[str] | str | None = Field(
+        default=None, description="list, .json/.txt file, or a clip-benchmark key (imagenet1k); "
+                                  "default: the dataset's own, else the folder names")
+    templates: list[str] | dict[str, list[str]] | str | None = Field(
+        default=None, description="prompts with {c}: list, .json/.txt file, or a clip-benchmark "
+                                  "key; default: the dataset's own, else imagenet1k's")
+    classifier_cache: str | None = Field(
+        default=None, description="text classifier file (default: RUN_DIR/classifiers/NAME)")
+
+    @field_validator("dataset")
+    @classmethod
+    def _known_dataset(cls, v):
+        if v != "imagefolder" and v not in CLIP_BENCHMARK_DATASETS:
+            raise ValueError(f"expected imagefolder or one of {list(CLIP_BENCHMARK_DATASETS)}")
+        return v
+
+    @field_validator("classnames", "templates")
+    @classmethod
+    def _known_key(cls, v, info):
+        if isinstance(v, str) and not is_file_ref(v):
+            source = ("en_classnames.json" if info.field_name == "classnames"
+                      else "en_zeroshot_classification_templates.json")
+            if v not in clip_benchmark_json(source):
+                raise ValueError(f"{v!r} is neither a .json/.txt file nor a clip-benchmark "
+                                 f"{info.field_name} key (e.g. imagenet1k)")
+        return v
+
+
+class RetrievalDataset(Strict):
+    """Image folder plus captions: COCO captions JSON or a Flickr30k Karpathy txt file."""
+
+    name: str = Field(description="label in the report, e.g. coco")
+    format: Literal["coco", "flickr"] = "coco"
+    root: str = Field(description="folder the captions file's image names are relative to")
+    captions: str = Field(description="COCO captions JSON (coco) or image,caption txt (flickr)")
+
+
+class ThroughputConfig(Strict):
+    batch_size: int = Field(default=64, gt=0)
+    image_size: int | None = Field(default=None, gt=0, description="default: data.image_size")
+    dtype: Literal["float32", "bf16", "fp16"] = "float32"
+    device: str = Field(default="auto", description="auto: cuda if available, else cpu")
+    warmup: int = Field(default=3, ge=0)
+    runs: int = Field(default=10, gt=0)
+
+
+class EvalConfig(Strict):
+    """The `eval:` section of a recipe."""
+
+    tasks: list[str] | None = Field(
+        default=None, description="registered eval tasks; default: knn, linear_probe, "
+                                  "throughput, plus the zero-shot tasks whose datasets are listed")
+    device: str = Field(default="auto", description="auto: cuda if available, else cpu")
+    batch_size: int = Field(default=64, gt=0)
+    workers: int = Field(default=2, ge=0, description="data loader workers (zero-shot sets)")
+    amp: bool = Field(default=False, description="autocast the zero-shot evaluations")
+    knn_k: int = Field(default=20, gt=0)
+    knn_temperature: float = Field(default=0.07, gt=0)
+    max_train: int | None = Field(default=None, gt=0, description="cap on kNN/probe train images")
+    linear_probe_c: float = Field(default=1.0, gt=0, description="inverse L2 strength")
+    zeroshot_classification: list[ZeroShotDataset] = Field(default_factory=list)
+    zeroshot_retrieval: list[RetrievalDataset] = Field(default_factory=list)
+    throughput: ThroughputConfig = Field(default_factory=ThroughputConfig)
+
+    @model_validator(mode="after")
+    def _datasets_for_tasks(self):
+        for task in ("zeroshot_classification", "zeroshot_retrieval"):
+            names = [d.name for d in getattr(self, task)]
+            if len(set(names)) != len(names):
+                raise ValueError(f"{task}: dataset names must be unique, got {names}")
+            if self.tasks and task in self.tasks and not names:
+                raise ValueError(f"task {task} needs at least one dataset in eval.{task}")
+        return self
+
+    def required_paths(self) -> dict[str, str]:
+        """{key path: filesystem path} of the inputs this section names."""
+        paths = {}
+        for i, d in enumerate(self.zeroshot_classification):
+            paths[f"eval.zeroshot_classification.{i}.root"] = d.root
+            for key in ("classnames", "templates"):
+                value = getattr(d, key)
+                if isinstance(value, str) and is_file_ref(value):
+                    paths[f"eval.zeroshot_classification.{i}.{key}"] = value
+        for i, d in enumerate(self.zeroshot_retrieval):
+            paths[f"eval.zeroshot_retrieval.{i}.root"] = d.root
+            paths[f"eval.zeroshot_retrieval.{i}.captions"] = d.captions
+        return paths
+
+
+STAGES = ("train", "score", "prune", "distill", "eval", "report")
+
+
+class Recipe(Strict):
+    name: str
+    seed: int = 0
+    output_dir: str = Field(description="run directory (created when the run starts)")
+    stages: list[Literal["train", "score", "prune", "distill", "eval", "report"]] = Field(
+        default_factory=lambda: ["score", "prune", "eval", "report"])
+    model: ModelSpec
+    data: DataConfig = Field(default_factory=DataConfig)
+    amp: AMPConfig = Field(default_factory=AMPConfig)
+    train: TeacherTraining | None = None
+    distill: DistillConfig | None = None
+    eval: EvalConfig | None = None
+    _source: Path | None = PrivateAttr(default=None)
+
+    @field_validator("stages")
+    @classmethod
+    def _ordered(cls, v):
+        if sorted(v, key=STAGES.index) != v or len(set(v)) != len(v):
+            raise ValueError(f"stages must be a subset of {list(STAGES)} in that order")
+        return v
+
+    def required_paths(self) -> dict[str, str]:
+        """{key path: filesystem path} of every input the recipe names."""
+        paths = {}
+        if self.model.weights and "train" not in self.stages:
+            paths["model.weights"] = self.model.weights
+        for key in ("root", "val_root", "captions"):
+            value = getattr(self.data, key)
+            if value:
+                paths[f"data.{key}"] = value
+        if self.distill is not None and "distill" in self.stages:
+            for key in ("teacher", "student", "root"):
+                value = getattr(self.distill, key)
+                if value:
+                    paths[f"distill.{key}"] = value
+        if self.eval is not None:
+            paths.update(self.eval.required_paths())
+        return paths

@@ -1,0 +1,101 @@
+"""Model-family adapters: how to get features out of a vision tower, block by block.
+
+Each family module (`amp_plugin.families.*`) registers its adapters with
+`register_adapter`; the search, importance and distillation code only call this protocol:
+
+    tower(model)              the module holding the MLPs (e.g. `clip.visual`)
+    embed(tower, x)           state entering block 0
+    blocks(tower)             the transformer blocks, in order
+    run_block(tower, i, st)   state after block i
+    head(tower, st)           the pooled embedding AMP measures (ALGORITHM.md section 4)
+    final_tokens(tower, x)    (pooled, patch tokens) before the final norm/projection
+    project(tower, f)         pooled features in the joint image-text space (CLIP towers)
+    tokenizer(model)          the text tokenizer of a model with a text tower
+
+A state is a tuple whose first element is the token tensor (batch first); the other
+elements (e.g. rotary embeddings) are per-batch constants.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+State = tuple
+
+
+class Adapter:
+    family = "base"
+
+    def matches(self, model: nn.Module) -> bool:
+        raise NotImplementedError
+
+    def tower(self, model: nn.Module) -> nn.Module:
+        return model
+
+    def embed(self, tower: nn.Module, x: torch.Tensor) -> State:
+        raise NotImplementedError
+
+    def blocks(self, tower: nn.Module) -> Sequence[nn.Module]:
+        raise NotImplementedError
+
+    def run_block(self, tower: nn.Module, i: int, state: State) -> State:
+        return (self.blocks(tower)[i](state[0]), *state[1:])
+
+    def head(self, tower: nn.Module, state: State) -> torch.Tensor:
+        raise NotImplementedError
+
+    def features(self, tower: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        state = self.embed(tower, x)
+        for i in range(len(self.blocks(tower))):
+            state = self.run_block(tower, i, state)
+        return self.head(tower, state)
+
+    def final_tokens(self, tower: nn.Module, x: torch.Tensor):
+        raise NotImplementedError
+
+    def project(self, tower: nn.Module, features: torch.Tensor) -> torch.Tensor:
+        """`head`'s features mapped into the space text features live in (CLIP towers);
+        used only when a criterion compares images with text."""
+        return features
+
+    def tokenizer(self, model: nn.Module):
+        """The tokenizer of the model's text tower (models with one only)."""
+        raise TypeError(f"{type(model).__name__} ({self.family}) has no text tower")
+
+    def set_grad_checkpointing(self, tower: nn.Module, enable: bool = True) -> None:
+        tower.set_grad_checkpointing(enable)
+
+
+_ADAPTERS: list[Adapter] = []
+
+
+def register_adapter(adapter: Adapter, first: bool = True) -> Adapter:
+    """Add a family adapter; `first` puts it ahead of the others (more specific wins)."""
+    _ADAPTERS.insert(0 if first else len(_ADAPTERS), adapter)
+    return adapter
+
+
+def list_adapters() -> list[Adapter]:
+    return list(_ADAPTERS)
+
+
+def get_adapter(model: nn.Module) -> Adapter:
+    for adapter in _ADAPTERS:
+        if adapter.matches(model):
+            return adapter
+    raise TypeError(
+        f"no AMP adapter for {type(model).__module__}.{type(model).__name__}; "
+        f"supported families: {', '.join(a.family for a in _ADAPTERS)} (see register_adapter)"
+    )
+
+
+def vision_tower(model: nn.Module) -> tuple[nn.Module, Adapter]:
+    """The module AMP prunes and the adapter that drives it (unwraps CLIP models)."""
+    adapter = get_adapter(model)
+    tower = adapter.tower(model)
+    if tower is not model:
+        return vision_tower(tower)
+    return tower, adapter

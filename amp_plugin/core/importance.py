@@ -1,0 +1,183 @@
+"""AMPImportance: first-order Taylor importance of MLP hidden neurons (ALGORITHM.md 2).
+
+    score_l[j] = mean over batches of  mean_b | sum_t a[b,t,j] * dE/da[b,t,j] |
+
+with E a label-free criterion of the pooled features. The product is folded into the
+score inside the backward pass by a tap at the input of each MLP's output linear, so
+no copy of the hidden activations of all blocks is kept.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from contextlib import ExitStack
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from ..utils.dist import all_reduce_sum, global_batch_size
+from ..utils.progress import progress
+from ..utils.tensors import device_of, split_batch, to_device
+from .adapter import vision_tower
+from .criterion import criterion_info, is_text
+from .mlp import MLPView, find_mlps
+from .tp import PackedGateLinear, mark_packed_gates
+
+FeatureFn = Callable[[nn.Module, torch.Tensor], torch.Tensor]
+
+
+class _TaylorTap(torch.autograd.Function):
+    """Identity whose backward adds sum_b |sum_t a * g| (per neuron) into `slot`."""
+
+    @staticmethod
+    def forward(ctx, a, slot, use_abs):
+        ctx.save_for_backward(a)
+        ctx.slot, ctx.use_abs = slot, use_abs
+        return a.view_as(a)
+
+    @staticmethod
+    def backward(ctx, g):
+        (a,) = ctx.saved_tensors
+        per_image = (a.float() * g.float()).flatten(1, -2).sum(dim=1)  # (B, H)
+        if ctx.use_abs:
+            per_image = per_image.abs()
+        ctx.slot.add_(per_image.sum(dim=0))
+        return g, None, None
+
+
+class AMPImportance(tp.importance.Importance):
+    """Taylor importance on a label-free entropy criterion, usable as a Torch-Pruning
+    importance: called on the group of an MLP hidden layer it returns that layer's
+    scores, and None on any other group (Torch-Pruning then leaves that group alone)."""
+
+    def __init__(
+        self,
+        inv_temperature: float = 20.0,
+        criterion: str = "entropy",
+        feature_fn: FeatureFn | None = None,
+        use_abs: bool = True,
+        show_progress: bool = True,
+    ):
+        self.inv_temperature = inv_temperature
+        self.criterion_name = criterion
+        self.info = criterion_info(criterion)
+        self.criterion = self.info.build(inv_temperature)
+        self.feature_fn = feature_fn
+        self.use_abs = use_abs
+        self.show_progress = show_progress
+        self._scores: dict[str, torch.Tensor] = {}
+        self._by_output: dict[nn.Module, tuple[str, MLPView]] = {}
+        self.num_batches = 0
+
+    # ---- scoring ------------------------------------------------------------------------
+    def projects(self, extra) -> bool:
+        """Whether this criterion compares features projected into the text space."""
+        return self.info.projects(is_text(extra))
+
+    def features(self, model: nn.Module, images: torch.Tensor, extra=None,
+                 joint: bool | None = None) -> torch.Tensor:
+        """Pooled features, projected into the text space where the criterion asks for
+        batches carrying `extra` (or where `joint` says so)."""
+        if self.feature_fn is not None:
+            return self.feature_fn(model, images)
+        tower, adapter = vision_tower(model)
+        feats = adapter.features(tower, images)
+        project = self.projects(extra) if joint is None else joint
+        return adapter.project(tower, feats) if project else feats
+
+    def accumulate(self, model: nn.Module, batches: Iterable) -> dict[str, torch.Tensor]:
+        """Forward and backward over calibration `batches` with parameters frozen; adds the
+        per-batch scores and returns the running mean ({MLP name: 1-D scores})."""
+        tower, _ = vision_tower(model)
+        mark_packed_gates(tower)  # a Torch-Pruning pruner built after this prunes them right
+        views = find_mlps(tower)
+        if not views:
+            raise ValueError(f"no MLP found in {type(tower).__name__}")
+        device = device_of(model)
+        sums = {n: torch.zeros(v.hidden, dtype=torch.float64) for n, v in views.items()}
+        previous = {n: s.double() * self.num_batches for n, s in self._scores.items()}
+        slots = {n: torch.zeros(v.hidden, dtype=torch.float32, device=device)
+                 for n, v in views.items()}
+        frozen = [(p, p.requires_grad) for p in model.parameters()]
+        was_training = model.training
+        model.eval()
+        try:
+            with ExitStack() as stack:
+                for p, _ in frozen:
+                    p.requires_grad_(False)
+                for n, v in views.items():
+                    hook = v.output.register_forward_pre_hook(self._tap(slots[n]))
+                    stack.callback(hook.remove)
+                batches = list(batches) if not hasattr(batches, "__len__") else batches
+                for batch in progress(batches, "AMP scoring", enabled=self.show_progress):
+                    images, extra = split_batch(batch)
+                    # detach(): the caller's own tensor keeps requires_grad as it was
+                    images = images.to(device).detach().requires_grad_(True)
+                    extra = to_device(extra, device)
+                    for s in slots.values():
+                        s.zero_()
+                    loss = self.criterion(self.features(model, images, extra), extra)
+                    loss.backward()
+                    n_global = global_batch_size(images.shape[0])
+                    for n in views:
+                        sums[n] += slots[n].double().cpu() / n_global
+                    self.num_batches += 1
+        finally:
+            for p, flag in frozen:
+                p.requires_grad_(flag)
+            model.train(was_training)
+        sums = {n: all_reduce_sum(s) for n, s in sums.items()}
+        for n, s in previous.items():
+            sums[n] += s
+        self._scores = {n: (s / max(self.num_batches, 1)).float() for n, s in sums.items()}
+        self._by_output = {v.output: (n, v) for n, v in views.items()}
+        return self.neuron_scores()
+
+    def _tap(self, slot: torch.Tensor):
+        use_abs = self.use_abs
+
+        def hook(_module, args):
+            (a, *rest) = args
+            return (_TaylorTap.apply(a, slot, use_abs), *rest)
+        return hook
+
+    def neuron_scores(self) -> dict[str, torch.Tensor]:
+        return {n: s.clone() for n, s in self._scores.items()}
+
+    def load_scores(self, scores: dict[str, torch.Tensor], model: nn.Module | None = None):
+        """Use precomputed scores (e.g. from a scores file) instead of `accumulate`."""
+        self._scores = {n: s.float().cpu() for n, s in scores.items()}
+        self.num_batches = max(self.num_batches, 1)
+        if model is not None:
+            tower, _ = vision_tower(model)
+            self._by_output = {v.output: (n, v) for n, v in find_mlps(tower).items()}
+        return self
+
+    def reset(self) -> None:
+        self._scores, self.num_batches = {}, 0
+
+    # ---- Torch-Pruning protocol ---------------------------------------------------------
+    @torch.no_grad()
+    def __call__(self, group) -> torch.Tensor | None:
+        for i, (dep, idxs) in enumerate(group):
+            layer = dep.target.module
+            if layer not in self._by_output or dep.handler.__name__ != "prune_in_channels":
+                continue
+            name, view = self._by_output[layer]
+            if view.packed and not isinstance(view.inputs[0], PackedGateLinear):
+                raise RuntimeError(
+                    f"{name} has a packed gate (gate and value in one linear) that "
+                    "Torch-Pruning would prune by halves: call amp.prepare(model) before "
+                    "building the dependency graph or pruner, and pass "
+                    "customized_pruners=amp.customized_pruners()")
+            scores = self._scores[name]
+            if len(scores) != layer.in_features:
+                raise RuntimeError(
+                    f"scores of {name} cover {len(scores)} neurons but the layer now has "
+                    f"{layer.in_features}; call accumulate() again after pruning"
+                )
+            out = torch.zeros(len(group[0].idxs))
+            out[torch.as_tensor(group[i].root_idxs)] = scores[torch.as_tensor(idxs)]
+            return out
+        return None

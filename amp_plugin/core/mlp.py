@@ -1,0 +1,140 @@
+"""Views of transformer MLPs: which linears produce a hidden neuron and which consume it.
+
+One matcher per MLP layout, registered with `register_mlp_kind` by the family modules;
+`find_mlps` walks a model and returns the views in forward order without changing the
+model. The algorithm code only sees `MLPView`.
+
+A hidden neuron j is column j of the output linear plus row j of every input linear;
+for a packed gate (one linear of 2*H outputs, chunked) rows j and j+H.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class MLPView:
+    name: str
+    module: nn.Module
+    inputs: list[nn.Linear]
+    output: nn.Linear
+    kind: str
+    hidden_norm: nn.Module | None = None  # a norm over the hidden dim sits before `output`
+    packed: bool = False  # inputs[0] holds gate and value halves of 2*H rows
+
+    @property
+    def hidden(self) -> int:
+        return self.output.in_features
+
+    @property
+    def exact_masking(self) -> bool:
+        """Zeroing a_j at the input of `output` equals removing neuron j."""
+        return self.hidden_norm is None
+
+    def _modules(self) -> list[nn.Module]:
+        return [*self.inputs, self.output] + ([self.hidden_norm] if self.hidden_norm else [])
+
+    def num_params(self) -> int:
+        return sum(p.numel() for m in self._modules() for p in m.parameters(recurse=False))
+
+    def num_params_at(self, size: int) -> int:
+        """Parameters of this MLP if it kept `size` hidden neurons (`output`'s bias and
+        any parameter not indexed by the hidden dim stay whole)."""
+        per_neuron, fixed = 0, 0
+        for m in self._modules():
+            for name, p in m.named_parameters(recurse=False):
+                hidden_dims = 0 if m is self.output and name == "bias" else 1
+                if hidden_dims:
+                    per_neuron += p.numel() // self.hidden
+                else:
+                    fixed += p.numel()
+        return fixed + per_neuron * size
+
+    def input_rows(self, idxs: torch.Tensor) -> torch.Tensor:
+        """Rows of the input linear(s) that belong to hidden neurons `idxs`."""
+        if self.packed:
+            return torch.cat([idxs, idxs + self.hidden])
+        return idxs
+
+    def sliced_copy(self, keep: torch.Tensor) -> nn.Module:
+        """A copy of the MLP module keeping only hidden neurons `keep` (for exact trials
+        where masking is not exact); the original module is left untouched."""
+        new = copy.deepcopy(self.module)
+        view = match_mlp(self.name, new)
+        keep = keep.to(view.output.weight.device)
+        rows = view.input_rows(keep)
+        for lin in view.inputs:
+            _slice_linear(lin, rows, dim=0)
+        _slice_linear(view.output, keep, dim=1)
+        if view.hidden_norm is not None:
+            for p_name in ("weight", "bias"):
+                p = getattr(view.hidden_norm, p_name, None)
+                if p is not None:
+                    setattr(view.hidden_norm, p_name, nn.Parameter(p.data[keep].clone(),
+                                                                  requires_grad=p.requires_grad))
+            if hasattr(view.hidden_norm, "normalized_shape"):
+                view.hidden_norm.normalized_shape = (len(keep),)
+        return new
+
+
+def _slice_linear(lin: nn.Linear, idxs: torch.Tensor, dim: int) -> None:
+    lin.weight = nn.Parameter(lin.weight.data.index_select(dim, idxs).clone(),
+                              requires_grad=lin.weight.requires_grad)
+    if dim == 0:
+        if lin.bias is not None:
+            lin.bias = nn.Parameter(lin.bias.data[idxs].clone(),
+                                    requires_grad=lin.bias.requires_grad)
+        lin.out_features = len(idxs)
+    else:
+        lin.in_features = len(idxs)
+
+
+def norm_or_none(m: nn.Module | None) -> nn.Module | None:
+    """A hidden-dim norm, or None where the layout has an Identity in its place."""
+    return None if m is None or isinstance(m, nn.Identity) else m
+
+
+# ---- matchers: one per layout, registered by the family modules ---------------------------
+Matcher = Callable[[str, nn.Module], "MLPView | None"]
+_MLP_KINDS: OrderedDict[str, Matcher] = OrderedDict()
+
+
+def register_mlp_kind(kind: str):
+    """Decorator registering `matcher(name, module) -> MLPView | None` for a layout."""
+    def deco(fn: Matcher) -> Matcher:
+        _MLP_KINDS[kind] = fn
+        return fn
+    return deco
+
+
+def list_mlp_kinds() -> list[str]:
+    return list(_MLP_KINDS)
+
+
+def match_mlp(name: str, module: nn.Module) -> MLPView | None:
+    """The view of `module` if some registered layout matches it."""
+    for matcher in _MLP_KINDS.values():
+        view = matcher(name, module)
+        if view is not None:
+            return view
+    return None
+
+
+def find_mlps(model: nn.Module) -> OrderedDict[str, MLPView]:
+    """Ordered {qualified name: MLPView} of every MLP in `model`, in module order.
+    Pure: the model is not changed (see `core.tp.mark_packed_gates`)."""
+    found: OrderedDict[str, MLPView] = OrderedDict()
+    for name, module in model.named_modules():
+        if any(name.startswith(p + ".") for p in found):
+            continue
+        view = match_mlp(name, module)
+        if view is not None:
+            found[name] = view
+    return found

@@ -1,0 +1,113 @@
+"""Model construction from data: a `ModelSpec` names a library, an architecture and a
+local weights file; `create_model` is the one place models are built.
+
+Builders (one per library) and weight-layout converters (original DINOv2 / EVA-CLIP
+checkpoints to timm / open_clip layouts) are registered by the family modules. Nothing is
+ever downloaded: weights come from local files only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+
+class ModelSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    library: str = Field(description="builder name: timm, open_clip, ...")
+    name: str = Field(description="architecture name in that library")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="architecture overrides")
+    weights: str | None = Field(default=None, description="local weights file")
+    weights_format: str = Field(default="native", description="layout of the weights file")
+
+
+Builder = Callable[[ModelSpec], nn.Module]
+Converter = Callable[[dict, nn.Module], dict]
+_BUILDERS: dict[str, Builder] = {}
+_CONVERTERS: dict[str, Converter] = {}
+
+
+def register_builder(library: str):
+    """Decorator registering `build(spec) -> nn.Module` (random init) for a library."""
+    def deco(fn: Builder) -> Builder:
+        _BUILDERS[library] = fn
+        return fn
+    return deco
+
+
+def register_converter(fmt: str):
+    """Decorator registering `convert(state_dict, model) -> state_dict` for a layout."""
+    def deco(fn: Converter) -> Converter:
+        _CONVERTERS[fmt] = fn
+        return fn
+    return deco
+
+
+def list_builders() -> list[str]:
+    return list(_BUILDERS)
+
+
+def list_converters() -> list[str]:
+    return list(_CONVERTERS)
+
+
+def get_converter(fmt: str) -> Converter:
+    if fmt not in _CONVERTERS:
+        raise ValueError(f"unknown weights_format {fmt!r}; known: native, "
+                         f"{', '.join(_CONVERTERS)}")
+    return _CONVERTERS[fmt]
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors of a local .safetensors or torch checkpoint (no arbitrary unpickling)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    sd = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model", "module"):
+        if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
+            sd = sd[key]
+    return sd
+
+
+def load_weights(model: nn.Module, spec: ModelSpec) -> None:
+    if spec.weights is None:
+        return
+    sd = read_state_dict(spec.weights)
+    if spec.weights_format != "native":
+        sd = get_converter(spec.weights_format)(sd, model)
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{spec.weights} does not fit {spec.name}: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}")
+
+
+def build_model(spec: ModelSpec | dict) -> nn.Module:
+    """The spec's architecture with random weights (works under `torch.device('meta')`)."""
+    spec = spec if isinstance(spec, ModelSpec) else ModelSpec(**spec)
+    if spec.library not in _BUILDERS:
+        raise ValueError(f"unknown model library {spec.library!r}; known: "
+                         f"{', '.join(_BUILDERS)}")
+    model = _BUILDERS[spec.library](spec)
+    model.amp_spec = spec.model_dump()
+    return model
+
+
+def create_model(spec: ModelSpec | dict, load: bool = True) -> nn.Module:
+    """Build the model a spec describes (random init), load its local weights, and
+    remember the spec on the model (`model.amp_spec`) for `save_pruned`."""
+    spec = spec if isinstance(spec, ModelSpec) else ModelSpec(**spec)
+    model = build_model(spec)
+    if load:
+        load_weights(model, spec)
+    return model

@@ -1,0 +1,161 @@
+"""AMPPruner: adaptive per-MLP sizes by binary search on the entropy (ALGORITHM.md 3),
+pruned physically through Torch-Pruning's dependency graph as each size is decided.
+
+The loop itself is `search.adaptive_search`; here a candidate is applied by masking the
+hidden neurons at the input of the output linear where that is exact (a sliced copy of
+the MLP across a norm over the hidden dim), and a size is committed through the graph.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from ..utils.tensors import device_of
+from .adapter import vision_tower
+from .cache import StateCache
+from .cost import count_flops, count_mlp_params, count_params
+from .importance import AMPImportance
+from .mlp import MLPView, find_mlps
+from .search import (
+    EntropyEval,
+    PruneResult,
+    adaptive_search,
+    check_search_args,
+    tower_mlps,
+)
+from .tp import build_dependency_graph, prune_mlp
+
+
+@contextmanager
+def masked_or_sliced(tower: nn.Module, view: MLPView, keep: torch.Tensor):
+    """Temporarily keep only neurons `keep` of `view` (mask or sliced copy)."""
+    if view.exact_masking:
+        mask = torch.zeros(view.hidden, device=view.output.weight.device)
+        mask[keep] = 1.0
+
+        def hook(_m, args):
+            return (args[0] * mask.to(args[0].dtype), *args[1:])
+        handle = view.output.register_forward_pre_hook(hook)
+        try:
+            yield
+        finally:
+            handle.remove()
+    else:
+        parent_name, _, child = view.name.rpartition(".")
+        parent = tower.get_submodule(parent_name) if parent_name else tower
+        original = getattr(parent, child)
+        setattr(parent, child, view.sliced_copy(keep))
+        try:
+            yield
+        finally:
+            setattr(parent, child, original)
+
+
+class AMPPruner:
+    """Adaptive MLP pruning of a vision transformer through Torch-Pruning.
+
+    `step()` searches every MLP (or the MLPs named in `mlps`) from the last block to the
+    first, prunes it physically through the dependency graph as soon as its size is
+    decided, and returns a `PruneResult`.
+
+        imp = AMPImportance(inv_temperature=20)
+        imp.accumulate(model, calib_batches)
+        result = AMPPruner(model, example_inputs, imp, val_batches, threshold=5e-3).step()
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        example_inputs: torch.Tensor,
+        importance: AMPImportance,
+        val_batches: Sequence,
+        threshold: float,
+        max_steps: int = 6,
+        round_to: int | None = None,
+        feature_fn: Callable | None = None,
+        cache_device_bytes: int = 2 << 30,
+        cache_host_bytes: int = 8 << 30,
+        cache_dir: str | None = None,
+        show_progress: bool = True,
+        log: Callable[[str], None] | None = None,
+        mlps: Sequence[str] | None = None,
+    ):
+        check_search_args(threshold, max_steps, round_to)
+        if not val_batches:
+            raise ValueError("val_batches is empty")
+        self.model = model
+        self.example_inputs = example_inputs
+        self.importance = importance
+        self.feature_fn = feature_fn
+        self.val_batches = list(val_batches)
+        self.threshold = threshold
+        self.max_steps = max_steps
+        self.round_to = round_to
+        self.cache_limits = (cache_device_bytes, cache_host_bytes, cache_dir)
+        self.show_progress = show_progress
+        self.log = log or (lambda msg: None)
+        self.mlps = list(mlps) if mlps is not None else None
+
+    def _scores(self, views: dict[str, MLPView]) -> dict[str, torch.Tensor]:
+        scores = self.importance.neuron_scores()
+        missing = [n for n in views if n not in scores]
+        if missing:
+            raise ValueError(f"no scores for {missing[:3]}...; run importance.accumulate() first")
+        for n, v in views.items():
+            if len(scores[n]) != v.hidden:
+                raise ValueError(f"scores of {n} have {len(scores[n])} entries, MLP has {v.hidden}")
+        return scores
+
+    @torch.no_grad()
+    def step(self) -> PruneResult:
+        t0 = time.perf_counter()
+        tower, _ = vision_tower(self.model)
+        views = tower_mlps(self.model, self.mlps)
+        scores = self._scores(views)
+        was_training = self.model.training
+        self.model.eval()
+        example = self.example_inputs.to(device_of(self.model))
+        before = dict(params=count_params(tower), mlp=count_mlp_params(tower),
+                      flops=count_flops(tower, example))
+        original = {n: v.hidden for n, v in find_mlps(tower).items()}
+        dg = build_dependency_graph(tower, example)
+        evaluate = EntropyEval(self.model, self.importance, self.val_batches, views,
+                               StateCache(*self.cache_limits), self.show_progress,
+                               self.feature_fn)
+        self.log(f"validation states cached: {evaluate.mode} "
+                 f"({evaluate.nbytes / 2**20:.1f} MiB)")
+
+        def commit(name: str, view: MLPView, keep: torch.Tensor | None) -> None:
+            if keep is not None:
+                prune_mlp(dg, view, keep)
+
+        try:
+            out = adaptive_search(
+                views, scores, evaluate,
+                candidate=lambda name, view, keep: masked_or_sliced(tower, view, keep),
+                commit=commit, threshold=self.threshold, max_steps=self.max_steps,
+                round_to=self.round_to, index_of={n: i for i, n in enumerate(original)},
+                show_progress=self.show_progress)
+        finally:
+            evaluate.close()
+            self.model.train(was_training)
+        return PruneResult(
+            hidden_sizes={n: v.hidden for n, v in find_mlps(tower).items()},
+            original_sizes=original,
+            trace=out.trace,
+            params=dict(before=before["params"], after=count_params(tower)),
+            mlp_params=dict(before=before["mlp"], after=count_mlp_params(tower)),
+            flops=dict(before=before["flops"], after=count_flops(tower, example)),
+            entropy=out.entropy,
+            threshold=self.threshold,
+            max_steps=self.max_steps,
+            round_to=self.round_to,
+            evaluations=out.evaluations,
+            cache=evaluate.mode,
+            seconds=time.perf_counter() - t0,
+        )

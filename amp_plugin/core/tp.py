@@ -1,0 +1,99 @@
+"""Torch-Pruning integration: the packed-gate pruner, marking, and physical MLP pruning.
+
+Torch-Pruning 1.6 traces `fc1 -> chunk -> act(x1) * x2` but maps a hidden neuron to
+only one half of the packed linear, so the halves end with different sizes. Marking the
+packed linear as `PackedGateLinear` (an explicit step, `mark_packed_gates`) and
+registering `PackedGatePruner` for it makes the packed linear a leaf with H output
+channels (one per hidden neuron) that removes rows j and j+H together.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from .mlp import MLPView, find_mlps
+
+
+class PackedGateLinear(nn.Linear):
+    """nn.Linear whose 2*H outputs are two halves (gate, value) of H hidden neurons.
+
+    Same forward as nn.Linear; the distinct type lets Torch-Pruning dispatch it to
+    `PackedGatePruner`, which removes both halves of a neuron together.
+    """
+
+
+class PackedGatePruner(tp.pruner.function.LinearPruner):
+    def _halves(self, layer: nn.Linear) -> int:
+        return layer.out_features // 2
+
+    def prune_out_channels(self, layer: nn.Linear, idxs: Sequence[int]) -> nn.Linear:
+        h = self._halves(layer)
+        # A group may reach this layer through either chunk of the split: fold both onto j.
+        neurons = sorted({int(i) % h for i in idxs})
+        rows = neurons + [j + h for j in neurons]
+        return super().prune_out_channels(layer, rows)
+
+    def get_out_channels(self, layer: nn.Linear) -> int:
+        return self._halves(layer)
+
+
+def customized_pruners() -> dict:
+    """Pass as `customized_pruners=` to Torch-Pruning's DependencyGraph or pruners."""
+    return {PackedGateLinear: PackedGatePruner()}
+
+
+def mark_packed_gates(model: nn.Module) -> nn.Module:
+    """Give the packed gate linears of `model`'s MLPs the `PackedGateLinear` type (same
+    forward, same parameters) so that Torch-Pruning prunes both halves of a neuron
+    together. Call it before building a DependencyGraph or a Torch-Pruning pruner; AMP's
+    own entry points call it. Returns the model."""
+    for view in find_mlps(model).values():
+        if view.packed and type(view.inputs[0]) is nn.Linear:
+            view.inputs[0].__class__ = PackedGateLinear
+    return model
+
+
+def build_dependency_graph(model: nn.Module, example_inputs) -> tp.DependencyGraph:
+    mark_packed_gates(model)
+    with torch.enable_grad(), warnings.catch_warnings():
+        # Torch-Pruning warns that it would prune the last dim of unwrapped parameters
+        # (cls token, layer scales) if the embedding dim were pruned; AMP never does.
+        warnings.filterwarnings("ignore", message="Unwrapped parameters detected")
+        return tp.DependencyGraph().build_dependency(
+            model, example_inputs=example_inputs, customized_pruners=customized_pruners()
+        )
+
+
+def mlp_group(dg: tp.DependencyGraph, view: MLPView, remove: Sequence[int]):
+    """The dependency-graph group that removes hidden neurons `remove` of one MLP."""
+    return dg.get_pruning_group(view.output, tp.prune_linear_in_channels, idxs=list(remove))
+
+
+def prune_mlp(dg: tp.DependencyGraph, view: MLPView, keep: torch.Tensor) -> None:
+    """Keep only hidden neurons `keep` of `view`, through the dependency graph."""
+    keep_set = set(int(i) for i in keep)
+    remove = [j for j in range(view.hidden) if j not in keep_set]
+    if not remove:
+        return
+    group = mlp_group(dg, view, remove)
+    if not dg.check_pruning_group(group):
+        raise RuntimeError(f"Torch-Pruning refuses to prune {view.name} to {len(keep_set)}")
+    group.prune()
+
+
+def prune_mlps(
+    model: nn.Module, example_inputs, keep: Mapping[str, torch.Tensor]
+) -> dict[str, int]:
+    """Physically prune several MLPs of `model`: {mlp name: kept neuron indices}."""
+    dg = build_dependency_graph(model, example_inputs)
+    views = find_mlps(model)
+    for name, idxs in keep.items():
+        if name not in views:
+            raise KeyError(f"no MLP named {name!r}; found {list(views)[:4]}...")
+        prune_mlp(dg, views[name], idxs)
+    return {n: v.hidden for n, v in find_mlps(model).items()}

@@ -1,0 +1,76 @@
+"""The data-source protocol and its registry.
+
+A data source turns the recipe's `data` section into (a) the fixed calibration and
+validation batches of the score and prune stages, (b) labelled train/test splits for
+kNN and linear-probe evaluation, and (c) training images for distillation and the demo
+teacher. It declares what its AMP batches can carry besides images (`gives`: labels,
+text), so a criterion that needs more is refused when the recipe is loaded.
+
+A new source is one module in this package with a `@register_source` class, plus one
+import line in `amp_plugin/data/__init__.py`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..config import DataConfig
+
+
+@dataclass
+class Split:
+    images: torch.Tensor  # (N, 3, S, S), normalised model input
+    labels: torch.Tensor  # (N,)
+
+
+class DataSource:
+    name = "base"
+    gives: frozenset[str] = frozenset()  # what AMP batches can carry: "labels", "text"
+    required_keys: tuple[str, ...] = ()  # data.<key> that must be set
+
+    def amp_batches(self, cfg: DataConfig, seed: int, extra: str | None = None,
+                    model: nn.Module | None = None) -> tuple[list, list]:
+        """(calibration, validation) global batches, fixed by the seed: images, or
+        (images, extra) pairs where `extra` names what the criterion needs."""
+        raise NotImplementedError
+
+    def labelled_splits(self, cfg: DataConfig, seed: int,
+                        max_train: int | None = None) -> dict[str, Split]:
+        raise ValueError(f"data.kind {self.name!r} has no labelled splits (kNN and linear "
+                         "probe need digits or imagefolder data)")
+
+    def train_images(self, cfg: DataConfig, seed: int):
+        """(images, tensor_input): an indexable set of training images for distillation:
+        a (N, C, H, W) tensor in [0, 1] (tensor_input True) or PIL images."""
+        raise ValueError(f"data.kind {self.name!r} has no training images to distill on: set "
+                         "distill.root to an ImageNet-style training folder")
+
+
+_SOURCES: dict[str, DataSource] = {}
+
+
+def register_source(cls: type[DataSource]) -> type[DataSource]:
+    _SOURCES[cls.name] = cls()
+    return cls
+
+
+def list_sources() -> list[str]:
+    return list(_SOURCES)
+
+
+def get_source(name: str) -> DataSource:
+    if name not in _SOURCES:
+        raise ValueError(f"unknown data.kind {name!r}; expected one of {', '.join(_SOURCES)}")
+    return _SOURCES[name]
+
+
+def choose_disjoint(n: int, calib: int, val: int, seed: int, what: str) -> torch.Tensor:
+    """A seeded permutation of n items: the first `calib` calibrate, the next `val` validate."""
+    need = calib + val
+    if need > n:
+        raise ValueError(f"data.calib_images + data.val_images = {need} exceeds the {n} "
+                         f"images of {what}")
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed + 1))[:need]

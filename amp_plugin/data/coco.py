@@ -1,0 +1,127 @@
+"""COCO-style image-caption data: batches for the `clip_entropy` criterion
+(ALGORITHM.md section 1).
+
+Input: a COCO captions file (the 2014/2017 `captions_{train,val}20xx.json` format:
+`images` [{id, file_name}], `annotations` [{image_id, caption}]) and its image folder.
+Output: fixed (images, text features) batches; the text features come from the CLIP
+model's own text tower, computed once without gradient (the criterion treats them as
+constants). Calibration and validation images are disjoint and chosen by the seed.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..config import DataConfig
+from ..core.adapter import get_adapter
+from ..utils.progress import progress
+from .base import DataSource, register_source
+from .transforms import eval_transform
+
+
+def read_captions(path: str | Path, root: str | Path) -> list[tuple[Path, list[str]]]:
+    """[(image file, its captions)] in the file's image order; checks the format first."""
+    path, root = Path(path), Path(root)
+    if not path.is_file():
+        raise FileNotFoundError(f"data.captions: {path} does not exist")
+    if not root.is_dir():
+        raise FileNotFoundError(f"data.root: {root} is not a folder")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"data.captions: {path} is not valid JSON ({e})") from None
+    if not isinstance(raw, dict) or not {"images", "annotations"} <= raw.keys():
+        raise ValueError(f"data.captions: {path} is not a COCO captions file "
+                         "(expected top-level keys 'images' and 'annotations')")
+    captions: dict[int, list[str]] = defaultdict(list)
+    for i, ann in enumerate(raw["annotations"]):
+        if not isinstance(ann, dict) or "image_id" not in ann or "caption" not in ann:
+            raise ValueError(f"data.captions: {path}: annotations[{i}] needs 'image_id' "
+                             "and 'caption'")
+        captions[ann["image_id"]].append(str(ann["caption"]).strip())
+    out = []
+    for i, im in enumerate(raw["images"]):
+        if not isinstance(im, dict) or "id" not in im or "file_name" not in im:
+            raise ValueError(f"data.captions: {path}: images[{i}] needs 'id' and 'file_name'")
+        if captions.get(im["id"]):
+            out.append((root / im["file_name"], captions[im["id"]]))
+    if not out:
+        raise ValueError(f"data.captions: {path} has no captioned images")
+    return out
+
+
+@torch.no_grad()
+def encode_captions(model: nn.Module, captions: list[str], batch_size: int = 256,
+                    show_progress: bool = True) -> torch.Tensor:
+    """Text features (N, D) of `captions`, float32, no gradient."""
+    if not hasattr(model, "encode_text"):
+        raise TypeError(f"criterion clip_entropy needs a CLIP model with a text tower, got "
+                        f"{type(model).__name__} (image_only models have none)")
+    tokenizer = get_adapter(model).tokenizer(model)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    chunks = [captions[i:i + batch_size] for i in range(0, len(captions), batch_size)]
+    out = [model.encode_text(tokenizer(c).to(device)).float().cpu()
+           for c in progress(chunks, "encoding captions", show_progress)]
+    model.train(was_training)
+    return torch.cat(out)
+
+
+def caption_batches(cfg: DataConfig, seed: int, model: nn.Module, show_progress: bool = True
+                    ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list]:
+    """(calibration, validation) lists of (images, text features) global batches.
+
+    One caption per image, drawn with the recipe's seed; the last incomplete validation
+    batch is dropped (ALGORITHM.md 3), calibration keeps it."""
+    from PIL import Image
+
+    if cfg.kind != "coco" or not cfg.captions or not cfg.root:
+        raise ValueError("caption batches need data.kind: coco with data.root and data.captions")
+    items = read_captions(cfg.captions, cfg.root)
+    need = cfg.calib_images + cfg.val_images
+    if need > len(items):
+        raise ValueError(f"data.captions has {len(items)} captioned images, fewer than the "
+                         f"{need} that calib_images + val_images ask for")
+    rng = random.Random(seed + 1)
+    chosen = rng.sample(range(len(items)), need)
+    tf = eval_transform(cfg.image_size, cfg.mean, cfg.std)
+    images, texts = [], []
+    for i in progress(chosen, "reading COCO images", show_progress):
+        file, caps = items[i]
+        if not file.is_file():
+            raise FileNotFoundError(f"data.root: image {file} named in data.captions is missing")
+        with Image.open(file) as im:
+            images.append(tf(im.convert("RGB")))
+        texts.append(caps[rng.randrange(len(caps))])
+    images_t = torch.stack(images)
+    text_t = encode_captions(model, texts, show_progress=show_progress)
+
+    def split(lo: int, hi: int, drop_last: bool):
+        bs = cfg.batch_size
+        end = hi - ((hi - lo) % bs if drop_last else 0)
+        return [(images_t[i:min(i + bs, end)], text_t[i:min(i + bs, end)])
+                for i in range(lo, end, bs)]
+
+    return split(0, cfg.calib_images, False), split(cfg.calib_images, need, True)
+
+
+@register_source
+class Coco(DataSource):
+    """Images with captions; the text features come from the model's own text tower."""
+
+    name = "coco"
+    gives = frozenset({"text"})
+    required_keys = ("root", "captions")
+
+    def amp_batches(self, cfg, seed, extra=None, model=None):
+        if model is None:
+            raise ValueError("data.kind coco: caption batches need the CLIP model (its text "
+                             "tower encodes the captions)")
+        return caption_batches(cfg, seed, model, show_progress=True)

@@ -1,0 +1,57 @@
+"""scikit-learn's bundled 8x8 digits (1797 real images, 10 classes), upsampled to the
+model's input size and split train/test with the recipe's seed. No download."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..config import DataConfig
+from .base import DataSource, Split, choose_disjoint, register_source
+from .transforms import batches, to_model_input
+
+
+def digits_raw() -> tuple[torch.Tensor, torch.Tensor]:
+    """All digits images as (N, 1, 8, 8) floats in [0, 1] and their labels."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.from_numpy(d.images).float().unsqueeze(1) / 16.0
+    return x, torch.from_numpy(d.target).long()
+
+
+def digits_splits(cfg: DataConfig, seed: int, raw: bool = False) -> dict[str, Split]:
+    """Seeded train/test split of the digits; `raw` keeps the 8x8 [0, 1] images."""
+    x, y = digits_raw()
+    perm = torch.from_numpy(np.random.RandomState(seed).permutation(len(x)))
+    n_test = int(round(cfg.test_fraction * len(x)))
+    parts = {"test": perm[:n_test], "train": perm[n_test:]}
+    out = {}
+    for name, idx in parts.items():
+        images = x[idx] if raw else to_model_input(x[idx], cfg.image_size, cfg.mean, cfg.std)
+        out[name] = Split(images, y[idx])
+    return out
+
+
+@register_source
+class Digits(DataSource):
+    name = "digits"
+    gives = frozenset({"labels"})
+
+    def amp_batches(self, cfg, seed, extra=None, model=None):
+        train = digits_splits(cfg, seed)["train"]
+        order = choose_disjoint(len(train.images), cfg.calib_images, cfg.val_images, seed,
+                                "the digits training split")
+        labels = train.labels if extra == "labels" else None
+        calib, val = order[:cfg.calib_images], order[cfg.calib_images:]
+        return (batches(train.images[calib], cfg.batch_size, False,
+                        None if labels is None else labels[calib]),
+                batches(train.images[val], cfg.batch_size, True,
+                        None if labels is None else labels[val]))
+
+    def labelled_splits(self, cfg, seed, max_train=None):
+        return digits_splits(cfg, seed)
+
+    def train_images(self, cfg, seed):
+        images = digits_splits(cfg, seed, raw=True)["train"].images
+        return images.expand(-1, 3, -1, -1).contiguous(), True

@@ -1,0 +1,52 @@
+"""An ImageNet-style class-per-folder tree (`data.root`; `data.val_root` for evaluation),
+read with torchvision's ImageFolder and the evaluation transform."""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import DataConfig
+from .base import DataSource, Split, choose_disjoint, register_source
+from .transforms import batches, eval_transform
+
+
+def image_folder(root: str, cfg: DataConfig):
+    from torchvision import datasets
+
+    return datasets.ImageFolder(root, transform=eval_transform(cfg.image_size, cfg.mean,
+                                                               cfg.std))
+
+
+def stack(dataset, indices) -> Split:
+    items = [dataset[int(i)] for i in indices]
+    return Split(torch.stack([im for im, _ in items]), torch.tensor([lab for _, lab in items]))
+
+
+@register_source
+class ImageFolderSource(DataSource):
+    name = "imagefolder"
+    gives = frozenset({"labels"})
+    required_keys = ("root",)
+
+    def amp_batches(self, cfg, seed, extra=None, model=None):
+        ds = image_folder(cfg.root, cfg)
+        order = choose_disjoint(len(ds), cfg.calib_images, cfg.val_images, seed, "data.root")
+        calib = stack(ds, order[:cfg.calib_images])
+        val = stack(ds, order[cfg.calib_images:])
+        with_labels = extra == "labels"
+        return (batches(calib.images, cfg.batch_size, False,
+                        calib.labels if with_labels else None),
+                batches(val.images, cfg.batch_size, True, val.labels if with_labels else None))
+
+    def labelled_splits(self, cfg, seed, max_train=None):
+        if cfg.val_root is None:
+            raise ValueError("data.val_root is needed for evaluation on an image folder")
+        train, test = image_folder(cfg.root, cfg), image_folder(cfg.val_root, cfg)
+        g = torch.Generator().manual_seed(seed + 2)
+        idx = torch.randperm(len(train), generator=g)[: max_train or len(train)]
+        return {"train": stack(train, idx), "test": stack(test, range(len(test)))}
+
+    def train_images(self, cfg, seed):
+        from torchvision.datasets import ImageFolder
+
+        return ImageFolder(cfg.root), False

@@ -1,0 +1,482 @@
+"""Distillation of a pruned model from the original (ALGORITHM.md section 5), on DeepSpeed.
+
+The teacher is the original vision encoder, frozen; the student is the pruned one. Both
+give their tokens before the final norm/projection (`Adapter.final_tokens`); the loss is
+MSE(pooled) + MSE(patch tokens), or a symmetric KL between the two models' batch
+similarity distributions (`loss: kl_entropy`).
+
+DeepSpeed does the distributed work: its engine (ZeRO stage 1-3, CPU/NVMe offload passed
+through to its own config), its checkpoints (optimizer, scheduler and the step in
+`client_state`) and its ZeRO-to-fp32 consolidation. `deepspeed --num_gpus N $(which amp)
+distill RECIPE` runs N ranks; without a launcher the same code runs one rank in a
+single-process group.
+
+`Distiller` takes its own config section and explicit inputs (the teacher module, the
+student directory, the training images, where to write); the run pipeline wires them.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import logging
+import os
+import shutil
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..config import DistillConfig
+from ..core.adapter import Adapter, vision_tower
+from ..core.serialization import load_pruned, read_manifest, save_pruned
+from ..utils.io import atomic_write, deep_merge, fingerprint
+from ..utils.progress import progress
+from ..utils.tensors import DTYPES
+from .data import DistillData, distill_data
+from .losses import make_loss
+from .schedule import WarmupCosine, param_groups
+
+
+class DistillError(ValueError):
+    """A distillation that cannot start; the message names the key or file."""
+
+
+@dataclass(frozen=True)
+class DistillPaths:
+    """Where a distillation writes (the run directory decides the names)."""
+
+    checkpoints: Path  # DeepSpeed checkpoints (`latest` names the newest complete one)
+    log: Path          # one JSON line per optimizer step (rank 0)
+    result: Path       # summary of the last invocation
+    fingerprint: Path  # what the checkpoints were trained for
+    distilled: Path    # the consolidated student (`load_pruned` reads it)
+
+
+@dataclass
+class TrainImages:
+    """Training images: an indexable set (tensor (N, C, H, W) in [0, 1] when
+    `tensor_input`, else PIL images such as an ImageFolder) and how to normalise them."""
+
+    images: Any
+    tensor_input: bool
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+# ---- the trained module ------------------------------------------------------------------
+class TokenModel(nn.Module):
+    """A vision tower up to its final norm: what distillation trains."""
+
+    def __init__(self, tower: nn.Module, adapter: Adapter):
+        super().__init__()
+        self.tower = tower
+        self.adapter = adapter
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.adapter.final_tokens(self.tower, x)
+
+    def register_external_parameters(self) -> None:
+        """ZeRO-3 gathers a module's own parameters when its forward runs, but adapters
+        read some (class token, position embedding) without calling their owner; those of
+        every non-leaf module are registered with this wrapper, whose forward spans all."""
+        from deepspeed.runtime.zero import register_external_parameter
+
+        for module in self.tower.modules():
+            if next(module.children(), None) is None:
+                continue
+            for p in module.parameters(recurse=False):
+                register_external_parameter(self, p)
+
+
+def untrained_parameters(tower: nn.Module, adapter: Adapter, x: torch.Tensor) -> list[str]:
+    """Tower parameters the distillation loss cannot reach (final norm, head, projection),
+    found by one backward pass so that no family needs a list of them."""
+    named = list(tower.named_parameters())
+    flags = [p.requires_grad for _, p in named]
+    try:
+        for _, p in named:
+            p.requires_grad_(True)
+        with torch.enable_grad():
+            pooled, patch = adapter.final_tokens(tower, x)
+            grads = torch.autograd.grad(pooled.float().sum() + patch.float().sum(),
+                                        [p for _, p in named], allow_unused=True)
+    finally:
+        for (_, p), flag in zip(named, flags):
+            p.requires_grad_(flag)
+    return [n for (n, _), g in zip(named, grads) if g is None]
+
+
+# ---- DeepSpeed ---------------------------------------------------------------------------
+def init_distributed() -> tuple[int, int, int]:
+    """(rank, world size, local rank); a single-process group when no launcher set one up.
+
+    DeepSpeed's init looks for MPI when the launcher's variables are missing, so a
+    one-rank environment on a free local port is set first.
+    """
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    if "RANK" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"),
+                           ("LOCAL_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
+                           ("MASTER_PORT", str(port))):
+            os.environ.setdefault(key, value)
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    deepspeed.init_distributed(get_accelerator().communication_backend_name(), verbose=False)
+    _unlink_shm_workspace()
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    get_accelerator().set_device(local_rank)
+    return dist.get_rank(), dist.get_world_size(), local_rank
+
+
+def _unlink_shm_workspace() -> None:
+    """On CPU, DeepSpeed's shared-memory all-reduce maps one /dev/shm segment per rank and
+    never unlinks it (69 MB of RAM each, per run, kept after exit). Once every rank has
+    mapped all segments (the barrier), each rank removes its own name; mappings stay."""
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() != "cpu":
+        return
+    dist.barrier()
+    name = (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_"
+            f"{os.environ.get('MASTER_ADDR')}_{os.environ.get('MASTER_PORT')}_{dist.get_rank()}")
+    if os.path.exists(name):
+        os.unlink(name)
+
+
+def resolve_dtype(name: str, device: str) -> torch.dtype:
+    from deepspeed.accelerator import get_accelerator
+
+    if name == "auto":
+        bf16 = device != "cpu" and get_accelerator().is_bf16_supported()
+        return torch.bfloat16 if bf16 else torch.float32
+    return DTYPES[name]
+
+
+def deepspeed_config(cfg: DistillConfig, world_size: int, dtype: torch.dtype, lr: float,
+                     device: str) -> dict:
+    """The DeepSpeed config dict a recipe's distill section describes."""
+    zero: dict[str, Any] = {"stage": cfg.zero_stage}
+    if cfg.offload_optimizer is not None:
+        zero["offload_optimizer"] = cfg.offload_optimizer
+    if cfg.offload_param is not None:
+        zero["offload_param"] = cfg.offload_param
+    offloaded = (cfg.offload_optimizer or {}).get("device", "none") != "none"
+    config = {
+        "train_micro_batch_size_per_gpu": cfg.batch_size,
+        "gradient_accumulation_steps": cfg.grad_accum,
+        "train_batch_size": cfg.batch_size * cfg.grad_accum * world_size,
+        "optimizer": {"type": "AdamW", "params": {
+            "lr": lr, "betas": list(cfg.betas), "weight_decay": cfg.weight_decay[0],
+            # On a CPU-only machine torch's AdamW avoids compiling DeepSpeed's fused op.
+            "torch_adam": device == "cpu" and not offloaded,
+        }},
+        "zero_optimization": zero,
+        "bf16": {"enabled": dtype == torch.bfloat16},
+        "fp16": {"enabled": dtype == torch.float16},
+        "gradient_clipping": cfg.grad_clip or 0.0,
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+    return deep_merge(config, cfg.deepspeed)
+
+
+def read_loss_log(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _tag(step: int) -> str:
+    return f"global_step{step}"
+
+
+def _tag_step(tag: str) -> int:
+    return int(tag.removeprefix("global_step"))
+
+
+# ---- the run -----------------------------------------------------------------------------
+class Distiller:
+    """One distillation run: set up, `train()`, `consolidate()`; `run()` does both.
+
+        Distiller(cfg, teacher, student_dir, images, paths, seed=0, identity={...}).run()
+
+    `teacher` is the original model (read only: a copy is moved to the training device
+    and dtype when they differ); `student_dir` a `save_pruned` directory; `identity`
+    names what else the training depends on (data, teacher source) for the checkpoints'
+    fingerprint. Everything that can be wrong with the inputs is checked before the
+    first step; a rerun resumes from the newest checkpoint.
+    """
+
+    def __init__(self, cfg: DistillConfig, teacher: nn.Module, student_dir: str | Path,
+                 images: TrainImages, paths: DistillPaths, seed: int = 0,
+                 workers: int = 0, identity: dict | None = None, progress_bar: bool = True):
+        self.cfg, self.paths, self.seed = cfg, paths, seed
+        self.identity = identity or {}
+        self.progress_bar = progress_bar
+        self.student_dir = Path(student_dir)
+        if not (self.student_dir / "amp.json").is_file():
+            raise DistillError(f"distill.student: {self.student_dir} is not a pruned-model "
+                               "directory (save_pruned output with amp.json); run the prune "
+                               "stage first")
+        self.rank, self.world_size, self.local_rank = init_distributed()
+
+        from deepspeed.accelerator import get_accelerator
+
+        self.device = get_accelerator().current_device_name()
+        self._limit_cpu_threads()
+        self.dtype = resolve_dtype(self.cfg.dtype, torch.device(self.device).type)
+        self.data: DistillData = distill_data(
+            images.images, images.tensor_input, images.image_size, images.mean, images.std,
+            seed, self.cfg.min_crop, self.cfg.batch_size, self.cfg.grad_accum,
+            self.world_size, self.rank, workers,
+            pin_memory=torch.device(self.device).type == "cuda")
+        if self.data.steps_per_epoch < 1:
+            raise DistillError(
+                f"distill.batch_size: {len(self.data.dataset)} training images make no full "
+                f"step of {self.data.global_batch} images (batch_size x grad_accum x ranks)")
+        per_epoch = self.data.steps_per_epoch
+        self.total_steps = self.cfg.max_steps or self.cfg.epochs * per_epoch
+        self.warmup_steps = min(self.total_steps, max(1, round(self.cfg.warmup_epochs
+                                                                 * per_epoch)))
+        self.lr = self.cfg.base_lr * self.data.global_batch / 256
+        if self.cfg.min_lr > self.lr:
+            raise DistillError(f"distill.min_lr {self.cfg.min_lr} exceeds the peak lr "
+                               f"{self.lr:.3g} (base_lr x global batch {self.data.global_batch}"
+                               " / 256)")
+        self.ds_config = deepspeed_config(self.cfg, self.world_size, self.dtype, self.lr,
+                                          torch.device(self.device).type)
+        self._check_deepspeed_config()
+        self.loss_fn = make_loss(self.cfg)
+        self._build_models(teacher)
+        self.paths.checkpoints.mkdir(parents=True, exist_ok=True)
+        self.step = self._resume()
+
+    # ---- setup ---------------------------------------------------------------------------
+    def _limit_cpu_threads(self) -> None:
+        # Ranks sharing a CPU each default to all cores; split them unless the user chose.
+        local = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", 1)))
+        if self.device == "cpu" and local > 1 and "OMP_NUM_THREADS" not in os.environ:
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+
+    def _check_deepspeed_config(self) -> None:
+        from deepspeed.runtime.config import DeepSpeedConfig
+
+        try:
+            DeepSpeedConfig(self.ds_config)
+        except Exception as e:  # DeepSpeed raises assertion and pydantic errors alike
+            raise DistillError(f"distill: DeepSpeed rejects the config built from the recipe "
+                               f"({type(e).__name__}: {e})") from e
+
+    def _build_models(self, teacher: nn.Module) -> None:
+        import deepspeed
+
+        t_tower, t_adapter = vision_tower(teacher)
+        p = next(t_tower.parameters())
+        if p.device != torch.device(self.device) or p.dtype != self.dtype:
+            t_tower = copy.deepcopy(t_tower)  # the caller's model stays as it is
+        t_tower.eval().requires_grad_(False)
+        self.teacher = TokenModel(t_tower, t_adapter).to(self.device, self.dtype).eval()
+        probe = self.data.dataset[(0, self.seed)].unsqueeze(0)
+        frozen = untrained_parameters(t_tower, t_adapter, probe.to(self.device, self.dtype))
+        # the untrained final norm / head, kept in full precision for the consolidation
+        self.restore = {n: teacher_p.detach().float().cpu().clone() for n, teacher_p in
+                        vision_tower(teacher)[0].named_parameters() if n in set(frozen)}
+
+        student = load_pruned(self.student_dir)
+        tower, adapter = vision_tower(student)
+        self._check_pair(tower, adapter, t_tower, t_adapter, frozen, probe)
+        for name in frozen:
+            tower.get_parameter(name).requires_grad_(False)
+        if self.cfg.grad_checkpointing:
+            adapter.set_grad_checkpointing(tower, True)
+        model = TokenModel(tower, adapter).train()
+        if self.cfg.zero_stage == 3:
+            model.register_external_parameters()
+        no_decay = getattr(tower, "no_weight_decay", lambda: set())()
+        groups = param_groups(model, {f"tower.{n}" for n in no_decay}, self.cfg.weight_decay[0])
+        schedule = functools.partial(WarmupCosine, total=self.total_steps,
+                                     warmup=self.warmup_steps,
+                                     floor=self.cfg.min_lr / self.lr,
+                                     weight_decay=self.cfg.weight_decay)
+        self.engine, _, _, self.scheduler = deepspeed.initialize(
+            model=model, model_parameters=groups, config=self.ds_config, lr_scheduler=schedule)
+        self.frozen = frozen
+
+    def _check_pair(self, tower, adapter, t_tower, t_adapter, frozen, probe) -> None:
+        t_params = dict(t_tower.named_parameters())
+        s_params = dict(tower.named_parameters())
+        if set(t_params) != set(s_params):
+            diff = sorted(set(t_params) ^ set(s_params))[:4]
+            raise DistillError(f"student {self.student_dir} and teacher differ in parameters "
+                               f"{diff}: is the student pruned from this teacher?")
+        for name in frozen:
+            if t_params[name].shape != s_params[name].shape:
+                raise DistillError(f"student {self.student_dir}: {name} has shape "
+                                   f"{tuple(s_params[name].shape)}, the teacher's "
+                                   f"{tuple(t_params[name].shape)}")
+        with torch.no_grad():
+            s_out = adapter.final_tokens(tower, probe)
+            t_out = t_adapter.final_tokens(t_tower, probe.to(self.device, self.dtype))
+        for part, s, t in zip(("pooled", "patch tokens"), s_out, t_out):
+            if s.shape != t.shape:
+                raise DistillError(f"student {part} {tuple(s.shape)} do not match the "
+                                   f"teacher's {tuple(t.shape)}")
+
+    def _client_state(self, step: int) -> dict:
+        return {"step": step, "world_size": self.world_size,
+                "global_batch": self.data.global_batch, "total_steps": self.total_steps,
+                "seed": self.seed}
+
+    def _fingerprint(self) -> str:
+        """What the training trajectory depends on (not checkpointing or loader options)."""
+        cfg = self.cfg.model_dump(exclude={"checkpoint_every", "keep_checkpoints", "workers"})
+        return fingerprint(cfg, self.identity, self.seed,
+                           read_manifest(self.student_dir)["shapes"])
+
+    def _resume(self) -> int:
+        ckpt, marker = self.paths.checkpoints, self.paths.fingerprint
+        fingerprint_ = self._fingerprint()
+        if marker.is_file() and marker.read_text() != fingerprint_:
+            # Another student or schedule: the checkpoints cannot continue this run.
+            if self.rank == 0:
+                shutil.rmtree(ckpt, ignore_errors=True)
+                ckpt.mkdir(parents=True)
+                self.paths.log.unlink(missing_ok=True)
+            dist.barrier()
+        if self.rank == 0:
+            atomic_write(marker, fingerprint_)
+        if not (ckpt / "latest").is_file():
+            if self.rank == 0 and self.paths.log.exists():
+                self.paths.log.unlink()
+            return 0
+        _, state = self.engine.load_checkpoint(str(ckpt))
+        expected = self._client_state(0)
+        for key in ("world_size", "global_batch", "total_steps", "seed"):
+            if state.get(key) != expected[key]:
+                raise DistillError(
+                    f"{ckpt}: the checkpoint was written with {key}={state.get(key)}, this run "
+                    f"has {expected[key]}; resuming would change the schedule or data order "
+                    "(use the same launcher and recipe, or another output_dir)")
+        step = int(state["step"])
+        if self.rank == 0:  # steps logged after the checkpoint are run again
+            kept = [r for r in read_loss_log(self.paths.log) if r["step"] <= step]
+            atomic_write(self.paths.log, "".join(json.dumps(r) + "\n" for r in kept))
+        return step
+
+    # ---- training ------------------------------------------------------------------------
+    def _targets(self, x: torch.Tensor):
+        with torch.no_grad():
+            return self.teacher(x)
+
+    def train(self) -> list[dict]:
+        """Run from the current step to the end; returns this invocation's log records."""
+        records: list[dict] = []
+        if self.step >= self.total_steps:
+            return records
+        batches = self.data.batches(self.step)
+        start = time.perf_counter()
+        steps = range(self.step + 1, self.total_steps + 1)
+        for step in progress(steps, f"distill ({self.cfg.loss}, ZeRO-{self.cfg.zero_stage})",
+                             enabled=self.progress_bar):
+            lr = self.engine.get_lr()[0]
+            wd = max(g["weight_decay"] for g in self.engine.optimizer.param_groups)
+            total = torch.zeros((), dtype=torch.float64, device=self.device)
+            for _ in range(self.cfg.grad_accum):
+                epoch, x = next(batches)
+                x = x.to(self.device, self.dtype, non_blocking=True)
+                loss = self.loss_fn(self.engine(x), self._targets(x))
+                self.engine.backward(loss)
+                self.engine.step()
+                total += loss.detach().double()
+            dist.all_reduce(total)
+            record = {"step": step, "epoch": epoch,
+                      "loss": total.item() / (self.world_size * self.cfg.grad_accum),
+                      "lr": lr, "weight_decay": wd,
+                      "seconds": round(time.perf_counter() - start, 3)}
+            records.append(record)
+            if self.rank == 0:
+                with self.paths.log.open("a") as f:
+                    f.write(json.dumps(record) + "\n")
+            self.step = step
+            if step % self.cfg.checkpoint_every == 0 or step == self.total_steps:
+                self.save_checkpoint()
+        return records
+
+    def save_checkpoint(self) -> str:
+        """DeepSpeed checkpoint of the current step; `latest` moves only once every rank
+        has written its shards (DeepSpeed writes it from rank 0 without waiting)."""
+        ckpt, tag = self.paths.checkpoints, _tag(self.step)
+        self.engine.save_checkpoint(str(ckpt), tag=tag, client_state=self._client_state(
+            self.step), save_latest=False)
+        dist.barrier()
+        if self.rank == 0:
+            atomic_write(ckpt / "latest", tag)
+            tags = sorted((p.name for p in ckpt.glob("global_step*") if p.is_dir()),
+                          key=_tag_step)
+            for old in tags[:-self.cfg.keep_checkpoints]:
+                shutil.rmtree(ckpt / old, ignore_errors=True)
+        dist.barrier()
+        return tag
+
+    # ---- consolidation -------------------------------------------------------------------
+    def consolidate(self) -> Path:
+        """One pruned model from the ZeRO shards of the newest checkpoint (rank 0 writes
+        it), with the untrained final norm/projection restored from the teacher."""
+        out = self.paths.distilled
+        if self.rank == 0:
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+            ckpt = self.paths.checkpoints
+            tag = (ckpt / "latest").read_text().strip()
+            state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=tag)
+            model = load_pruned(self.student_dir)
+            tower, _ = vision_tower(model)
+            prefix = "tower."
+            tower.load_state_dict({k[len(prefix):]: v for k, v in state.items()}, strict=True)
+            with torch.no_grad():  # from the full-precision copy (training ran in self.dtype)
+                for name in self.frozen:
+                    tower.get_parameter(name).copy_(self.restore[name])
+            self.distilled_model = model
+            save_pruned(model, out, meta={"distilled": {
+                "steps": _tag_step(tag), "loss": self.cfg.loss,
+                "teacher": str(self.identity.get("teacher", "")),
+                "student": str(self.student_dir), "restored": self.frozen}})
+        dist.barrier()
+        return out
+
+    def run(self) -> dict:
+        t0 = time.perf_counter()
+        resumed = self.step or None
+        self.train()
+        if not (self.paths.checkpoints / "latest").is_file() or self.step != _tag_step(
+                (self.paths.checkpoints / "latest").read_text().strip()):
+            self.save_checkpoint()
+        self.consolidate()
+        log = read_loss_log(self.paths.log) if self.rank == 0 else []
+        result = {
+            "steps": self.step, "total_steps": self.total_steps, "resumed_from": resumed,
+            "first_loss": log[0]["loss"] if log else None,
+            "final_loss": log[-1]["loss"] if log else None,
+            "loss": self.cfg.loss, "zero_stage": self.cfg.zero_stage,
+            "world_size": self.world_size, "global_batch": self.data.global_batch,
+            "lr": self.lr, "dtype": str(self.dtype).removeprefix("torch."),
+            "untrained_restored": self.frozen,
+            "paths": {k: str(v) for k, v in self.paths.items()},
+            "seconds": round(time.perf_counter() - t0, 2),
+        }
+        if self.rank == 0:
+            atomic_write(self.paths.result, json.dumps(result, indent=2))
+        return result

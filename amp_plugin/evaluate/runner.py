@@ -1,0 +1,52 @@
+"""Run the chosen eval tasks on each model (original, pruned, distilled)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from ..config import EvalConfig
+from ..core.adapter import vision_tower
+from ..core.cost import count_flops, count_mlp_params, count_params
+from .base import EvalContext, get_task, resolved_tasks
+
+
+def evaluate_models(cfg: EvalConfig, models: Mapping[str, Callable[[], nn.Module]],
+                    ctx: EvalContext, tasks: Sequence[str] | None = None) -> dict:
+    """{"models": sizes per role, <task section>: results per role, "tasks", "eval_seconds"}
+    for the models `models` ({role: loader}, the original first). Every task is checked
+    on the first model before any evaluation starts."""
+    names = list(tasks) if tasks else resolved_tasks(cfg)
+    chosen = [get_task(t) for t in names]
+    t0 = time.perf_counter()
+    size = cfg.throughput.image_size or ctx.data.image_size
+    results: dict = {"models": {}}
+    for i, (role, load) in enumerate(models.items()):
+        model = load().to(ctx.device).float().eval()
+        if i == 0:
+            for task in chosen:
+                task.check(cfg, ctx, model)
+        tower, _ = vision_tower(model)
+        example = torch.zeros(1, 3, size, size, device=ctx.device)
+        results["models"][role] = {"params": count_params(tower),
+                                   "mlp_params": count_mlp_params(tower),
+                                   "flops": count_flops(model, example)}
+        for task in chosen:
+            out = task.run(model, role, cfg, ctx)
+            section = results.setdefault(task.section(), {})
+            if task.per_dataset:
+                for dataset, value in out.items():
+                    section.setdefault(dataset, {})[role] = value
+            else:
+                section[role] = out
+        del model
+        if ctx.device.type == "cuda":
+            torch.cuda.empty_cache()
+    for task in chosen:
+        task.finish(results.get(task.section(), {}), results["models"])
+    results["tasks"] = names
+    results["eval_seconds"] = time.perf_counter() - t0
+    return results

@@ -1,0 +1,159 @@
+"""timm's VisionTransformer family (also DINOv2 in the timm layout), and the timm pieces
+every timm family shares: the `timm` builder and the matchers of timm's MLP layers
+(`Mlp`, `GluMlp` with a packed gate, `SwiGLU`).
+
+Registered here: adapter `timm_vit`, builder `timm`, MLP kinds `timm_mlp`,
+`timm_glu_packed`, `timm_swiglu`, converter `dinov2` (Meta's original checkpoints).
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import nn
+
+from ..core.adapter import Adapter, register_adapter
+from ..core.mlp import MLPView, norm_or_none, register_mlp_kind
+from ..core.models import ModelSpec, register_builder, register_converter
+
+
+# ---- adapter -------------------------------------------------------------------------------
+def timm_split_tokens(tower: nn.Module, t: torch.Tensor):
+    """(pooled, patch tokens) of timm block outputs, before the final norm."""
+    patch = t[:, tower.num_prefix_tokens:]
+    pooled = t[:, 0] if tower.global_pool == "token" else patch.mean(dim=1)
+    return pooled, patch
+
+
+class TimmTower(Adapter):
+    """What timm's ViT-like towers share: blocks, pre-logits head, own forward path."""
+
+    def blocks(self, tower):
+        return tower.blocks
+
+    def head(self, tower, state):
+        return tower.forward_head(tower.norm(state[0]), pre_logits=True)
+
+    def features(self, tower, x):
+        # The model's own path (honours grad checkpointing); equal to the block-wise one.
+        return tower.forward_head(tower.forward_features(x), pre_logits=True)
+
+
+class TimmViT(TimmTower):
+    """timm VisionTransformer (also DINOv2 checkpoints converted to the timm layout)."""
+
+    family = "timm_vit"
+
+    def matches(self, model):
+        from timm.models.vision_transformer import VisionTransformer
+
+        return isinstance(model, VisionTransformer)
+
+    def embed(self, tower, x):
+        x = tower.patch_embed(x)
+        x = tower._pos_embed(x)
+        x = tower.patch_drop(x)
+        return (tower.norm_pre(x),)
+
+    def final_tokens(self, tower, x):
+        t = self.embed(tower, x)[0]
+        # As forward_features runs the blocks, so that grad checkpointing applies.
+        if tower.grad_checkpointing and torch.is_grad_enabled():
+            from timm.models._manipulate import checkpoint_seq
+
+            t = checkpoint_seq(tower.blocks, t)
+        else:
+            t = tower.blocks(t)
+        return timm_split_tokens(tower, t)
+
+
+register_adapter(TimmViT(), first=False)
+
+
+# ---- MLP layouts of timm.layers ------------------------------------------------------------
+@register_mlp_kind("timm_mlp")
+def _timm_mlp(name: str, m: nn.Module) -> MLPView | None:
+    from timm.layers import Mlp
+
+    if isinstance(m, Mlp) and isinstance(m.fc1, nn.Linear) and isinstance(m.fc2, nn.Linear):
+        return MLPView(name, m, [m.fc1], m.fc2, "timm_mlp", norm_or_none(m.norm))
+    return None
+
+
+@register_mlp_kind("timm_glu_packed")
+def _timm_glu(name: str, m: nn.Module) -> MLPView | None:
+    from timm.layers import GluMlp
+
+    if isinstance(m, GluMlp) and isinstance(m.fc1, nn.Linear):
+        return MLPView(name, m, [m.fc1], m.fc2, "timm_glu_packed", norm_or_none(m.norm),
+                       packed=True)
+    return None
+
+
+@register_mlp_kind("timm_swiglu")
+def _timm_swiglu(name: str, m: nn.Module) -> MLPView | None:
+    from timm.layers import SwiGLU
+
+    if isinstance(m, SwiGLU):
+        return MLPView(name, m, [m.fc1_g, m.fc1_x], m.fc2, "timm_swiglu", norm_or_none(m.norm))
+    return None
+
+
+# ---- builder -------------------------------------------------------------------------------
+# timm arguments that take a class or function; in a spec they are dotted import paths
+# ("timm.layers.GluMlp") so that specs stay plain data (YAML, JSON manifests).
+CALLABLE_KWARGS = {"mlp_layer", "act_layer", "norm_layer", "block_fn", "embed_layer"}
+
+
+def resolve_callables(kwargs: dict) -> dict:
+    import importlib
+
+    out = dict(kwargs)
+    for key in CALLABLE_KWARGS & out.keys():
+        value = out[key]
+        if isinstance(value, str) and "." in value:
+            module, _, attr = value.rpartition(".")
+            try:
+                out[key] = getattr(importlib.import_module(module), attr)
+            except (ImportError, AttributeError) as e:
+                raise ValueError(f"model kwargs.{key}: cannot import {value!r} ({e})") from e
+    return out
+
+
+@register_builder("timm")
+def build_timm(spec: ModelSpec) -> nn.Module:
+    import timm
+
+    return timm.create_model(spec.name, pretrained=False, **resolve_callables(spec.kwargs))
+
+
+# ---- checkpoint converter ------------------------------------------------------------------
+def strip_wrappers(sd: dict) -> dict:
+    """The state dict inside training wrappers (`model`, `state_dict`, DDP's `module.`)."""
+    for key in ("model_ema", "model", "module", "state_dict"):
+        if isinstance(sd.get(key), dict):
+            sd = sd[key]
+    return {k.removeprefix("module."): v for k, v in sd.items()}
+
+
+@register_converter("dinov2")
+def dinov2_to_timm(sd: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """Meta's `dinov2_vit*14_pretrain.pth` (`blocks.N.mlp.w12` packed gate, `w3`,
+    `ls1.gamma`, `mask_token`, a 37x37 position grid) -> timm `vit_*_patch14_dinov2`.
+    timm's own filter does the renaming and resamples the position embedding."""
+    from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
+
+    if not isinstance(model, VisionTransformer):
+        raise TypeError(f"weights_format dinov2 loads into a timm VisionTransformer, "
+                        f"not {type(model).__name__}")
+    sd = strip_wrappers(sd)
+    if not any(re.match(r"blocks\.\d+\.mlp\.w(12|3|1)\.", k) or ".ls1.gamma" in k for k in sd):
+        raise ValueError("not an original DINOv2 checkpoint (no blocks.N.mlp.w12/w3 or "
+                         "ls1.gamma keys); use weights_format: native for timm layouts")
+    if any(re.match(r"blocks\.\d+\.\d+\.", k) for k in sd):
+        # block_chunks > 0 checkpoints nest blocks as blocks.<chunk>.<index>
+        sd = {re.sub(r"^blocks\.\d+\.(\d+)\.", r"blocks.\1.", k): v for k, v in sd.items()}
+    # timm recognises the original layout by its mask token (pre-training only, dropped)
+    sd.setdefault("mask_token", torch.zeros(1, model.embed_dim))
+    return checkpoint_filter_fn(dict(sd), model)

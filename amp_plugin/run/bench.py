@@ -1,0 +1,209 @@
+"""Benchmarks behind `amp bench`: the search's speed against the reference procedure,
+and the realised throughput gain of pruned models against their FLOPs ratio.
+
+`reference_search` is the procedure of ALGORITHM.md section 3 written plainly (every
+trial runs the whole model over the whole validation set, neurons removed by masks).
+It lives here, not in the library's hot path, to measure AMPPruner against.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from ..core.adapter import vision_tower
+from ..core.criterion import entropy_loss
+from ..core.importance import AMPImportance
+from ..core.mlp import find_mlps
+from ..core.models import create_model
+from ..core.pruner import AMPPruner
+from ..core.search import keep_order
+from ..core.tp import prune_mlps
+from ..data import digits_raw, to_model_input
+from ..utils.progress import progress
+
+
+@torch.no_grad()
+def reference_search(model: nn.Module, scores: dict[str, torch.Tensor], val: list[torch.Tensor],
+                     threshold: float, inv_temperature: float, max_steps: int = 6,
+                     show_progress: bool = True) -> dict[str, int]:
+    tower, adapter = vision_tower(model)
+    views = list(find_mlps(tower).items())
+    masks = {n: torch.ones(v.hidden) for n, v in views}
+    hooks = [v.output.register_forward_pre_hook(lambda m, a, n=n: (a[0] * masks[n],))
+             for n, v in views]
+
+    def e_val() -> float:
+        return sum(entropy_loss(adapter.features(tower, x), inv_temperature).item()
+                   for x in val) / len(val)
+
+    try:
+        e_prev = None
+        for i in progress(range(len(views)), "reference search", enabled=show_progress):
+            name, view = views[len(views) - 1 - i]
+            if e_prev is None:
+                e_prev = e_val()
+            order = keep_order(scores[name])
+            lo, hi, best, e_best = 0, view.hidden, view.hidden, None
+            for _ in range(max_steps):
+                mid = (lo + hi) // 2
+                masks[name] = torch.zeros(view.hidden)
+                masks[name][order[:mid]] = 1
+                e_mid = e_val()
+                if e_mid - e_prev <= threshold:
+                    hi, best, e_best = mid, mid, e_mid
+                else:
+                    lo = mid
+            masks[name] = torch.zeros(view.hidden)
+            masks[name][order[:best]] = 1
+            e_prev = e_best
+    finally:
+        for h in hooks:
+            h.remove()
+    return {n: int(m.sum()) for n, m in masks.items()}
+
+
+def _block_costs(model: nn.Module, x: torch.Tensor) -> tuple[float, float]:
+    """(FLOPs of a block outside its MLP, FLOPs per MLP hidden neuron) for input x."""
+    tower, adapter = vision_tower(model)
+    state = adapter.embed(tower, x)
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        adapter.run_block(tower, 0, state)
+    total = counter.get_total_flops()
+    view = next(iter(find_mlps(tower).values()))
+    tokens = state[0].shape[0] * state[0].shape[1]
+    per_neuron = 2 * tokens * sum(lin.in_features for lin in view.inputs)
+    per_neuron += 2 * tokens * view.output.out_features
+    per_neuron *= 2 if view.packed else 1
+    return total - per_neuron * view.hidden, per_neuron
+
+
+def suffix_bound(trace, hidden: int, n_blocks: int, attn: float, per_neuron: float,
+                 max_steps: int) -> float:
+    """Best ratio an exact search can reach on this trace: the reference's cost (every trial
+    runs all blocks at full width, since it removes neurons by masks) over running only
+    blocks l..L-1 per trial (block l masked, the later ones already pruned) plus one pass
+    to cache the block inputs; counted in FLOPs."""
+    full = attn + per_neuron * hidden
+    ref = (1 + max_steps * n_blocks) * n_blocks * full
+    sizes = [hidden] * n_blocks
+    fast = n_blocks * full  # the caching pass over the original model
+    by_block: dict[int, list] = {}
+    for t in trace:
+        by_block.setdefault(t.index, []).append(t)
+    for blk in range(n_blocks - 1, -1, -1):
+        trials = by_block.get(blk, [])
+        suffix = sum(attn + per_neuron * h for h in sizes[blk + 1:])
+        fast += len(trials) * (full + suffix)  # the searched block runs full width, masked
+        accepted = [t.size for t in trials if t.accepted]
+        sizes[blk] = min(accepted) if accepted else hidden
+    return ref / fast
+
+
+def bench_search(layers: int = 12, width: int = 384, val_images: int = 64,
+                 image_size: int = 32, patch_size: int = 8, threshold: float = 2e-3,
+                 inv_temperature: float = 20.0, seed: int = 0,
+                 show_progress: bool = True) -> dict:
+    """Reference procedure vs AMPPruner on the same random-weight ViT and digits images."""
+    torch.manual_seed(seed)
+    spec = {"library": "timm", "name": "vit_small_patch16_224",
+            "kwargs": dict(img_size=image_size, patch_size=patch_size, embed_dim=width,
+                           depth=layers, num_heads=max(1, width // 64), num_classes=0)}
+    model = create_model(spec).eval()
+    raw, _ = digits_raw()
+    images = to_model_input(raw[: 2 * val_images], image_size, (0.5,) * 3, (0.5,) * 3)
+    calib, val = [images[:val_images]], [images[val_images:]]
+    imp = AMPImportance(inv_temperature, show_progress=show_progress)
+    scores = imp.accumulate(model, calib)
+
+    ref_model = copy.deepcopy(model)
+    t0 = time.perf_counter()
+    ref_sizes = reference_search(ref_model, scores, val, threshold, inv_temperature,
+                                 show_progress=show_progress)
+    ref_seconds = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    result = AMPPruner(model, val[0][:1], imp, val, threshold,
+                       show_progress=show_progress).step()
+    fast_seconds = time.perf_counter() - t0
+    hidden = next(iter(result.original_sizes.values()))
+    attn, per_neuron = _block_costs(ref_model, val[0])
+    bound = suffix_bound(result.trace, hidden, layers, attn, per_neuron, 6)
+    return {
+        "layers": layers, "width": width, "hidden": hidden, "val_images": val_images,
+        "image_size": image_size, "threshold": threshold,
+        "identical_sizes": ref_sizes == result.hidden_sizes,
+        "reference_seconds": ref_seconds, "fast_seconds": fast_seconds,
+        "speedup": ref_seconds / fast_seconds, "suffix_bound": bound,
+        "evaluations": result.evaluations, "cache": result.cache,
+        "mlp_params": result.mlp_params, "hidden_sizes": result.hidden_sizes,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def prune_like(model: nn.Module, sizes: dict[str, int], example: torch.Tensor) -> nn.Module:
+    """Prune `model` to the given hidden sizes keeping the first neurons (for timing only)."""
+    tower, _ = vision_tower(model)
+    prune_mlps(tower, example, {n: torch.arange(s) for n, s in sizes.items()})
+    return model
+
+
+def bench_throughput(run=None, model_name: str = "vit_base_patch16_224",
+                     threshold: float = 1e-3, round_to: int | None = 64,
+                     search_images: int = 32, batch_size: int = 32, image_size: int = 224,
+                     dtype: str = "float32", runs: int = 10, seed: int = 0,
+                     show_progress: bool = True) -> dict:
+    """Images/s of the original and the AMP-pruned vision tower, and gain / FLOPs ratio.
+
+    With `run`, the run directory's original and pruned models are timed. Otherwise a
+    random-weight `model_name` is scored and searched on digits images (with `round_to`)
+    and timed before and after.
+    """
+    from ..core.cost import count_flops, count_mlp_params
+    from ..core.serialization import load_pruned
+    from ..evaluate.throughput import measure_throughput
+    from .layout import RunDir
+    from .pipeline import Run
+    from .recipe import load_recipe
+
+    if run is not None:
+        rd = RunDir(run)
+        recipe = load_recipe(rd.recipe, check_paths=False)
+        original = Run(recipe, run, show_progress=False).original()
+        pruned = load_pruned(rd.pruned)
+        image_size = recipe.data.image_size
+        name = recipe.name
+    else:
+        torch.manual_seed(seed)
+        original = create_model({"library": "timm", "name": model_name,
+                                 "kwargs": {"num_classes": 0, "img_size": image_size}}).eval()
+        raw, _ = digits_raw()
+        x = to_model_input(raw[:search_images], image_size, (0.5,) * 3, (0.5,) * 3)
+        imp = AMPImportance(20.0, show_progress=show_progress)
+        imp.accumulate(original, [x])
+        pruned = copy.deepcopy(original)
+        AMPPruner(pruned, x[:1], imp, [x], threshold, round_to=round_to,
+                  show_progress=show_progress).step()
+        name = model_name
+    example = torch.randn(1, 3, image_size, image_size)
+    flops = {"before": count_flops(original, example), "after": count_flops(pruned, example)}
+    mlp = {"before": count_mlp_params(original), "after": count_mlp_params(pruned)}
+    timing = {}
+    for key, m in (("before", original), ("after", pruned)):
+        timing[key] = measure_throughput(m, batch_size, image_size, dtype, "cpu" if not
+                                         torch.cuda.is_available() else "cuda",
+                                         warmup=2, runs=runs, show_progress=show_progress)
+    gain = timing["after"]["images_per_s"] / timing["before"]["images_per_s"]
+    ratio = flops["before"] / flops["after"]
+    return {
+        "model": name, "device": timing["before"].get("device", ""), "dtype": dtype,
+        "batch_size": batch_size, "image_size": image_size, "round_to": round_to,
+        "hidden_sizes": {n: v.hidden for n, v in find_mlps(vision_tower(pruned)[0]).items()},
+        "mlp_reduction": 1 - mlp["after"] / mlp["before"], "mlp_params": mlp, "flops": flops,
+        "flops_ratio": ratio, "before": timing["before"], "after": timing["after"],
+        "gain": gain, "efficiency": gain / ratio,
+    }

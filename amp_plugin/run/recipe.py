@@ -1,0 +1,105 @@
+"""Loading recipes: YAML files validated before any work starts.
+
+The schema is `amp_plugin.config`; here a file is read, `--set` overrides are applied,
+the result is validated, and what only the registries know is checked: the data source
+exists, it gives what the criterion needs (text, labels), the eval tasks exist and can
+be fed, and every file or folder the recipe names exists. Errors name the file and key
+path; nothing is written to the run directory until the recipe is valid.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+from pydantic import ValidationError
+
+from ..config import Recipe
+from ..core.criterion import criterion_info
+from ..data import get_source, list_sources
+from ..evaluate import get_task, list_tasks
+
+RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
+DEFAULT_RECIPE = "demo_digits"
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot run; the message names the file and the key path."""
+
+
+def _key_path(loc: tuple) -> str:
+    return ".".join(str(p) for p in loc) or "<root>"
+
+
+def resolve_recipe_path(recipe: str | Path | None) -> Path:
+    """A path, or the name of a recipe shipped in recipes/ (default: the demo)."""
+    if recipe is None:
+        recipe = DEFAULT_RECIPE
+    p = Path(recipe)
+    if p.is_file():
+        return p
+    shipped = RECIPES_DIR / f"{p.stem}.yaml"
+    if p.suffix in ("", ".yaml") and shipped.is_file() and not p.parent.parts:
+        return shipped
+    raise RecipeError(f"recipe file not found: {recipe}")
+
+
+def registry_errors(r: Recipe) -> list[str]:
+    """What the schema cannot see: registered names and what they need of each other."""
+    errors = []
+    if r.data.kind not in list_sources():
+        return [f"data.kind: unknown data source {r.data.kind!r}; expected one of "
+                f"{list_sources()}"]
+    source = get_source(r.data.kind)
+    for key in source.required_keys:
+        if getattr(r.data, key) is None:
+            errors.append(f"data.{key}: data.kind {r.data.kind!r} needs it")
+    info = criterion_info(r.amp.criterion)
+    if not info.accepts(set(source.gives)):
+        gives = ", ".join(sorted(source.gives)) or "images only"
+        errors.append(f"amp.criterion: {r.amp.criterion!r} needs {info.needs.replace('_', ' ')}"
+                      f" with each batch, but data.kind {r.data.kind!r} gives {gives}")
+    for i, name in enumerate((r.eval.tasks or []) if r.eval else []):
+        if name not in list_tasks():
+            errors.append(f"eval.tasks.{i}: unknown task {name!r}; expected one of "
+                          f"{list_tasks()}")
+        elif get_task(name).needs_labels and "labels" not in source.gives:
+            errors.append(f"eval.tasks.{i}: {name} needs labelled images, but data.kind "
+                          f"{r.data.kind!r} gives none (use digits or imagefolder)")
+    return errors
+
+
+def load_recipe(recipe: str | Path | None = None, overrides: dict | None = None,
+                check_paths: bool = True) -> Recipe:
+    """Read and validate a recipe; raises RecipeError naming the file and key path."""
+    path = resolve_recipe_path(recipe)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{path}: not valid YAML: {e}") from e
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
+    for dotted, value in (overrides or {}).items():
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    try:
+        parsed = Recipe.model_validate(raw)
+    except ValidationError as e:
+        lines = [f"{path}: invalid recipe"]
+        for err in e.errors():
+            lines.append(f"  {_key_path(err['loc'])}: {err['msg']}"
+                         + (f" (got {err['input']!r})" if err["type"] != "missing" else ""))
+        raise RecipeError("\n".join(lines)) from None
+    errors = registry_errors(parsed)
+    if errors:
+        raise RecipeError(f"{path}: invalid recipe\n" + "\n".join(f"  {e}" for e in errors))
+    if check_paths:
+        missing = {k: v for k, v in parsed.required_paths().items() if not Path(v).exists()}
+        if missing:
+            raise RecipeError(f"{path}: missing files or folders:\n" + "\n".join(
+                f"  {k}: {v} does not exist" for k, v in missing.items()))
+    parsed._source = path
+    return parsed

@@ -1,0 +1,86 @@
+"""Several processes (torchrun / deepspeed launchers): one process group, global batches
+sharded by rank, and the few collectives AMP needs."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def is_distributed() -> bool:
+    """True inside an initialised process group of more than one rank."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def init_from_env() -> bool:
+    """Join the process group that torchrun/deepspeed describe in the environment."""
+    already = dist.is_available() and dist.is_initialized()
+    if already or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return already
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    return True
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def _collective_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if (
+        dist.get_backend() == "nccl") else torch.device("cpu")
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum of `t` over ranks (a new tensor on t's device); `t` itself when alone."""
+    if not is_distributed():
+        return t
+    out = t.to(_collective_device()).clone()
+    dist.all_reduce(out)
+    return out.to(t.device)
+
+
+def agree(value: float) -> float:
+    """The mean of a float over ranks, so that every rank takes the same decision bit for
+    bit (each computes it from the same global batches, up to reduction order)."""
+    if not is_distributed():
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    return float(all_reduce_sum(t).item()) / world_size()
+
+
+def global_batch_size(local: int) -> int:
+    return int(all_reduce_sum(torch.tensor([local], dtype=torch.long)).item())
+
+
+def shard(batch, key: str = "batch"):
+    """This rank's contiguous share of a global batch (tensor or tuple of tensors).
+
+    Equal shares are required: the criterion all-gathers features of equal size, and
+    concatenating them in rank order gives back the global batch."""
+    n_ranks, r = world_size(), rank()
+    if n_ranks == 1:
+        return batch
+    items = batch if isinstance(batch, (tuple, list)) else (batch,)
+    size = items[0].shape[0]
+    if size % n_ranks:
+        raise ValueError(f"{key} of {size} images does not split evenly over {n_ranks} ranks")
+    out = tuple(t.chunk(n_ranks)[r] if isinstance(t, torch.Tensor) else t for t in items)
+    return out if isinstance(batch, (tuple, list)) else out[0]

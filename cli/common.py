@@ -1,0 +1,65 @@
+"""What every command shares: recipe arguments, `--set` overrides, and the one handler
+that turns a user error (bad recipe, missing file, impossible setting) into a message and
+exit status 2."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import typer
+import yaml
+
+RecipeArg = typer.Argument(None, help="recipe file, or the name of one in recipes/ "
+                                      "(default: demo_digits)")
+OutOpt = typer.Option(None, "--out", "-o", help="run directory (default: recipe output_dir)")
+SetOpt = typer.Option(None, "--set", "-s", help="override a recipe value: key.path=value "
+                                                 "(YAML value), repeatable")
+ProgressOpt = typer.Option(True, help="show progress bars")
+
+
+def fail(message: str) -> None:
+    typer.secho(message, err=True, fg="red")
+    raise typer.Exit(2)
+
+
+def user_errors(fn):
+    """Report the library's user errors (RecipeError, DistillError, MaskError, other
+    ValueErrors and missing files) as one red message and exit status 2."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (ValueError, FileNotFoundError) as e:
+            fail(str(e))
+    return wrapper
+
+
+def parse_overrides(items: list[str] | None) -> dict:
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"--set expects key.path=value, got {item!r}")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def load(recipe: str | None, overrides: list[str] | None, check_paths: bool = True):
+    from amp_plugin import load_recipe
+
+    return load_recipe(recipe, parse_overrides(overrides), check_paths=check_paths)
+
+
+def load_target(target: str | None, overrides: list[str] | None):
+    """(recipe, run directory) from a recipe (its output_dir) or a run directory."""
+    from amp_plugin import RunDir
+
+    path = Path(target) if target else None
+    if path is not None and path.is_dir():
+        rd = RunDir(path)
+        if not rd.is_run():
+            fail(f"{path} is not a run directory: it has no {rd.recipe.name}")
+        return load(str(rd.recipe), overrides), path
+    recipe = load(target, overrides)
+    return recipe, Path(recipe.output_dir)
