@@ -22,11 +22,13 @@ demo: venv
 	$(BIN)/amp run
 
 test: venv
-	$(BIN)/ruff check amp_plugin cli integration_tests
+	$(BIN)/ruff check amp_plugin cli integration_tests examples
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q integration_tests
 
 lint: venv
-	$(BIN)/ruff check amp_plugin cli integration_tests
+	$(BIN)/ruff check amp_plugin cli integration_tests examples
+	$(BIN)/lint-imports
 
 bench: venv
 	$(BIN)/amp bench search

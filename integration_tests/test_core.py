@@ -291,3 +291,22 @@ def test_save_load_in_fresh_process(tmp_path):
                          check=True)
     assert "43" in out.stdout  # 128 hidden -> every third neuron kept
     torch.testing.assert_close(torch.load(tmp_path / "y.pt"), expected, rtol=0, atol=0)
+
+
+def test_accumulate_leaves_the_callers_batches_alone(images32):
+    """Scoring needs gradients of the activations, not of the caller's tensors."""
+    model = small_vit("mlp", seed=1)
+    batch = images32[:32].clone()
+    imp = amp.AMPImportance(20.0, show_progress=False)
+    imp.accumulate(model, [batch])
+    assert not batch.requires_grad and batch.grad is None
+    assert torch.equal(batch, images32[:32])
+
+
+def test_find_mlps_is_pure_and_marking_is_explicit():
+    model = small_vit("glu", seed=2)
+    fc1 = model.blocks[0].mlp.fc1
+    amp.find_mlps(model)
+    assert type(fc1) is torch.nn.Linear
+    amp.prepare(model)
+    assert type(fc1) is amp.PackedGateLinear

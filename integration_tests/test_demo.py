@@ -5,6 +5,28 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import textwrap
+
+# Runs the demo in one process with every model build counted (the builder registry is
+# looked up at each build, so wrapping the registered timm builder sees them all).
+COUNTING_RUN = textwrap.dedent("""
+    import json, sys
+    import amp_plugin as amp
+    from amp_plugin.core import models
+    from amp_plugin.families.timm_vit import build_timm
+
+    builds = []
+    @amp.register_builder("timm")
+    def counting(spec):
+        builds.append(spec.name)
+        return build_timm(spec)
+
+    out, sets = sys.argv[1], json.loads(sys.argv[2])
+    recipe = amp.load_recipe("demo_digits", sets)
+    amp.run(recipe, out, show_progress=False)
+    amp.register_builder("timm")(build_timm)
+    print("BUILDS", len(builds))
+""")
 
 
 def _amp(*args, cwd=None):
@@ -14,11 +36,16 @@ def _amp(*args, cwd=None):
 
 def test_demo_recipe_end_to_end(tmp_path):
     run = tmp_path / "run"
-    sets = ["--set", "train.epochs=2", "--set", f"train.checkpoint={tmp_path / 'teacher'}",
-            "--set", "data.calib_images=256", "--set", "data.val_images=256",
-            "--set", "eval.tasks=[knn, linear_probe]", "--set", "distill.max_steps=4"]
-    out = _amp("run", "demo_digits", "--out", str(run), "--no-progress", *sets)
+    overrides = {"train.epochs": 2, "train.checkpoint": str(tmp_path / "teacher"),
+                 "data.calib_images": 256, "data.val_images": 256,
+                 "eval.tasks": ["knn", "linear_probe"], "distill.max_steps": 4}
+    out = subprocess.run([sys.executable, "-c", COUNTING_RUN, str(run), json.dumps(overrides)],
+                         capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-3000:]
+    # one process builds the original once (the trained teacher itself), the student that
+    # DeepSpeed trains and the model the ZeRO shards are consolidated into; the pruned and
+    # distilled models are evaluated from memory
+    assert "BUILDS 3" in out.stdout, out.stdout[-2000:]
     report = json.loads((run / "report.json").read_text())
     for key in ("hidden_sizes", "params", "mlp_params", "flops", "accuracy", "threshold",
                 "inv_temperature", "trace"):
@@ -34,6 +61,7 @@ def test_demo_recipe_end_to_end(tmp_path):
     assert (run / "pruned" / "model.safetensors").is_file()
     assert (run / "plots" / "hidden_sizes.png").read_bytes()[:4] == b"\x89PNG"
     # A rerun keeps the completed stages.
+    sets = [a for k, v in overrides.items() for a in ("--set", f"{k}={json.dumps(v)}")]
     again = _amp("run", "demo_digits", "--out", str(run), "--no-progress", *sets,
                  "--stage", "train", "--stage", "score", "--stage", "prune")
     assert again.returncode == 0, again.stderr[-3000:]

@@ -29,11 +29,10 @@ SIZE = 28  # patch 14: a 2x2 grid plus the class token keeps real-width blocks c
 
 
 def _open_clip(name: str) -> dict:
-    # open_clip.create_model replaces whole sub-configs, so pass them complete
-    cfg = model_config(name, {"vision_cfg": {"layers": 2, "image_size": SIZE},
-                              "text_cfg": {"layers": 1}})
+    # merged recursively into the config: only what changes
     return {"library": "open_clip", "name": name,
-            "kwargs": {"vision_cfg": cfg["vision_cfg"], "text_cfg": cfg["text_cfg"]}}
+            "kwargs": {"vision_cfg": {"layers": 2, "image_size": SIZE},
+                       "text_cfg": {"layers": 1}}}
 
 
 def _zoo(name: str) -> dict:
@@ -258,6 +257,14 @@ def test_prune_and_save(key: str, tmp_path_factory, images: torch.Tensor, saved)
     # fc1 row (+ bias) and fc2 column; a packed gate loses a second fc1 row
     per_neuron = 2 * width + 1 + (width + 1 if key == "dinov2_g" else 0)
     assert result.params["before"] - result.params["after"] == removed * per_neuron
+    if hasattr(model, "encode_text"):  # zero-shot works for every CLIP, EVA-CLIP-8B included
+        from amp_plugin.evaluate import text_classifier
+
+        tokenizer = amp.get_adapter(model).tokenizer(model)
+        clf = text_classifier(model, tokenizer, ["zero", "one"], ["a photo of the digit {c}."])
+        with torch.no_grad():
+            dim = model.encode_text(tokenizer(["a digit"])).shape[-1]
+        assert clf.shape == (dim, 2) and (key != "eva_clip_8B" or dim == 1280)
 
     x = images[16:20]
     torch.save(x, folder / "x.pt")

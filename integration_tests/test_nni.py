@@ -115,6 +115,58 @@ def test_amp_nni_pruner_matches_native(data, family):
         assert any(t.accepted for t in result.trace) and not all(t.accepted for t in result.trace)
 
 
+def test_clip_entropy_through_nni_equals_native(data):
+    """The image-text criterion through NNI: features projected into the joint space, the
+    same loop as AMPPruner, so the same sizes, trials and entropies."""
+    from amp_plugin import clip_entropy_loss
+
+    torch.manual_seed(0)
+    model = open_clip.CLIP(
+        embed_dim=32,
+        vision_cfg={"image_size": 32, "patch_size": 8, "width": 64, "layers": 3,
+                    "head_width": 32, "mlp_ratio": 4},
+        text_cfg={"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2,
+                  "layers": 1}).eval()
+    x, y = digits_raw()
+    images = to_model_input(x[:320], 32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    digits = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+    tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=16)
+    with torch.no_grad():
+        text = model.encode_text(tokenizer([f"a photo of the digit {digits[i]}"
+                                            for i in y[:320].tolist()]))
+    calib = [(images[i:i + 64], text[i:i + 64]) for i in range(0, 128, 64)]
+    val = [(images[i:i + 64], text[i:i + 64]) for i in range(128, 320, 64)]
+
+    def importance():
+        return AMPImportance(INV_T, criterion="clip_entropy", show_progress=False)
+
+    scores = importance().accumulate(copy.deepcopy(model), calib)
+    native = copy.deepcopy(model)
+    threshold = 2e-3
+    result = AMPPruner(native, images[:2], importance().load_scores(scores, native), val,
+                       threshold, show_progress=False).step()
+    dense = copy.deepcopy(model)
+    pruner = AMPNNIPruner(dense, [{"op_names_re": [r".*\.mlp$"]}], val_batches=val,
+                          threshold=threshold, importance=importance().load_scores(scores),
+                          show_progress=False)
+    pruner.compress()
+    search = pruner.search
+    assert {n.removeprefix("visual."): h for n, h in search.hidden_sizes.items()} == \
+        result.hidden_sizes
+    assert [(t.block.removeprefix("visual."), t.index, t.size, t.accepted)
+            for t in search.trace] == [(t.block, t.index, t.size, t.accepted)
+                                       for t in result.trace]
+    for mine, ref in zip(search.trace, result.trace, strict=True):
+        assert mine.entropy == pytest.approx(ref.entropy, abs=1e-5)
+    # both measured the image-text entropy of the projected image embeddings
+    with torch.no_grad():
+        want = sum(float(clip_entropy_loss(model.encode_image(im), t, INV_T))
+                   for im, t in val) / len(val)
+    assert result.entropy["before"] == pytest.approx(want, rel=1e-5)
+    assert search.entropy["before"] == pytest.approx(want, rel=1e-5)
+    assert search.mlp_params == result.mlp_params  # one result type, the same counts
+
+
 def test_config_list_selects_mlps(data):
     model = tiny_vit()
     assert select_mlps(model, [{"op_types": ["Mlp"]}]) == [f"blocks.{i}.mlp" for i in range(3)]

@@ -101,3 +101,22 @@ def test_cli_bad_recipe_names_key(tmp_path: Path) -> None:
     done = CliRunner().invoke(app, ["plan", str(bad)])
     assert done.exit_code == 2
     assert "amp.threshold" in done.stderr
+
+
+def test_plan_builds_what_run_builds_with_nested_kwargs(tmp_path):
+    """One builder for `amp plan` (meta device) and `amp run`: nested overrides such as
+    `vision_cfg: {layers: 2}` merge into the config for both."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(json.dumps({
+        "name": "nested", "output_dir": str(tmp_path / "run"),
+        "model": {"library": "open_clip", "name": "ViT-B-32",
+                  "kwargs": {"vision_cfg": {"layers": 2}, "text_cfg": {"layers": 1}}},
+        "data": {"image_size": 224}}))
+    r = load_recipe(recipe)
+    p = plan(r)
+    model = amp.create_model(r.model)
+    tower, _ = amp.vision_tower(model)
+    assert p["blocks"] == 2 == len(tower.transformer.resblocks)
+    assert p["params"] == count_params(tower)
+    assert p["width"] == 768  # the rest of ViT-B-32's vision_cfg is kept, not replaced
+    assert len(model.transformer.resblocks) == 1

@@ -84,3 +84,27 @@ def test_cli_rejects_bad_recipe_before_writing(tmp_path):
 def test_overrides_use_key_paths():
     r = load_recipe(None, {"amp.threshold": 0.5, "data.val_images": 64})
     assert r.amp.threshold == 0.5 and r.data.val_images == 64
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda d: d["amp"].update(criterion="clip_entropy"),
+     "amp.criterion: 'clip_entropy' needs text with each batch, but data.kind 'digits' gives "
+     "labels"),
+    (lambda d: d["data"].update(kind="tfrecords"), "data.kind: unknown data source 'tfrecords'"),
+    (lambda d: d["data"].update(kind="coco"), "data.root: data.kind 'coco' needs it"),
+    (lambda d: d.update(eval={"tasks": ["knn", "bleu"]}), "eval.tasks.1: unknown task 'bleu'"),
+])
+def test_registry_errors_name_the_key_path(tmp_path, edit, message):
+    """What the registries know is checked at validation: a criterion its data cannot
+    feed, an unknown source or task, a source's required keys."""
+    data = _demo()
+    edit(data)
+    with pytest.raises(RecipeError) as err:
+        load_recipe(_write(tmp_path, data))
+    assert message in str(err.value)
+
+
+def test_labels_criterion_is_fed_by_labelled_data(tmp_path):
+    data = _demo()
+    data["amp"]["criterion"] = "one_hot"
+    assert load_recipe(_write(tmp_path, data)).amp.criterion == "one_hot"

@@ -28,6 +28,9 @@ State = tuple
 
 class Adapter:
     family = "base"
+    # a small model of the family (a ModelSpec dict, 32x32 input, random weights), built by
+    # the contract tests that run every registered adapter through score, search and save
+    example: dict | None = None
 
     def matches(self, model: nn.Module) -> bool:
         raise NotImplementedError

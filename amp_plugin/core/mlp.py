@@ -44,17 +44,20 @@ class MLPView:
     def num_params(self) -> int:
         return sum(p.numel() for m in self._modules() for p in m.parameters(recurse=False))
 
-    def num_params_at(self, size: int) -> int:
-        """Parameters of this MLP if it kept `size` hidden neurons (`output`'s bias and
-        any parameter not indexed by the hidden dim stay whole)."""
+    def param_counts(self) -> tuple[int, int]:
+        """(parameters that do not depend on the hidden size, parameters per neuron)."""
         per_neuron, fixed = 0, 0
         for m in self._modules():
             for name, p in m.named_parameters(recurse=False):
-                hidden_dims = 0 if m is self.output and name == "bias" else 1
-                if hidden_dims:
-                    per_neuron += p.numel() // self.hidden
-                else:
+                if m is self.output and name == "bias":
                     fixed += p.numel()
+                else:
+                    per_neuron += p.numel() // self.hidden
+        return fixed, per_neuron
+
+    def num_params_at(self, size: int) -> int:
+        """Parameters of this MLP if it kept `size` hidden neurons."""
+        fixed, per_neuron = self.param_counts()
         return fixed + per_neuron * size
 
     def input_rows(self, idxs: torch.Tensor) -> torch.Tensor:
@@ -104,18 +107,27 @@ def norm_or_none(m: nn.Module | None) -> nn.Module | None:
 # ---- matchers: one per layout, registered by the family modules ---------------------------
 Matcher = Callable[[str, nn.Module], "MLPView | None"]
 _MLP_KINDS: OrderedDict[str, Matcher] = OrderedDict()
+_EXAMPLES: dict[str, Callable[[int, int], nn.Module]] = {}
 
 
-def register_mlp_kind(kind: str):
-    """Decorator registering `matcher(name, module) -> MLPView | None` for a layout."""
+def register_mlp_kind(kind: str, example: Callable[[int, int], nn.Module] | None = None):
+    """Decorator registering `matcher(name, module) -> MLPView | None` for a layout;
+    `example(dim, hidden)` builds one such MLP for the contract tests."""
     def deco(fn: Matcher) -> Matcher:
         _MLP_KINDS[kind] = fn
+        if example is not None:
+            _EXAMPLES[kind] = example
         return fn
     return deco
 
 
 def list_mlp_kinds() -> list[str]:
     return list(_MLP_KINDS)
+
+
+def mlp_example(kind: str, dim: int = 16, hidden: int = 32) -> nn.Module | None:
+    """A module of layout `kind` (input and output width `dim`), if the kind gives one."""
+    return _EXAMPLES[kind](dim, hidden) if kind in _EXAMPLES else None
 
 
 def match_mlp(name: str, module: nn.Module) -> MLPView | None:

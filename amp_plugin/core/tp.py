@@ -74,6 +74,26 @@ def mlp_group(dg: tp.DependencyGraph, view: MLPView, remove: Sequence[int]):
     return dg.get_pruning_group(view.output, tp.prune_linear_in_channels, idxs=list(remove))
 
 
+def check_group(dg: tp.DependencyGraph, group) -> bool:
+    """Torch-Pruning's `check_pruning_group` (no layer loses all its channels), counting a
+    packed gate linear's neurons once: the group reaches it with both rows j and j+H of a
+    neuron, which Torch-Pruning would count twice and so refuse to remove more than half."""
+    for dep, idxs in group:
+        layer = dep.target.module
+        if isinstance(layer, PackedGateLinear) and dg.is_out_channel_pruning_fn(dep.handler):
+            h = layer.out_features // 2
+            if len({int(i) % h for i in idxs}) >= h:
+                return False
+            continue
+        for is_fn, channels in ((dg.is_out_channel_pruning_fn, dg.get_out_channels),
+                                (dg.is_in_channel_pruning_fn, dg.get_in_channels)):
+            if is_fn(dep.handler):
+                n = channels(layer)
+                if n is not None and n <= len(idxs):
+                    return False
+    return True
+
+
 def prune_mlp(dg: tp.DependencyGraph, view: MLPView, keep: torch.Tensor) -> None:
     """Keep only hidden neurons `keep` of `view`, through the dependency graph."""
     keep_set = set(int(i) for i in keep)
@@ -81,7 +101,7 @@ def prune_mlp(dg: tp.DependencyGraph, view: MLPView, keep: torch.Tensor) -> None
     if not remove:
         return
     group = mlp_group(dg, view, remove)
-    if not dg.check_pruning_group(group):
+    if not check_group(dg, group):
         raise RuntimeError(f"Torch-Pruning refuses to prune {view.name} to {len(keep_set)}")
     group.prune()
 

@@ -13,6 +13,7 @@ import line in `amp_plugin/data/__init__.py`.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -32,7 +33,8 @@ class DataSource:
     required_keys: tuple[str, ...] = ()  # data.<key> that must be set
 
     def amp_batches(self, cfg: DataConfig, seed: int, extra: str | None = None,
-                    model: nn.Module | None = None) -> tuple[list, list]:
+                    model: nn.Module | None = None, show_progress: bool = True
+                    ) -> tuple[list, list]:
         """(calibration, validation) global batches, fixed by the seed: images, or
         (images, extra) pairs where `extra` names what the criterion needs."""
         raise NotImplementedError
@@ -41,6 +43,11 @@ class DataSource:
                         max_train: int | None = None) -> dict[str, Split]:
         raise ValueError(f"data.kind {self.name!r} has no labelled splits (kNN and linear "
                          "probe need digits or imagefolder data)")
+
+    def example(self, root: Path) -> dict:
+        """A small instance of this source written under `root` from the digits (the
+        `data` section that reads it), for the contract tests of every source."""
+        raise NotImplementedError
 
     def train_images(self, cfg: DataConfig, seed: int):
         """(images, tensor_input): an indexable set of training images for distillation:
@@ -74,3 +81,4 @@ def choose_disjoint(n: int, calib: int, val: int, seed: int, what: str) -> torch
         raise ValueError(f"data.calib_images + data.val_images = {need} exceeds the {n} "
                          f"images of {what}")
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed + 1))[:need]
+

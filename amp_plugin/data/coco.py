@@ -22,6 +22,7 @@ from ..config import DataConfig
 from ..core.adapter import get_adapter
 from ..utils.progress import progress
 from .base import DataSource, register_source
+from .digits import write_digit_images
 from .transforms import eval_transform
 
 
@@ -120,8 +121,21 @@ class Coco(DataSource):
     gives = frozenset({"text"})
     required_keys = ("root", "captions")
 
-    def amp_batches(self, cfg, seed, extra=None, model=None):
+    def amp_batches(self, cfg, seed, extra=None, model=None, show_progress=True):
         if model is None:
             raise ValueError("data.kind coco: caption batches need the CLIP model (its text "
                              "tower encodes the captions)")
-        return caption_batches(cfg, seed, model, show_progress=True)
+        return caption_batches(cfg, seed, model, show_progress=show_progress)
+
+    def example(self, root):
+        paths = write_digit_images(root / "images", range(0, 300))
+        images = [{"id": i, "file_name": str(p.relative_to(root / "images"))}
+                  for i, p in enumerate(paths)]
+        anns = [{"id": 2 * i + k, "image_id": i, "caption": f"{text} {p.parent.name}"}
+                for i, p in enumerate(paths)
+                for k, text in enumerate(("a handwritten digit", "the number"))]
+        captions = root / "captions.json"
+        captions.write_text(json.dumps({"images": images, "annotations": anns}))
+        return {"kind": "coco", "root": str(root / "images"), "captions": str(captions),
+                "image_size": 32, "mean": [0.5] * 3, "std": [0.5] * 3, "calib_images": 128,
+                "val_images": 128, "batch_size": 64}

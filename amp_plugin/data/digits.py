@@ -3,6 +3,8 @@ model's input size and split train/test with the recipe's seed. No download."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 
@@ -38,7 +40,7 @@ class Digits(DataSource):
     name = "digits"
     gives = frozenset({"labels"})
 
-    def amp_batches(self, cfg, seed, extra=None, model=None):
+    def amp_batches(self, cfg, seed, extra=None, model=None, show_progress=True):
         train = digits_splits(cfg, seed)["train"]
         order = choose_disjoint(len(train.images), cfg.calib_images, cfg.val_images, seed,
                                 "the digits training split")
@@ -52,6 +54,28 @@ class Digits(DataSource):
     def labelled_splits(self, cfg, seed, max_train=None):
         return digits_splits(cfg, seed)
 
+    def example(self, root):
+        return {"kind": "digits", "image_size": 32, "mean": [0.5] * 3, "std": [0.5] * 3,
+                "calib_images": 128, "val_images": 128, "batch_size": 64}
+
     def train_images(self, cfg, seed):
         images = digits_splits(cfg, seed, raw=True)["train"].images
         return images.expand(-1, 3, -1, -1).contiguous(), True
+
+
+DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+
+
+def write_digit_images(folder: Path, indices, size: int = 32) -> list[Path]:
+    """Digits images `indices` as RGB PNG files `folder/<digit name>/<index>.png`."""
+    from PIL import Image
+
+    x, y = digits_raw()
+    paths = []
+    for i in indices:
+        im = Image.fromarray((x[i, 0].numpy() * 255).astype("uint8")).resize((size, size))
+        path = folder / DIGIT_NAMES[int(y[i])] / f"{i:05d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        im.convert("RGB").save(path)
+        paths.append(path)
+    return paths

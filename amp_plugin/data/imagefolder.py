@@ -7,6 +7,7 @@ import torch
 
 from ..config import DataConfig
 from .base import DataSource, Split, choose_disjoint, register_source
+from .digits import write_digit_images
 from .transforms import batches, eval_transform
 
 
@@ -28,7 +29,7 @@ class ImageFolderSource(DataSource):
     gives = frozenset({"labels"})
     required_keys = ("root",)
 
-    def amp_batches(self, cfg, seed, extra=None, model=None):
+    def amp_batches(self, cfg, seed, extra=None, model=None, show_progress=True):
         ds = image_folder(cfg.root, cfg)
         order = choose_disjoint(len(ds), cfg.calib_images, cfg.val_images, seed, "data.root")
         calib = stack(ds, order[:cfg.calib_images])
@@ -45,6 +46,13 @@ class ImageFolderSource(DataSource):
         g = torch.Generator().manual_seed(seed + 2)
         idx = torch.randperm(len(train), generator=g)[: max_train or len(train)]
         return {"train": stack(train, idx), "test": stack(test, range(len(test)))}
+
+    def example(self, root):
+        write_digit_images(root / "train", range(0, 300))
+        write_digit_images(root / "val", range(300, 400))
+        return {"kind": "imagefolder", "root": str(root / "train"),
+                "val_root": str(root / "val"), "image_size": 32, "mean": [0.5] * 3,
+                "std": [0.5] * 3, "calib_images": 128, "val_images": 128, "batch_size": 64}
 
     def train_images(self, cfg, seed):
         from torchvision.datasets import ImageFolder

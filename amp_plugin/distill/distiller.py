@@ -25,7 +25,7 @@ import os
 import shutil
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -474,7 +474,7 @@ class Distiller:
             "world_size": self.world_size, "global_batch": self.data.global_batch,
             "lr": self.lr, "dtype": str(self.dtype).removeprefix("torch."),
             "untrained_restored": self.frozen,
-            "paths": {k: str(v) for k, v in self.paths.items()},
+            "paths": {k: str(v) for k, v in asdict(self.paths).items()},
             "seconds": round(time.perf_counter() - t0, 2),
         }
         if self.rank == 0:

@@ -66,6 +66,11 @@ class EvalTask:
     def section(self) -> str:
         return self.key or self.name
 
+    def example(self, root: Path) -> dict:
+        """The `eval` section (datasets written under `root` from the digits) with which
+        the contract tests run this task on a small CLIP model and digits data."""
+        return {}
+
     def default(self, cfg: EvalConfig) -> bool:
         """Whether the task runs when `eval.tasks` is not given."""
         return True

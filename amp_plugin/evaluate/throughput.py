@@ -96,6 +96,9 @@ class Throughput(EvalTask):
     name = "throughput"
     order = 90
 
+    def example(self, root):
+        return {"throughput": {"batch_size": 4, "warmup": 1, "runs": 2, "device": "cpu"}}
+
     def run(self, model, role, cfg, ctx):
         t = cfg.throughput
         out = measure_throughput(model, t.batch_size, t.image_size or ctx.data.image_size,

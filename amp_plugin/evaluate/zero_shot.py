@@ -247,6 +247,14 @@ class ZeroShotClassification(_ZeroShot):
     name = "zeroshot_classification"
     order = 30
 
+    def example(self, root):
+        from ..data.digits import write_digit_images
+
+        write_digit_images(root / "zeroshot", range(0, 100))
+        return {"zeroshot_classification": [{
+            "name": "digits", "root": str(root / "zeroshot"),
+            "templates": ["a photo of the digit {c}.", "the number {c}."]}]}
+
     def run(self, model, role, cfg, ctx):
         from torch.utils.data import DataLoader
 
@@ -276,6 +284,13 @@ class ZeroShotClassification(_ZeroShot):
 class ZeroShotRetrieval(_ZeroShot):
     name = "zeroshot_retrieval"
     order = 40
+
+    def example(self, root):
+        from ..data import get_source
+
+        data = get_source("coco").example(root / "retrieval")
+        return {"zeroshot_retrieval": [{"name": "coco", "root": data["root"],
+                                        "captions": data["captions"]}]}
 
     def run(self, model, role, cfg, ctx):
         from torch.utils.data import DataLoader

@@ -35,6 +35,9 @@ class OpenClipViT(Adapter):
     """open_clip VisionTransformer: features are the pooled embedding before `proj`."""
 
     family = "open_clip_vit"
+    example = {"library": "open_clip", "name": "ViT-B-32", "kwargs": {
+        "image_only": True, "embed_dim": 32, "vision_cfg": {
+            "image_size": 32, "patch_size": 8, "width": 64, "layers": 2, "head_width": 32}}}
 
     def matches(self, model):
         from open_clip.transformer import VisionTransformer
@@ -71,6 +74,11 @@ class OpenClipTimm(Adapter):
     """open_clip TimmModel (e.g. EVA02-E-14-plus): a timm trunk followed by a projection."""
 
     family = "open_clip_timm"
+    example = {"library": "open_clip", "name": "EVA02-B-16", "kwargs": {
+        "image_only": True, "embed_dim": 32, "vision_cfg": {
+            "image_size": 32, "timm_model_kwargs": {
+                "img_size": 32, "patch_size": 8, "embed_dim": 64, "depth": 2,
+                "num_heads": 4}}}}
 
     def matches(self, model):
         from open_clip.timm_model import TimmModel
@@ -107,6 +115,11 @@ class OpenClipCLIP(Adapter):
     """A whole open_clip CLIP/CustomTextCLIP: AMP prunes and measures `model.visual`."""
 
     family = "open_clip"
+    example = {"library": "open_clip", "name": "ViT-B-32", "kwargs": {
+        "embed_dim": 32,
+        "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 64, "layers": 2,
+                       "head_width": 32},
+        "text_cfg": {"context_length": 16, "width": 64, "heads": 2, "layers": 1}}}
 
     def matches(self, model):
         return hasattr(model, "visual") and hasattr(model, "encode_text")
@@ -134,7 +147,13 @@ for _adapter in (OpenClipViT(), OpenClipTimm(), OpenClipCLIP()):
     register_adapter(_adapter, first=False)
 
 
-@register_mlp_kind("open_clip_mlp")
+def _example_mlp(dim: int, hidden: int) -> nn.Module:
+    from open_clip.transformer import ResidualAttentionBlock
+
+    return ResidualAttentionBlock(dim, 2, mlp_ratio=hidden / dim).mlp
+
+
+@register_mlp_kind("open_clip_mlp", example=_example_mlp)
 def _open_clip_mlp(name: str, m: nn.Module) -> MLPView | None:
     if isinstance(m, nn.Sequential) and hasattr(m, "c_fc") and hasattr(m, "c_proj"):
         return MLPView(name, m, [m.c_fc], m.c_proj, "open_clip_mlp",

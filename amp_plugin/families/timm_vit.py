@@ -44,6 +44,9 @@ class TimmViT(TimmTower):
     """timm VisionTransformer (also DINOv2 checkpoints converted to the timm layout)."""
 
     family = "timm_vit"
+    example = {"library": "timm", "name": "vit_small_patch16_224", "kwargs": {
+        "img_size": 32, "patch_size": 8, "embed_dim": 64, "depth": 2, "num_heads": 4,
+        "num_classes": 0}}
 
     def matches(self, model):
         from timm.models.vision_transformer import VisionTransformer
@@ -72,7 +75,15 @@ register_adapter(TimmViT(), first=False)
 
 
 # ---- MLP layouts of timm.layers ------------------------------------------------------------
-@register_mlp_kind("timm_mlp")
+def _example(layer: str, **kwargs):
+    def make(dim: int, hidden: int) -> nn.Module:
+        import timm.layers
+
+        return getattr(timm.layers, layer)(dim, hidden, **kwargs)
+    return make
+
+
+@register_mlp_kind("timm_mlp", example=_example("Mlp"))
 def _timm_mlp(name: str, m: nn.Module) -> MLPView | None:
     from timm.layers import Mlp
 
@@ -81,7 +92,8 @@ def _timm_mlp(name: str, m: nn.Module) -> MLPView | None:
     return None
 
 
-@register_mlp_kind("timm_glu_packed")
+@register_mlp_kind("timm_glu_packed",
+                   example=lambda d, h: _example("GluMlp", act_layer=nn.SiLU)(d, 2 * h))
 def _timm_glu(name: str, m: nn.Module) -> MLPView | None:
     from timm.layers import GluMlp
 
@@ -91,7 +103,7 @@ def _timm_glu(name: str, m: nn.Module) -> MLPView | None:
     return None
 
 
-@register_mlp_kind("timm_swiglu")
+@register_mlp_kind("timm_swiglu", example=_example("SwiGLU", norm_layer=nn.LayerNorm))
 def _timm_swiglu(name: str, m: nn.Module) -> MLPView | None:
     from timm.layers import SwiGLU
 

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..core.mlp import MLPView, find_mlps
-from ..core.tp import build_dependency_graph, mlp_group, prune_mlp
+from ..core.tp import build_dependency_graph, check_group, mlp_group, prune_mlp
 
 
 class MaskError(ValueError):
@@ -226,7 +226,7 @@ def apply_nni_masks(model: nn.Module, masks: Mapping[str, Mapping[str, Any]],
             kept = set(keep.tolist())
             group = mlp_group(dg, views[name], [j for j in range(views[name].hidden)
                                                  if j not in kept])
-            if not dg.check_pruning_group(group):
+            if not check_group(dg, group):
                 raise MaskError(f"{name}: Torch-Pruning refuses to remove these neurons")
         for name, keep in plan.items():
             prune_mlp(dg, views[name], keep)

@@ -168,6 +168,9 @@ class AMPNNIPruner(Pruner):
         self.input_names = {n: [names[id(lin)] for lin in v.inputs] for n, v in self.views.items()}
         self.amp_config_list = config_list  # NNI's self.config_list holds the wrapped linears
         self.search: PruneResult | None = None
+        # parameter counts before NNI wraps the linears (wrapping hides their parameters)
+        self._counts = {n: v.param_counts() for n, v in self.views.items()}
+        self._mlp_params = sum(v.num_params() for v in find_mlps(tower).values())
         wrapped = [lin for n in self.mlp_names for lin in self.input_names[n]]
         super().__init__(model, [{"op_names": wrapped}], evaluator, existed_wrappers)
 
@@ -252,9 +255,8 @@ class AMPNNIPruner(Pruner):
         for name, view in self.views.items():
             mask = self.get_masks()[self.input_names[name][0]]["weight"]
             sizes[name] = int(mask[:, 0].sum()) // (2 if view.packed else 1)
-        tower, _ = vision_tower(model)
-        before = sum(v.num_params() for v in find_mlps(tower).values())
-        removed = sum(v.num_params() - v.num_params_at(sizes[n]) for n, v in self.views.items())
+        before = self._mlp_params
+        removed = sum(self._counts[n][1] * (v.hidden - sizes[n]) for n, v in self.views.items())
         return PruneResult(
             hidden_sizes=sizes,
             original_sizes={n: v.hidden for n, v in self.views.items()},

@@ -25,6 +25,7 @@ from ..core.search import keep_order
 from ..core.tp import prune_mlps
 from ..data import digits_raw, to_model_input
 from ..utils.progress import progress
+from ..utils.tensors import resolve_device
 
 
 @torch.no_grad()
@@ -194,8 +195,7 @@ def bench_throughput(run=None, model_name: str = "vit_base_patch16_224",
     mlp = {"before": count_mlp_params(original), "after": count_mlp_params(pruned)}
     timing = {}
     for key, m in (("before", original), ("after", pruned)):
-        timing[key] = measure_throughput(m, batch_size, image_size, dtype, "cpu" if not
-                                         torch.cuda.is_available() else "cuda",
+        timing[key] = measure_throughput(m, batch_size, image_size, dtype, resolve_device(),
                                          warmup=2, runs=runs, show_progress=show_progress)
     gain = timing["after"]["images_per_s"] / timing["before"]["images_per_s"]
     ratio = flops["before"] / flops["after"]

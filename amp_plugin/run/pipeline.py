@@ -129,7 +129,8 @@ class Run:
             if info.needs == "text_or_labels":
                 extra = "text" if "text" in get_source(r.data.kind).gives else "labels"
             calib, val = get_source(r.data.kind).amp_batches(
-                r.data, r.seed, extra=extra, model=self.original())
+                r.data, r.seed, extra=extra, model=self.original(),
+                show_progress=self.show_progress)
             self._batches = ([ddp.shard(b, "calibration batch") for b in calib],
                              [ddp.shard(b, "validation batch") for b in val])
         return self._batches
