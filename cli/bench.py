@@ -9,6 +9,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from .common import user_errors
+
 bench = typer.Typer(help="Benchmarks: search speed and pruned-model throughput.",
                     no_args_is_help=True)
 
@@ -38,12 +40,15 @@ def search_cmd(
     patch_size: int = typer.Option(8, help="patch size"),
     threshold: float = typer.Option(2e-3, help="entropy threshold"),
     seed: int = typer.Option(0),
+    device: str = typer.Option("cpu", help="cpu, cuda, or auto"),
+    dtype: str = typer.Option("float32", help="float32, bf16 or fp16"),
     json_out: Path = typer.Option(None, "--json", help="also write the numbers here"),
 ) -> None:
     """Reference procedure vs AMPPruner on one model: same sizes, wall times, ratio."""
     from amp_plugin.run.bench import bench_search
 
-    r = bench_search(layers, width, val_images, image_size, patch_size, threshold, seed=seed)
+    r = bench_search(layers, width, val_images, image_size, patch_size, threshold, seed=seed,
+                     device=device, dtype=dtype)
     Console().print(_table(f"search: {layers} blocks, width {width}, {val_images} images", [
         ("identical hidden sizes", str(r["identical_sizes"])),
         ("reference procedure (s)", f"{r['reference_seconds']:.1f}"),
@@ -53,7 +58,7 @@ def search_cmd(
         ("entropy evaluations", str(r["evaluations"])),
         ("state cache", r["cache"]),
         ("MLP params kept", f"{r['mlp_params']['after'] / r['mlp_params']['before']:.1%}"),
-        ("CPU threads", str(r["threads"])),
+        ("device", f"{r['device']}, {r['dtype']}"),
     ]))
     _write(json_out, r)
     if not r["identical_sizes"]:
@@ -91,3 +96,46 @@ def throughput_cmd(
         ("gain / FLOPs ratio", f"{r['efficiency']:.3f}"),
     ]))
     _write(json_out, r)
+
+
+@bench.command("passes")
+@user_errors
+def passes_cmd(
+    recipe: str = typer.Argument(..., help="recipe whose model (full size, random weights) "
+                                           "is measured"),
+    batch_size: int = typer.Option(64, help="images per pass"),
+    batches: int = typer.Option(4, help="timed batches per pass (after one warm-up)"),
+    dtype: str = typer.Option("bf16", help="float32, bf16 or fp16"),
+    device: str = typer.Option("auto", help="cuda, cpu or auto"),
+    grad_checkpointing: bool = typer.Option(True, help="activation checkpointing for scoring"),
+    json_out: Path = typer.Option(None, "--json", help="also write the numbers here"),
+) -> None:
+    """Scoring and validation passes of a recipe's model: images/s, peak memory, and the
+    hours they imply for one pass over ImageNet-1k train and E_val over ImageNet-1k val."""
+    from amp_plugin.run.bench import bench_passes
+
+    from .common import load
+
+    r = load(recipe, None, check_paths=False)
+    spec = {**r.model.model_dump(), "weights": None}
+    p = bench_passes(spec, r.data.image_size, batch_size, batches, dtype, device,
+                     grad_checkpointing, r.amp.inv_temperature, max_steps=r.amp.max_steps)
+    gib = 2 ** 30
+
+    def mem(v):
+        return "-" if v is None else f"{v / gib:.1f} GiB"
+
+    im = p["imagenet"]
+    Console().print(_table(f"passes: {p['model']} on {p['device']} ({dtype})", [
+        ("vision params / blocks", f"{p['params']:,} / {p['blocks']}"),
+        ("scoring (fwd+bwd) img/s", f"{p['score_images_per_s']:.1f}"),
+        ("scoring peak memory", mem(p["score_peak_bytes"])),
+        ("validation (fwd) img/s", f"{p['val_images_per_s']:.1f}"),
+        ("validation peak memory", mem(p["val_peak_bytes"])),
+        ("state per image per block", f"{p['state_bytes_per_image_per_block'] / 2**20:.2f} MiB"),
+        ("score 1.28M images", f"{im['score_hours']:.2f} h"),
+        ("one E_val over 49,920 images", f"{im['val_pass_seconds']:.0f} s"),
+        ("search, reference procedure", f"{im['search_hours_reference']:.1f} h"),
+        ("search, state cache", f"{im['search_hours_cached']:.1f} h"),
+    ]))
+    _write(json_out, p)

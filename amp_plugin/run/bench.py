@@ -34,7 +34,8 @@ def reference_search(model: nn.Module, scores: dict[str, torch.Tensor], val: lis
                      show_progress: bool = True) -> dict[str, int]:
     tower, adapter = vision_tower(model)
     views = list(find_mlps(tower).items())
-    masks = {n: torch.ones(v.hidden) for n, v in views}
+    masks = {n: torch.ones(v.hidden, device=v.output.weight.device,
+                           dtype=v.output.weight.dtype) for n, v in views}
     hooks = [v.output.register_forward_pre_hook(lambda m, a, n=n: (a[0] * masks[n],))
              for n, v in views]
 
@@ -52,14 +53,14 @@ def reference_search(model: nn.Module, scores: dict[str, torch.Tensor], val: lis
             lo, hi, best, e_best = 0, view.hidden, view.hidden, None
             for _ in range(max_steps):
                 mid = (lo + hi) // 2
-                masks[name] = torch.zeros(view.hidden)
+                masks[name] = torch.zeros_like(masks[name])
                 masks[name][order[:mid]] = 1
                 e_mid = e_val()
                 if e_mid - e_prev <= threshold:
                     hi, best, e_best = mid, mid, e_mid
                 else:
                     lo = mid
-            masks[name] = torch.zeros(view.hidden)
+            masks[name] = torch.zeros_like(masks[name])
             masks[name][order[:best]] = 1
             e_prev = e_best
     finally:
@@ -108,16 +109,20 @@ def suffix_bound(trace, hidden: int, n_blocks: int, attn: float, per_neuron: flo
 
 def bench_search(layers: int = 12, width: int = 384, val_images: int = 64,
                  image_size: int = 32, patch_size: int = 8, threshold: float = 2e-3,
-                 inv_temperature: float = 20.0, seed: int = 0,
-                 show_progress: bool = True) -> dict:
+                 inv_temperature: float = 20.0, seed: int = 0, device: str = "cpu",
+                 dtype: str = "float32", show_progress: bool = True) -> dict:
     """Reference procedure vs AMPPruner on the same random-weight ViT and digits images."""
+    from ..utils.tensors import resolve_dtype
+
+    dev, dt = resolve_device(device), resolve_dtype(dtype)
     torch.manual_seed(seed)
     spec = {"library": "timm", "name": "vit_small_patch16_224",
             "kwargs": dict(img_size=image_size, patch_size=patch_size, embed_dim=width,
                            depth=layers, num_heads=max(1, width // 64), num_classes=0)}
-    model = create_model(spec).eval()
+    model = create_model(spec).to(dev, dt).eval()
     raw, _ = digits_raw()
     images = to_model_input(raw[: 2 * val_images], image_size, (0.5,) * 3, (0.5,) * 3)
+    images = images.to(dev, dt)
     calib, val = [images[:val_images]], [images[val_images:]]
     imp = AMPImportance(inv_temperature, show_progress=show_progress)
     scores = imp.accumulate(model, calib)
@@ -142,7 +147,7 @@ def bench_search(layers: int = 12, width: int = 384, val_images: int = 64,
         "speedup": ref_seconds / fast_seconds, "suffix_bound": bound,
         "evaluations": result.evaluations, "cache": result.cache,
         "mlp_params": result.mlp_params, "hidden_sizes": result.hidden_sizes,
-        "threads": torch.get_num_threads(),
+        "threads": torch.get_num_threads(), "device": _device_label(dev), "dtype": dtype,
     }
 
 
@@ -182,15 +187,18 @@ def bench_throughput(run=None, model_name: str = "vit_base_patch16_224",
         torch.manual_seed(seed)
         original = create_model({"library": "timm", "name": model_name,
                                  "kwargs": {"num_classes": 0, "img_size": image_size}}).eval()
+        original.to(resolve_device())  # score and search where the model will be timed
         raw, _ = digits_raw()
         x = to_model_input(raw[:search_images], image_size, (0.5,) * 3, (0.5,) * 3)
+        x = x.to(resolve_device())
         imp = AMPImportance(20.0, show_progress=show_progress)
         imp.accumulate(original, [x])
         pruned = copy.deepcopy(original)
         AMPPruner(pruned, x[:1], imp, [x], threshold, round_to=round_to,
                   show_progress=show_progress).step()
         name = model_name
-    example = torch.randn(1, 3, image_size, image_size)
+    example = torch.randn(1, 3, image_size, image_size, device=next(pruned.parameters()).device)
+    original.to(example.device)
     flops = {"before": count_flops(original, example), "after": count_flops(pruned, example)}
     mlp = {"before": count_mlp_params(original), "after": count_mlp_params(pruned)}
     timing = {}
@@ -207,3 +215,83 @@ def bench_throughput(run=None, model_name: str = "vit_base_patch16_224",
         "flops_ratio": ratio, "before": timing["before"], "after": timing["after"],
         "gain": gain, "efficiency": gain / ratio,
     }
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _peak(device: torch.device) -> int | None:
+    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+
+
+def bench_passes(spec: dict, image_size: int = 224, batch_size: int = 64, batches: int = 4,
+                 dtype: str = "bf16", device: str = "auto", grad_checkpointing: bool = True,
+                 inv_temperature: float = 15.0, calib_images: int = 1_281_167,
+                 val_images: int = 49_920, max_steps: int = 6) -> dict:
+    """Images/s and peak memory of the two passes AMP repeats at scale, on the full-size
+    architecture with random weights: a scoring pass (forward + backward of the entropy,
+    Taylor taps) and a validation pass (forward, no gradient); and what they imply for the
+    authors' data (one pass over ImageNet-1k train, E_val over ImageNet-1k val per trial)."""
+    from ..core.models import build_model
+    from ..utils.tensors import resolve_dtype
+
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype)
+    torch.manual_seed(0)
+    with torch.device(dev):
+        model = build_model(spec)
+    model = model.to(dt).eval()
+    tower, adapter = vision_tower(model)
+    if grad_checkpointing:
+        adapter.set_grad_checkpointing(tower, True)
+    x = torch.randn(batch_size, 3, image_size, image_size, device=dev, dtype=dt)
+    imp = AMPImportance(inv_temperature, show_progress=False)
+    imp.accumulate(model, [x])  # warm-up (kernels, allocator)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    _sync(dev)
+    t0 = time.perf_counter()
+    imp.accumulate(model, [x] * batches)
+    _sync(dev)
+    score_s = time.perf_counter() - t0
+    score_peak = _peak(dev)
+    with torch.no_grad():
+        adapter.features(tower, x)
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
+        _sync(dev)
+        t0 = time.perf_counter()
+        for _ in range(batches):
+            adapter.features(tower, x)
+        _sync(dev)
+        val_s = time.perf_counter() - t0
+        state = adapter.embed(tower, x[:1])[0]
+    n_blocks = len(adapter.blocks(tower))
+    score_ips = batches * batch_size / score_s
+    val_ips = batches * batch_size / val_s
+    reference_passes = 1 + max_steps * n_blocks
+    cached_passes = 1 + max_steps * (n_blocks + 1) / 2  # a trial of block l runs L - l blocks
+    return {
+        "model": f"{spec['library']}:{spec['name']}", "device": _device_label(dev),
+        "dtype": dtype, "batch_size": batch_size, "batches": batches,
+        "image_size": image_size, "grad_checkpointing": grad_checkpointing,
+        "params": sum(p.numel() for p in tower.parameters()), "blocks": n_blocks,
+        "score_images_per_s": score_ips, "score_peak_bytes": score_peak,
+        "val_images_per_s": val_ips, "val_peak_bytes": _peak(dev),
+        "state_bytes_per_image_per_block": state[0].numel() * state.element_size(),
+        "imagenet": {
+            "calib_images": calib_images, "val_images": val_images,
+            "score_hours": calib_images / score_ips / 3600,
+            "val_pass_seconds": val_images / val_ips,
+            "search_hours_reference": reference_passes * val_images / val_ips / 3600,
+            "search_hours_cached": cached_passes * val_images / val_ips / 3600,
+        },
+    }
+
+
+def _device_label(device: torch.device) -> str:
+    from ..evaluate.throughput import device_name
+
+    return device_name(device)
