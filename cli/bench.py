@@ -50,7 +50,8 @@ def search_cmd(
     r = bench_search(layers, width, val_images, image_size, patch_size, threshold, seed=seed,
                      device=device, dtype=dtype)
     Console().print(_table(f"search: {layers} blocks, width {width}, {val_images} images", [
-        ("identical hidden sizes", str(r["identical_sizes"])),
+        ("identical hidden sizes", f"{r['identical_sizes']} ({r['blocks_differing']} of "
+                                   f"{r['layers']} blocks differ)"),
         ("reference procedure (s)", f"{r['reference_seconds']:.1f}"),
         ("AMPPruner (s)", f"{r['fast_seconds']:.1f}"),
         ("speed-up", f"{r['speedup']:.2f}x"),
