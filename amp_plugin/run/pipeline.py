@@ -103,9 +103,9 @@ class Run:
             if r.train is not None or (r.distill is not None and r.distill.teacher):
                 src = self.original_source()
                 if not is_pruned_dir(src):
-                    raise FileNotFoundError(f"{src} holds no saved model; run the train stage "
-                                            "first" if r.train is not None else
-                                            f"distill.teacher: {src} is not a saved model")
+                    key = "train.checkpoint" if r.train is not None else "distill.teacher"
+                    hint = " (run the train stage first)" if r.train is not None else ""
+                    raise FileNotFoundError(f"{key}: {src} holds no saved model{hint}")
                 self._original = load_pruned(src)
             else:
                 torch.manual_seed(r.seed)  # a random-init original is part of the recipe
@@ -137,8 +137,10 @@ class Run:
 
     # ---- stages -------------------------------------------------------------------------
     def _done(self, stage: str, fp: str) -> dict | None:
-        meta = self.dir.stage_meta(stage) if stage != "prune" or is_pruned_dir(
-            self.dir.pruned) else None
+        """The metadata of a completed stage whose fingerprint is `fp`, else None."""
+        if stage == "prune" and not is_pruned_dir(self.dir.pruned):
+            return None
+        meta = self.dir.stage_meta(stage)
         return meta if meta is not None and meta.get("fingerprint") == fp else None
 
     def stage_train(self) -> None:
@@ -183,10 +185,9 @@ class Run:
         if self._done("score", fp) and self.dir.scores.is_file():
             self.log("score: kept from an earlier run")
             return load_file(str(self.dir.scores))
-        model = self._working_copy(self.original())
-        tower, adapter = vision_tower(model)
-        if self.recipe.amp.grad_checkpointing:
-            model = self._working_copy(self.original(), mutable=True)
+        checkpointing = self.recipe.amp.grad_checkpointing  # a switch on the model: a copy
+        model = self._working_copy(self.original(), mutable=checkpointing)
+        if checkpointing:
             tower, adapter = vision_tower(model)
             adapter.set_grad_checkpointing(tower, True)
         calib, _ = self.batches()
