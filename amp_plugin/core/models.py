@@ -92,12 +92,59 @@ def load_weights(model: nn.Module, spec: ModelSpec) -> None:
                          f"unexpected {unexpected[:5]}")
 
 
+# Arguments and values by which a library would fetch or unpickle something: weights come
+# from local files through `load_weights` only, so a spec naming any of them is refused.
+NETWORK_KEYS = ("pretrained", "checkpoint_path", "cache_dir", "hf_model_name",
+                "hf_tokenizer_name", "pretrained_cfg", "pretrained_cfg_overlay")
+HUB_PREFIXES = ("hf-hub:", "hf_hub:", "local-dir:", "http://", "https://", "file://")
+
+
+def _plain_errors(value: Any, key: str) -> list[str]:
+    """Where `value` is not plain JSON data (dicts with string keys, lists, scalars), or
+    names a hub, a URL or a pretrained download."""
+    if isinstance(value, dict):
+        out = []
+        for k, v in value.items():
+            if not isinstance(k, str):
+                out.append(f"{key}: key {k!r} is not a string")
+                continue
+            if any(k == n or k.endswith("_" + n) for n in NETWORK_KEYS) and v not in (
+                    None, False, "", {}):
+                out.append(f"{key}.{k}: {v!r} would load pretrained weights or reach a model "
+                           "hub; weights come from local files only")
+            out += _plain_errors(v, f"{key}.{k}")
+        return out
+    if isinstance(value, (list, tuple)):
+        return [e for i, v in enumerate(value) for e in _plain_errors(v, f"{key}.{i}")]
+    if isinstance(value, str):
+        if value.lower().startswith(HUB_PREFIXES):
+            return [f"{key}: {value!r} names a model hub or URL; weights come from local "
+                    "files only"]
+        return []
+    if value is None or isinstance(value, (bool, int, float)):
+        return []
+    return [f"{key}: expected plain JSON data, got {type(value).__name__}"]
+
+
+def spec_errors(spec: ModelSpec) -> list[str]:
+    """What makes a spec unsafe to build, checked before anything is imported or called:
+    an unregistered builder, a hub name, a pretrained flag, a value that is not plain
+    data. (Builders check their own callables, e.g. timm's `act_layer`, by allow-list.)"""
+    errors = []
+    if spec.library not in _BUILDERS:
+        errors.append(f"library: unknown model library {spec.library!r}; known: "
+                      f"{', '.join(_BUILDERS)}")
+    errors += _plain_errors(spec.name, "name")
+    errors += _plain_errors(spec.kwargs, "kwargs")
+    return errors
+
+
 def build_model(spec: ModelSpec | dict) -> nn.Module:
     """The spec's architecture with random weights (works under `torch.device('meta')`)."""
     spec = spec if isinstance(spec, ModelSpec) else ModelSpec(**spec)
-    if spec.library not in _BUILDERS:
-        raise ValueError(f"unknown model library {spec.library!r}; known: "
-                         f"{', '.join(_BUILDERS)}")
+    errors = spec_errors(spec)
+    if errors:
+        raise ValueError("model spec refused: " + "; ".join(errors))
     model = _BUILDERS[spec.library](spec)
     model.amp_spec = spec.model_dump()
     return model

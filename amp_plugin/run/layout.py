@@ -9,6 +9,7 @@
     eval.json              evaluation of every model present
     classifiers/           cached zero-shot text classifiers
     report.json, plots/    the report (a reader of everything above)
+    .lock                  held by the run using the directory (names it)
 """
 
 from __future__ import annotations
@@ -29,6 +30,10 @@ class RunDir:
     @property
     def recipe(self) -> Path:
         return self.root / "recipe.yaml"
+
+    @property
+    def lock(self) -> Path:
+        return self.root / ".lock"
 
     @property
     def scores(self) -> Path:
