@@ -51,6 +51,9 @@ class DataConfig(Strict):
     batch_size: int = Field(default=128, gt=0, description="calibration/validation batch")
     workers: int = Field(default=4, ge=0)
     test_fraction: float = Field(default=0.25, gt=0, lt=1, description="digits: test split")
+    skip_bad_images: bool = Field(default=False, description=(
+        "imagefolder: pass over unreadable image files (counted in the log) instead of "
+        "stopping at the first"))
 
     @field_validator("batch_size")
     @classmethod

@@ -69,14 +69,24 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    if path.stat().st_size == 0:
+        raise ValueError(f"model.weights: {path} is empty")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
 
-        return load_file(str(path))
-    sd = torch.load(path, map_location="cpu", weights_only=True)
+            sd = load_file(str(path))
+        else:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # safetensors, zipfile and unpickler errors alike
+        kind = "safetensors" if path.suffix == ".safetensors" else "torch (weights-only)"
+        raise ValueError(f"model.weights: {path} is not a readable {kind} checkpoint: "
+                         f"{str(e).splitlines()[0]}") from None
     for key in ("state_dict", "model", "module"):
         if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
             sd = sd[key]
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ValueError(f"model.weights: {path} holds no state dict of tensors")
     return sd
 
 
@@ -86,10 +96,17 @@ def load_weights(model: nn.Module, spec: ModelSpec) -> None:
     sd = read_state_dict(spec.weights)
     if spec.weights_format != "native":
         sd = get_converter(spec.weights_format)(sd, model)
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{spec.weights} does not fit {spec.name}: missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]}")
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    shapes = [f"{k} {tuple(sd[k].shape)} (model: {tuple(own[k].shape)})"
+              for k in own if k in sd and sd[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        raise ValueError(f"model.weights: {spec.weights} does not fit {spec.library} "
+                         f"{spec.name}: missing {missing[:4]} ({len(missing)}), unexpected "
+                         f"{unexpected[:4]} ({len(unexpected)}), shape mismatches "
+                         f"{shapes[:4]} ({len(shapes)})")
+    model.load_state_dict(sd, strict=True)
 
 
 # Arguments and values by which a library would fetch or unpickle something: weights come

@@ -87,6 +87,20 @@ class Run:
                 raise DistillError(f"the prune stage's output: {self.dir.pruned} is not a "
                                    "pruned-model directory (run the prune stage first, or "
                                    "set distill.student)")
+        if r.train is None and {"score", "prune", "distill"} & set(stages):
+            self._check_input_size(self.original())  # reads and checks the weights first
+
+    def _check_input_size(self, model: nn.Module) -> None:
+        """One image of data.image_size through the model, so that a size the model does
+        not take is refused before anything is written."""
+        tower, adapter = vision_tower(model)
+        size = self.recipe.data.image_size
+        try:
+            with torch.no_grad():
+                adapter.features(tower, torch.zeros(1, 3, size, size))
+        except (RuntimeError, AssertionError, ValueError) as e:
+            raise ValueError(f"data.image_size: {size} does not fit the model "
+                             f"({str(e).splitlines()[0]})") from None
 
     def start(self, stages: list[str]) -> None:
         """Check the stages, lock the run directory (rank 0; a second run is refused
