@@ -39,6 +39,7 @@ from torch import nn
 from ..config import DistillConfig
 from ..core.adapter import Adapter, vision_tower
 from ..core.serialization import load_pruned, read_manifest, save_pruned
+from ..utils.dist import timeout as ddp_timeout
 from ..utils.io import atomic_write, deep_merge, fingerprint
 from ..utils.progress import progress
 from ..utils.tensors import DTYPES
@@ -136,7 +137,8 @@ def init_distributed() -> tuple[int, int, int]:
                            ("MASTER_PORT", str(port))):
             os.environ.setdefault(key, value)
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    deepspeed.init_distributed(get_accelerator().communication_backend_name(), verbose=False)
+    deepspeed.init_distributed(get_accelerator().communication_backend_name(), verbose=False,
+                               timeout=ddp_timeout())
     _unlink_shm_workspace()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     get_accelerator().set_device(local_rank)
