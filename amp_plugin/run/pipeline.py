@@ -37,6 +37,7 @@ from ..data import get_source
 from ..utils import dist as ddp
 from ..utils.finite import NonFiniteError, check_inputs, locate
 from ..utils.io import (
+    HashCache,
     atomic_write,
     content_fingerprint,
     deep_merge,
@@ -130,12 +131,16 @@ class Run:
             return r.distill.teacher
         return r.model.weights or f"{r.model.library}:{r.model.name} <random init>"
 
+    def _hashes(self) -> HashCache:
+        # rank 0 keeps the cache file (it holds the run directory's lock)
+        return HashCache(self.dir.hash_cache if ddp.is_main() and self._lock else None)
+
     def original_fingerprint(self) -> str:
         """What the original model is made of: the content of its weights (a file replaced
         at the same path, or a re-trained teacher, changes it), else the spec and seed."""
         src = Path(self.original_source())
         if src.exists():
-            return content_fingerprint(src)
+            return content_fingerprint(src, self._hashes())
         return fingerprint(self.recipe.model, self.recipe.seed)
 
     def original(self) -> nn.Module:
@@ -184,7 +189,8 @@ class Run:
         meta = self.dir.stage_meta(stage)
         if meta is None or meta.get("fingerprint") != fp:
             return None
-        if not output.exists() or meta.get("output_sha256") != content_fingerprint(output):
+        if not output.exists() or meta.get("output_sha256") != content_fingerprint(
+                output, self._hashes()):
             self.log(f"{stage}: {output} is missing or differs from what was written; "
                      "computing it again")
             return None
@@ -239,7 +245,8 @@ class Run:
 
     def _score_fp(self) -> str:
         r = self.recipe
-        captions = content_fingerprint(r.data.captions) if r.data.captions else None
+        captions = (content_fingerprint(r.data.captions, self._hashes()) if r.data.captions
+                    else None)
         return fingerprint(self.original_source(), self.original_fingerprint(), r.model,
                            r.data, captions, r.amp.criterion, r.amp.inv_temperature,
                            r.amp.use_abs, r.amp.dtype, r.seed)
@@ -267,7 +274,8 @@ class Run:
         if ddp.is_main():
             atomic_write(self.dir.scores, save({k: v.contiguous() for k, v in scores.items()}))
             write_json(self.dir.scores_meta, {
-                "fingerprint": fp, "output_sha256": content_fingerprint(self.dir.scores),
+                "fingerprint": fp,
+                "output_sha256": content_fingerprint(self.dir.scores, self._hashes()),
                 "batches": imp.num_batches, "seconds": self.seconds["score"]})
         ddp.barrier()  # other ranks look for the scores file only once it is written
         self.log(f"score: {len(scores)} MLPs over {imp.num_batches} calibration batches")
@@ -307,7 +315,8 @@ class Run:
             save_pruned(model, self.dir.pruned,
                         meta={"threshold": r.amp.threshold, "source": self.original_source()})
             write_json(self.dir.prune_meta, {
-                "fingerprint": fp, "output_sha256": content_fingerprint(self.dir.pruned),
+                "fingerprint": fp,
+                "output_sha256": content_fingerprint(self.dir.pruned, self._hashes()),
                 "result": result})
         ddp.barrier()
         self._models["pruned"] = model

@@ -189,23 +189,50 @@ def sha256_file(path: str | Path) -> str:
 _HASHES: dict[tuple, str] = {}
 
 
-def file_fingerprint(path: str | Path) -> dict:
-    """What a file holds: size, mtime and a content hash. The hash is cached per process
-    by (path, size, mtime, inode), so an unchanged multi-GB weights file is read once; a
-    file replaced at the same path gets a new hash whatever its mtime."""
-    path = Path(path).resolve()
-    st = path.stat()
-    key = (str(path), st.st_size, st.st_mtime_ns, st.st_ino)
-    if key not in _HASHES:
-        _HASHES[key] = sha256_file(path)
-    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": _HASHES[key]}
+class HashCache:
+    """Content hashes of files kept in a JSON file across processes, keyed by what a
+    change of the file would change (size, mtime, ctime, inode), so that an unchanged
+    multi-GB weights file is read once, and a file replaced at the same path, even
+    with its mtime restored, is hashed again (ctime cannot be set back)."""
+
+    def __init__(self, path: str | Path | None = None):
+        self.path = Path(path) if path else None
+
+    def _load(self) -> dict:
+        try:
+            data = read_json(self.path) if self.path else None
+        except ValueError:
+            data = None  # a damaged cache is only a cache
+        return data or {}
+
+    def sha256(self, path: Path) -> dict:
+        path = path.resolve()
+        st = path.stat()
+        stamp = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+        key = (str(path), *stamp)
+        if key not in _HASHES:
+            entry = self._load().get(str(path))
+            if isinstance(entry, dict) and entry.get("stamp") == stamp:
+                _HASHES[key] = str(entry.get("sha256"))
+            else:
+                _HASHES[key] = sha256_file(path)
+                if self.path:
+                    data = self._load()
+                    data[str(path)] = {"stamp": stamp, "sha256": _HASHES[key]}
+                    write_json(self.path, data)
+        return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": _HASHES[key]}
 
 
-def content_fingerprint(path: str | Path) -> str:
+def file_fingerprint(path: str | Path, cache: HashCache | None = None) -> dict:
+    """What a file holds: size, mtime and a content hash (cached, see `HashCache`)."""
+    return (cache or HashCache()).sha256(Path(path))
+
+
+def content_fingerprint(path: str | Path, cache: HashCache | None = None) -> str:
     """The content of a file or of every file of a folder (names and hashes)."""
     path = Path(path)
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file())
-        return fingerprint({str(p.relative_to(path)): file_fingerprint(p)["sha256"]
+        return fingerprint({str(p.relative_to(path)): file_fingerprint(p, cache)["sha256"]
                             for p in files})
-    return file_fingerprint(path)["sha256"]
+    return file_fingerprint(path, cache)["sha256"]
