@@ -263,6 +263,17 @@ def test_replaced_weights_redo_score_and_prune_only(tmp_path):
         prune_first["fingerprint"])
 
 
+def test_retrained_teacher_redoes_the_scores(tmp_path):
+    train = {"epochs": 1, "batch_size": 64, "lr": 1e-3, "checkpoint": str(tmp_path / "teacher")}
+    r = recipe(tmp_path, train=train, stages=["train", "score"])
+    run = tmp_path / "run"
+    amp.run(load_recipe(r), run, show_progress=False)
+    first = {k: v.clone() for k, v in load_file(str(run / "scores.safetensors")).items()}
+    amp.run(load_recipe(r, {"train.lr": 3e-3}), run, show_progress=False)
+    second = load_file(str(run / "scores.safetensors"))
+    assert any(not torch.equal(first[k], second[k]) for k in first)
+
+
 def test_damaged_stage_outputs_are_redone(tmp_path):
     r = recipe(tmp_path)
     run = tmp_path / "run"
@@ -312,6 +323,36 @@ def test_second_run_is_refused_and_a_dead_holder_is_taken_over(tmp_path):
     assert f"pid {first.pid}" in out.output and "took over the lock" in out.output
     assert (run / "prune.json").is_file()
     assert lock.read_text() == ""  # released
+
+
+STOPPED_RANK = """
+import os, signal
+from amp_plugin.utils import dist as ddp
+ddp.init_from_env()
+if ddp.rank() == 1:
+    os.kill(os.getpid(), signal.SIGSTOP)  # frozen, not dead: its sockets stay open
+ddp.barrier()
+"""
+
+
+def test_a_stopped_rank_fails_the_job_naming_it():
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    procs = [subprocess.Popen(
+        [sys.executable, "-c", STOPPED_RANK], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True, env={**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                        "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2",
+                        "AMP_DIST_TIMEOUT_S": "3"}) for r in (0, 1)]
+    try:
+        output, _ = procs[0].communicate(timeout=180)
+    finally:
+        procs[1].kill()
+        procs[1].wait()
+    assert procs[0].returncode != 0
+    assert "rank 0: the other ranks did not all arrive within 3 s (AMP_DIST_TIMEOUT_S)" in output
 
 
 # ---- settings that would give a silently wrong result --------------------------------------

@@ -53,8 +53,15 @@ def is_main() -> bool:
 
 
 def barrier() -> None:
-    if is_distributed():
+    """Wait for every rank, at most `timeout()`: a stopped rank fails the job."""
+    if not is_distributed():
+        return
+    try:
         dist.barrier()
+    except RuntimeError as e:
+        raise RuntimeError(f"rank {rank()}: the other ranks did not all arrive within "
+                           f"{timeout().total_seconds():g} s (AMP_DIST_TIMEOUT_S): "
+                           f"{str(e).splitlines()[0]}") from None
 
 
 def _collective_device() -> torch.device:
