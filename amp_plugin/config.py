@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 from pydantic_core import PydanticCustomError
@@ -19,8 +19,22 @@ from .core.criterion import list_criteria
 from .core.models import ModelSpec
 
 
+def _accepts_bool(annotation: Any) -> bool:
+    if annotation is bool or annotation is Any:
+        return True
+    return any(_accepts_bool(a) for a in get_args(annotation))
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_as_number(cls, v, info):
+        # pydantic reads true/false as 1/0 for numbers; in a recipe that is always a typo
+        if isinstance(v, bool) and not _accepts_bool(cls.model_fields[info.field_name].annotation):
+            raise PydanticCustomError("bool_not_number", "expected a number, got a boolean")
+        return v
 
 
 class DataConfig(Strict):
@@ -37,6 +51,28 @@ class DataConfig(Strict):
     batch_size: int = Field(default=128, gt=0, description="calibration/validation batch")
     workers: int = Field(default=4, ge=0)
     test_fraction: float = Field(default=0.25, gt=0, lt=1, description="digits: test split")
+    skip_bad_images: bool = Field(default=False, description=(
+        "imagefolder: pass over unreadable image files (counted in the log) instead of "
+        "stopping at the first"))
+
+    @field_validator("batch_size")
+    @classmethod
+    def _two_or_more(cls, v):
+        if v < 2:
+            raise PydanticCustomError(
+                "batch_too_small", "at least 2: the entropy criterion compares each image with "
+                "the others of its batch, so a batch of 1 has entropy 0 and every cut would pass")
+        return v
+
+    @model_validator(mode="after")
+    def _one_batch_at_least(self):
+        for key in ("calib_images", "val_images"):
+            if getattr(self, key) < self.batch_size:
+                raise PydanticCustomError(
+                    "fewer_than_a_batch", "{key} {n} is smaller than one batch (batch_size "
+                    "{bs}): the entropy would be computed on no full batch",
+                    {"key": key, "n": getattr(self, key), "bs": self.batch_size})
+        return self
 
 
 class CacheConfig(Strict):

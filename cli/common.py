@@ -41,7 +41,11 @@ def parse_overrides(items: list[str] | None) -> dict:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise typer.BadParameter(f"--set expects key.path=value, got {item!r}")
-        out[key.strip()] = yaml.safe_load(value)
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise typer.BadParameter(f"--set {item!r}: the value is not plain YAML data "
+                                     f"({str(e).splitlines()[0]})") from None
     return out
 
 

@@ -41,9 +41,12 @@ def eval_cmd(
     recipe, run_dir = load_target(target, set_)
     console = Console()
     run = Run(recipe, run_dir, console=console, show_progress=progress)
-    run.start(["eval", "report"])
-    run.stage_eval(chosen)
-    run.stage_report()
+    try:
+        run.start(["eval", "report"])
+        run.stage_eval(chosen)
+        run.stage_report()
+    finally:
+        run.close()
     console.print(f"results: {run.dir.eval_json}, {run.dir.report_json}")
 
 

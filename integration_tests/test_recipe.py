@@ -82,8 +82,8 @@ def test_cli_rejects_bad_recipe_before_writing(tmp_path):
 
 
 def test_overrides_use_key_paths():
-    r = load_recipe(None, {"amp.threshold": 0.5, "data.val_images": 64})
-    assert r.amp.threshold == 0.5 and r.data.val_images == 64
+    r = load_recipe(None, {"amp.threshold": 0.5, "data.val_images": 256})
+    assert r.amp.threshold == 0.5 and r.data.val_images == 256
 
 
 @pytest.mark.parametrize("edit,message", [

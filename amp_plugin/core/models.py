@@ -69,14 +69,24 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    if path.stat().st_size == 0:
+        raise ValueError(f"model.weights: {path} is empty")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
 
-        return load_file(str(path))
-    sd = torch.load(path, map_location="cpu", weights_only=True)
+            sd = load_file(str(path))
+        else:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # safetensors, zipfile and unpickler errors alike
+        kind = "safetensors" if path.suffix == ".safetensors" else "torch (weights-only)"
+        raise ValueError(f"model.weights: {path} is not a readable {kind} checkpoint: "
+                         f"{str(e).splitlines()[0]}") from None
     for key in ("state_dict", "model", "module"):
         if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
             sd = sd[key]
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ValueError(f"model.weights: {path} holds no state dict of tensors")
     return sd
 
 
@@ -86,18 +96,72 @@ def load_weights(model: nn.Module, spec: ModelSpec) -> None:
     sd = read_state_dict(spec.weights)
     if spec.weights_format != "native":
         sd = get_converter(spec.weights_format)(sd, model)
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{spec.weights} does not fit {spec.name}: missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]}")
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    shapes = [f"{k} {tuple(sd[k].shape)} (model: {tuple(own[k].shape)})"
+              for k in own if k in sd and sd[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        raise ValueError(f"model.weights: {spec.weights} does not fit {spec.library} "
+                         f"{spec.name}: missing {missing[:4]} ({len(missing)}), unexpected "
+                         f"{unexpected[:4]} ({len(unexpected)}), shape mismatches "
+                         f"{shapes[:4]} ({len(shapes)})")
+    model.load_state_dict(sd, strict=True)
+
+
+# Arguments and values by which a library would fetch or unpickle something: weights come
+# from local files through `load_weights` only, so a spec naming any of them is refused.
+NETWORK_KEYS = ("pretrained", "checkpoint_path", "cache_dir", "hf_model_name",
+                "hf_tokenizer_name", "pretrained_cfg", "pretrained_cfg_overlay")
+HUB_PREFIXES = ("hf-hub:", "hf_hub:", "local-dir:", "http://", "https://", "file://")
+
+
+def _plain_errors(value: Any, key: str) -> list[str]:
+    """Where `value` is not plain JSON data (dicts with string keys, lists, scalars), or
+    names a hub, a URL or a pretrained download."""
+    if isinstance(value, dict):
+        out = []
+        for k, v in value.items():
+            if not isinstance(k, str):
+                out.append(f"{key}: key {k!r} is not a string")
+                continue
+            if any(k == n or k.endswith("_" + n) for n in NETWORK_KEYS) and v not in (
+                    None, False, "", {}):
+                out.append(f"{key}.{k}: {v!r} would load pretrained weights or reach a model "
+                           "hub; weights come from local files only")
+            out += _plain_errors(v, f"{key}.{k}")
+        return out
+    if isinstance(value, (list, tuple)):
+        return [e for i, v in enumerate(value) for e in _plain_errors(v, f"{key}.{i}")]
+    if isinstance(value, str):
+        if value.lower().startswith(HUB_PREFIXES):
+            return [f"{key}: {value!r} names a model hub or URL; weights come from local "
+                    "files only"]
+        return []
+    if value is None or isinstance(value, (bool, int, float)):
+        return []
+    return [f"{key}: expected plain JSON data, got {type(value).__name__}"]
+
+
+def spec_errors(spec: ModelSpec) -> list[str]:
+    """What makes a spec unsafe to build, checked before anything is imported or called:
+    an unregistered builder, a hub name, a pretrained flag, a value that is not plain
+    data. (Builders check their own callables, e.g. timm's `act_layer`, by allow-list.)"""
+    errors = []
+    if spec.library not in _BUILDERS:
+        errors.append(f"library: unknown model library {spec.library!r}; known: "
+                      f"{', '.join(_BUILDERS)}")
+    errors += _plain_errors(spec.name, "name")
+    errors += _plain_errors(spec.kwargs, "kwargs")
+    return errors
 
 
 def build_model(spec: ModelSpec | dict) -> nn.Module:
     """The spec's architecture with random weights (works under `torch.device('meta')`)."""
     spec = spec if isinstance(spec, ModelSpec) else ModelSpec(**spec)
-    if spec.library not in _BUILDERS:
-        raise ValueError(f"unknown model library {spec.library!r}; known: "
-                         f"{', '.join(_BUILDERS)}")
+    errors = spec_errors(spec)
+    if errors:
+        raise ValueError("model spec refused: " + "; ".join(errors))
     model = _BUILDERS[spec.library](spec)
     model.amp_spec = spec.model_dump()
     return model

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ..utils.dist import agree
+from ..utils.finite import NonFiniteError
 from ..utils.progress import progress
 from ..utils.tensors import device_of, split_batch, to_device
 from .adapter import vision_tower
@@ -199,6 +200,13 @@ Candidate = Callable[[str, MLPView, torch.Tensor], AbstractContextManager]
 Commit = Callable[[str, MLPView, torch.Tensor | None], None]
 
 
+def _finite(entropy: float, name: str, size: int) -> float:
+    if not math.isfinite(entropy):
+        raise NonFiniteError(f"prune: the validation entropy is {entropy} with MLP {name} at "
+                             f"{size} neurons")
+    return entropy
+
+
 def adaptive_search(
     views: Mapping[str, MLPView],
     scores: Mapping[str, torch.Tensor],
@@ -229,7 +237,7 @@ def adaptive_search(
         name = names[step]
         view = views[name]
         if e_prev is None:
-            e_prev = evaluate(name)
+            e_prev = _finite(evaluate(name), name, view.hidden)
             evaluations += 1
             e_start = e_prev if e_start is None else e_start
         order = keep_order(scores[name]).to(view.output.weight.device)
@@ -241,7 +249,7 @@ def adaptive_search(
             nonlocal evaluations
             if size not in measured:
                 with candidate(name, view, order[:size]):
-                    measured[size] = evaluate(name)
+                    measured[size] = _finite(evaluate(name), name, size)
                 evaluations += 1
             ok = measured[size] - reference <= threshold
             trace.append(Trial(name, index_of[name], size, measured[size], ok, reference))

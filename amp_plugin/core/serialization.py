@@ -11,13 +11,15 @@ import json
 from pathlib import Path
 
 import torch
+from pydantic import ValidationError
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..utils.io import atomic_dir
 from .adapter import vision_tower
 from .mlp import find_mlps
-from .models import build_model
+from .models import ModelSpec, build_model, spec_errors
 from .tp import mark_packed_gates
 
 FORMAT = "amp-pruned/1"
@@ -65,15 +67,66 @@ def is_pruned_dir(path: str | Path) -> bool:
     return (Path(path) / MANIFEST).is_file()
 
 
+def _manifest_errors(m: dict) -> list[str]:
+    """Structure and safety of a manifest (plain data only; nothing is imported)."""
+    if m.get("format") != FORMAT:
+        return [f"format: {m.get('format')!r}, expected {FORMAT!r}"]
+    errors = [f"{k}: missing" for k in ("spec", "shapes") if k not in m]
+    spec = m.get("spec")
+    if isinstance(spec, dict):
+        try:
+            parsed = ModelSpec(**spec)
+        except ValidationError as e:
+            errors += [f"spec.{'.'.join(map(str, err['loc']))}: {err['msg']}"
+                       for err in e.errors()]
+        else:
+            if parsed.weights is not None or parsed.weights_format != "native":
+                errors.append(f"spec.weights: {parsed.weights!r}: a saved model's weights are "
+                              f"its own {WEIGHTS}; expected null")
+            errors += [f"spec.{e}" for e in spec_errors(parsed)]
+    elif "spec" in m:
+        errors.append(f"spec: expected an object, got {type(spec).__name__}")
+    shapes = m.get("shapes", {})
+    if not isinstance(shapes, dict) or not all(
+            isinstance(v, list) and all(isinstance(d, int) and not isinstance(d, bool)
+                                        and d >= 0 for d in v) for v in shapes.values()):
+        errors.append("shapes: expected an object of lists of sizes")
+    aliases = m.get("aliases", {})
+    if not isinstance(aliases, dict) or not all(
+            isinstance(v, str) for v in aliases.values()):
+        errors.append("aliases: expected an object of parameter names")
+    if not isinstance(m.get("meta", {}), dict):
+        errors.append("meta: expected an object")
+    return errors
+
+
 def read_manifest(path: str | Path) -> dict:
+    """The manifest of a saved model, checked to be plain, safe data (see `load_pruned`)."""
     path = Path(path)
     f = path / MANIFEST
     if not f.is_file():
         raise FileNotFoundError(f"not a pruned model directory (no {MANIFEST}): {path}")
-    manifest = json.loads(f.read_text())
-    if manifest.get("format") != FORMAT:
-        raise ValueError(f"{f}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+    try:
+        manifest = json.loads(f.read_bytes().decode())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{f}: not valid JSON ({e})") from None
+    if not isinstance(manifest, dict):
+        raise ValueError(f"{f}: expected a JSON object, got {type(manifest).__name__}")
+    errors = _manifest_errors(manifest)
+    if errors:
+        raise ValueError(f"{f}: refused: " + "; ".join(errors))
     return manifest
+
+
+def _weights_shapes(f: Path) -> dict[str, list[int]]:
+    """Tensor shapes from a safetensors header (the data is not read)."""
+    try:
+        with safe_open(str(f), "pt") as st:
+            return {k: list(st.get_slice(k).get_shape()) for k in st.keys()}
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{f}: missing") from None
+    except Exception as e:  # safetensors raises its own error type for damaged files
+        raise ValueError(f"{f}: not a readable safetensors file ({e})") from None
 
 
 def resize_to(model: nn.Module, shapes: dict[str, list[int]]) -> None:
@@ -101,12 +154,29 @@ def load_pruned(path: str | Path, device: str | torch.device = "cpu") -> nn.Modu
     """Rebuild a model written by `save_pruned` (weights only, no pickle)."""
     path = Path(path)
     manifest = read_manifest(path)
-    model = build_model(manifest["spec"])
+    stored = _weights_shapes(path / WEIGHTS)
+    expected = {k: v for k, v in manifest["shapes"].items() if k not in manifest.get(
+        "aliases", {})}
+    if stored != expected:
+        diff = sorted(k for k in set(stored) ^ set(expected)) or sorted(
+            k for k in stored if stored[k] != expected[k])
+        raise ValueError(f"{path / MANIFEST}: shapes do not match {WEIGHTS}: first "
+                         f"differences at {diff[:4]}")
+    try:  # the builder checks its own callables (allow-list) before importing any
+        model = build_model(manifest["spec"])
+    except ValueError as e:
+        raise ValueError(f"{path / MANIFEST}: refused: spec.{e}") from None
     resize_to(model, manifest["shapes"])
     tensors = load_file(str(path / WEIGHTS))
     for alias, source in manifest.get("aliases", {}).items():
+        if source not in tensors:
+            raise ValueError(f"{path / MANIFEST}: aliases.{alias}: {source!r} is not in "
+                             f"{WEIGHTS}")
         tensors[alias] = tensors[source]
-    model.load_state_dict(tensors, strict=True)
+    try:
+        model.load_state_dict(tensors, strict=True)
+    except RuntimeError as e:
+        raise ValueError(f"{path}: the weights do not fit the manifest's model ({e})") from None
     model.amp_spec = manifest["spec"]
     mark_packed_gates(vision_tower(model)[0])  # ready for Torch-Pruning, as it was saved
     return model.to(device).eval()

@@ -35,17 +35,22 @@ def read_captions(path: str | Path, root: str | Path) -> list[tuple[Path, list[s
         raise FileNotFoundError(f"data.root: {root} is not a folder")
     try:
         raw = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"data.captions: {path} is not valid JSON ({e})") from None
-    if not isinstance(raw, dict) or not {"images", "annotations"} <= raw.keys():
+    if not isinstance(raw, dict) or not {"images", "annotations"} <= raw.keys() or not all(
+            isinstance(raw[k], list) for k in ("images", "annotations")):
         raise ValueError(f"data.captions: {path} is not a COCO captions file "
-                         "(expected top-level keys 'images' and 'annotations')")
+                         "(expected top-level lists 'images' and 'annotations')")
     captions: dict[int, list[str]] = defaultdict(list)
     for i, ann in enumerate(raw["annotations"]):
         if not isinstance(ann, dict) or "image_id" not in ann or "caption" not in ann:
             raise ValueError(f"data.captions: {path}: annotations[{i}] needs 'image_id' "
                              "and 'caption'")
-        captions[ann["image_id"]].append(str(ann["caption"]).strip())
+        if not isinstance(ann["caption"], str) or not ann["caption"].strip():
+            raise ValueError(f"data.captions: {path}: annotations[{i}].caption is "
+                             f"{ann['caption']!r}, expected a non-empty string (image_id "
+                             f"{ann['image_id']!r})")
+        captions[ann["image_id"]].append(ann["caption"].strip())
     out = []
     for i, im in enumerate(raw["images"]):
         if not isinstance(im, dict) or "id" not in im or "file_name" not in im:

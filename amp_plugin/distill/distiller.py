@@ -17,11 +17,14 @@ student directory, the training images, where to write); the run pipeline wires 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import json
 import logging
 import os
+import pickle
+import re
 import shutil
 import socket
 import time
@@ -36,6 +39,7 @@ from torch import nn
 from ..config import DistillConfig
 from ..core.adapter import Adapter, vision_tower
 from ..core.serialization import load_pruned, read_manifest, save_pruned
+from ..utils.dist import timeout as ddp_timeout
 from ..utils.io import atomic_write, deep_merge, fingerprint
 from ..utils.progress import progress
 from ..utils.tensors import DTYPES
@@ -133,7 +137,8 @@ def init_distributed() -> tuple[int, int, int]:
                            ("MASTER_PORT", str(port))):
             os.environ.setdefault(key, value)
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    deepspeed.init_distributed(get_accelerator().communication_backend_name(), verbose=False)
+    deepspeed.init_distributed(get_accelerator().communication_backend_name(), verbose=False,
+                               timeout=ddp_timeout())
     _unlink_shm_workspace()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     get_accelerator().set_device(local_rank)
@@ -197,6 +202,64 @@ def read_loss_log(path: str | Path) -> list[dict]:
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+# DeepSpeed's own state classes in its checkpoints (loss scaler, ZeRO stage, fragment
+# addresses); everything else must be tensors and plain data.
+CHECKPOINT_CLASSES = (
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.utils.tensor_fragment.fragment_address",
+)
+
+
+def _checkpoint_class(name: str) -> type:
+    import importlib
+
+    module, _, attr = name.rpartition(".")
+    return getattr(importlib.import_module(module), attr)
+
+
+@contextlib.contextmanager
+def weights_only_loads(folder: Path):
+    """Inside: every `torch.load` is weights-only (DeepSpeed passes weights_only=False,
+    which would run any pickle planted in the run directory), with DeepSpeed's few state
+    classes allowed. Each checkpoint file of `folder` is inspected first, without
+    executing it, so a refusal names the file and what it would have imported."""
+    for f in sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix == ".pt"):
+        try:
+            unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(f))
+        except Exception as e:  # not a torch zip archive: a bare pickle or damaged file
+            raise DistillError(f"{f}: refused: not a torch checkpoint archive ({e})") from None
+        unsafe = sorted(set(unsafe) - set(CHECKPOINT_CLASSES))
+        if unsafe:
+            raise DistillError(f"{f}: refused: the checkpoint would import {unsafe[:3]}, "
+                               "not tensors or DeepSpeed state; it was not written by amp (delete "
+                               f"{folder.parent} to distil from the start)")
+    saved = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"  # read by torch.load on every call
+    try:
+        with torch.serialization.safe_globals([_checkpoint_class(c)
+                                               for c in CHECKPOINT_CLASSES]):
+            yield
+    except pickle.UnpicklingError as e:
+        raise DistillError(f"{folder}: refused a checkpoint that is not weights-only data "
+                           f"({str(e).splitlines()[0]})") from None
+    finally:
+        if saved is None:
+            os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
+        else:
+            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = saved
+
+
+def read_tag(checkpoints: Path) -> str:
+    """The checkpoint tag `latest` names, refused unless it is one of ours (no paths)."""
+    tag = (checkpoints / "latest").read_text().strip()
+    if not re.fullmatch(r"global_step\d+", tag) or not (checkpoints / tag).is_dir():
+        raise DistillError(f"{checkpoints / 'latest'}: names {tag!r}, not a checkpoint "
+                           "folder global_stepN of this directory")
+    return tag
 
 
 def _tag(step: int) -> str:
@@ -362,7 +425,9 @@ class Distiller:
             if self.rank == 0 and self.paths.log.exists():
                 self.paths.log.unlink()
             return 0
-        _, state = self.engine.load_checkpoint(str(ckpt))
+        tag = read_tag(ckpt)
+        with weights_only_loads(ckpt / tag):
+            _, state = self.engine.load_checkpoint(str(ckpt), tag=tag)
         expected = self._client_state(0)
         for key in ("world_size", "global_batch", "total_steps", "seed"):
             if state.get(key) != expected[key]:
@@ -440,8 +505,9 @@ class Distiller:
             from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
             ckpt = self.paths.checkpoints
-            tag = (ckpt / "latest").read_text().strip()
-            state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=tag)
+            tag = read_tag(ckpt)
+            with weights_only_loads(ckpt / tag):
+                state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=tag)
             model = load_pruned(self.student_dir)
             tower, _ = vision_tower(model)
             prefix = "tower."

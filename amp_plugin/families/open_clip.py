@@ -218,6 +218,9 @@ def build_open_clip(spec: ModelSpec) -> nn.Module:
     from open_clip.transform import PreprocessCfg, merge_preprocess_dict
 
     cfg = model_config(spec.name, spec.kwargs)
+    if cfg.get("text_cfg", {}).get("hf_model_name"):
+        raise ValueError(f"{spec.name}: its text tower is a Hugging Face model, which needs "
+                         "the hub; only open_clip's own text towers are supported")
     vision = cfg["vision_cfg"]
     trunk_kwargs = vision.pop("timm_model_kwargs", None)
     if trunk_kwargs:

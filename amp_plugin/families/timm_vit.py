@@ -114,8 +114,12 @@ def _timm_swiglu(name: str, m: nn.Module) -> MLPView | None:
 
 # ---- builder -------------------------------------------------------------------------------
 # timm arguments that take a class or function; in a spec they are dotted import paths
-# ("timm.layers.GluMlp") so that specs stay plain data (YAML, JSON manifests).
+# ("timm.layers.GluMlp") so that specs stay plain data (YAML, JSON manifests). A spec may
+# come from a file someone else wrote (a pruned model's manifest), so only nn.Module
+# classes of these modules are accepted, checked before anything is imported.
 CALLABLE_KWARGS = {"mlp_layer", "act_layer", "norm_layer", "block_fn", "embed_layer"}
+CALLABLE_MODULES = ("torch.nn", "timm.layers", "timm.models.vision_transformer",
+                    "timm.models.eva")
 
 
 def resolve_callables(kwargs: dict) -> dict:
@@ -124,12 +128,16 @@ def resolve_callables(kwargs: dict) -> dict:
     out = dict(kwargs)
     for key in CALLABLE_KWARGS & out.keys():
         value = out[key]
-        if isinstance(value, str) and "." in value:
-            module, _, attr = value.rpartition(".")
-            try:
-                out[key] = getattr(importlib.import_module(module), attr)
-            except (ImportError, AttributeError) as e:
-                raise ValueError(f"model kwargs.{key}: cannot import {value!r} ({e})") from e
+        if not (isinstance(value, str) and "." in value):
+            continue  # None, or a name timm resolves itself ("gelu")
+        module, _, attr = value.rpartition(".")
+        allowed = f"a module class of {', '.join(CALLABLE_MODULES)}"
+        if module not in CALLABLE_MODULES:
+            raise ValueError(f"kwargs.{key}: {value!r} is not allowed (expected {allowed})")
+        obj = getattr(importlib.import_module(module), attr, None)
+        if not (isinstance(obj, type) and issubclass(obj, nn.Module)):
+            raise ValueError(f"kwargs.{key}: {value!r} is not allowed (expected {allowed})")
+        out[key] = obj
     return out
 
 

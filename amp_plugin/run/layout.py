@@ -9,6 +9,8 @@
     eval.json              evaluation of every model present
     classifiers/           cached zero-shot text classifiers
     report.json, plots/    the report (a reader of everything above)
+    .lock                  held by the run using the directory (names it)
+    .hashes.json           content hashes of the files stages read, by size/mtime/ctime
 """
 
 from __future__ import annotations
@@ -29,6 +31,14 @@ class RunDir:
     @property
     def recipe(self) -> Path:
         return self.root / "recipe.yaml"
+
+    @property
+    def lock(self) -> Path:
+        return self.root / ".lock"
+
+    @property
+    def hash_cache(self) -> Path:
+        return self.root / ".hashes.json"
 
     @property
     def scores(self) -> Path:

@@ -35,7 +35,17 @@ from ..core.pruner import AMPPruner
 from ..core.serialization import is_pruned_dir, load_pruned, read_manifest, save_pruned
 from ..data import get_source
 from ..utils import dist as ddp
-from ..utils.io import atomic_write, deep_merge, fingerprint, read_json, write_json
+from ..utils.finite import NonFiniteError, check_inputs, locate
+from ..utils.io import (
+    HashCache,
+    atomic_write,
+    content_fingerprint,
+    deep_merge,
+    fingerprint,
+    read_json,
+    write_json,
+)
+from ..utils.lock import FolderLock
 from ..utils.tensors import cast_batch, resolve_device, resolve_dtype, split_batch
 from .layout import RunDir
 
@@ -56,6 +66,13 @@ class Run:
         self._original: nn.Module | None = None
         self._batches: tuple[list, list] | None = None
         self._models: dict[str, nn.Module] = {}  # pruned / distilled made in this process
+        self._lock: FolderLock | None = None
+
+    def close(self) -> None:
+        """Release the run directory (also released by the kernel if the process dies)."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def preflight(self, stages: list[str]) -> None:
         """Refuse, before anything is written, stages whose inputs no earlier stage makes."""
@@ -71,12 +88,30 @@ class Run:
                 raise DistillError(f"the prune stage's output: {self.dir.pruned} is not a "
                                    "pruned-model directory (run the prune stage first, or "
                                    "set distill.student)")
+        if r.train is None and {"score", "prune", "distill"} & set(stages):
+            self._check_input_size(self.original())  # reads and checks the weights first
+
+    def _check_input_size(self, model: nn.Module) -> None:
+        """One image of data.image_size through the model, so that a size the model does
+        not take is refused before anything is written."""
+        tower, adapter = vision_tower(model)
+        size = self.recipe.data.image_size
+        try:
+            with torch.no_grad():
+                adapter.features(tower, torch.zeros(1, 3, size, size))
+        except (RuntimeError, AssertionError, ValueError) as e:
+            raise ValueError(f"data.image_size: {size} does not fit the model "
+                             f"({str(e).splitlines()[0]})") from None
 
     def start(self, stages: list[str]) -> None:
-        """Check the stages, then create the run directory with the recipe as run."""
+        """Check the stages, lock the run directory (rank 0; a second run is refused
+        naming this one), then write the recipe as run."""
         self.preflight(stages)
         if ddp.is_main():
-            self.dir.root.mkdir(parents=True, exist_ok=True)
+            self._lock = FolderLock(self.dir.lock).acquire()
+            if self._lock.previous:
+                self.log(f"took over the lock of a run that ended without releasing it: "
+                         f"pid {self._lock.previous.get('pid')}")
             src = yaml.safe_dump(self.recipe.model_dump(mode="json"), sort_keys=False)
             atomic_write(self.dir.recipe, src)
         ddp.barrier()
@@ -95,6 +130,18 @@ class Run:
         if r.distill is not None and r.distill.teacher:
             return r.distill.teacher
         return r.model.weights or f"{r.model.library}:{r.model.name} <random init>"
+
+    def _hashes(self) -> HashCache:
+        # rank 0 keeps the cache file (it holds the run directory's lock)
+        return HashCache(self.dir.hash_cache if ddp.is_main() and self._lock else None)
+
+    def original_fingerprint(self) -> str:
+        """What the original model is made of: the content of its weights (a file replaced
+        at the same path, or a re-trained teacher, changes it), else the spec and seed."""
+        src = Path(self.original_source())
+        if src.exists():
+            return content_fingerprint(src, self._hashes())
+        return fingerprint(self.recipe.model, self.recipe.seed)
 
     def original(self) -> nn.Module:
         """The original (unpruned) model, built once; stages must not modify it."""
@@ -136,12 +183,18 @@ class Run:
         return self._batches
 
     # ---- stages -------------------------------------------------------------------------
-    def _done(self, stage: str, fp: str) -> dict | None:
-        """The metadata of a completed stage whose fingerprint is `fp`, else None."""
-        if stage == "prune" and not is_pruned_dir(self.dir.pruned):
-            return None
+    def _done(self, stage: str, fp: str, output: Path) -> dict | None:
+        """The metadata of a completed stage whose inputs are unchanged and whose output
+        still holds what was written (content hash recorded at write time)."""
         meta = self.dir.stage_meta(stage)
-        return meta if meta is not None and meta.get("fingerprint") == fp else None
+        if meta is None or meta.get("fingerprint") != fp:
+            return None
+        if not output.exists() or meta.get("output_sha256") != content_fingerprint(
+                output, self._hashes()):
+            self.log(f"{stage}: {output} is missing or differs from what was written; "
+                     "computing it again")
+            return None
+        return meta
 
     def stage_train(self) -> None:
         from ..data.digits import digits_splits
@@ -152,7 +205,8 @@ class Run:
             raise ValueError("stage 'train' needs a `train:` section in the recipe")
         ckpt = Path(r.train.checkpoint)
         fp = fingerprint(r.model, r.train, r.data, r.seed)
-        if is_pruned_dir(ckpt) and read_manifest(ckpt)["meta"].get("fingerprint") == fp:
+        if is_pruned_dir(ckpt) and read_manifest(ckpt)["meta"].get("fingerprint") == fp and (
+                self._teacher_intact(ckpt)):
             self.log(f"teacher: cached at {ckpt}")
             return
         if r.data.kind != "digits":
@@ -170,6 +224,20 @@ class Run:
         self.log(f"teacher: trained {r.train.epochs} epochs (loss {history[0]:.3f} -> "
                  f"{history[-1]:.3f}), saved to {ckpt}")
 
+    def _teacher_intact(self, ckpt: Path) -> bool:
+        try:
+            self._original = load_pruned(ckpt).eval()
+        except ValueError as e:
+            self.log(f"teacher: {e}; training it again")
+            return False
+        return True
+
+    def _locate(self, stage: str, model: nn.Module, batches: list, what: str):
+        model = self._working_copy(model)
+        tower, adapter = vision_tower(model)
+        return locate(stage, tower, batches, what,
+                      lambda b: adapter.features(tower, split_batch(b)[0]))
+
     def importance(self) -> AMPImportance:
         a = self.recipe.amp
         return AMPImportance(a.inv_temperature, a.criterion, use_abs=a.use_abs,
@@ -177,12 +245,15 @@ class Run:
 
     def _score_fp(self) -> str:
         r = self.recipe
-        return fingerprint(self.original_source(), r.model, r.data, r.amp.criterion,
-                           r.amp.inv_temperature, r.amp.use_abs, r.amp.dtype, r.seed)
+        captions = (content_fingerprint(r.data.captions, self._hashes()) if r.data.captions
+                    else None)
+        return fingerprint(self.original_source(), self.original_fingerprint(), r.model,
+                           r.data, captions, r.amp.criterion, r.amp.inv_temperature,
+                           r.amp.use_abs, r.amp.dtype, r.seed)
 
     def stage_score(self) -> dict[str, torch.Tensor]:
         fp = self._score_fp()
-        if self._done("score", fp) and self.dir.scores.is_file():
+        if self._done("score", fp, self.dir.scores):
             self.log("score: kept from an earlier run")
             return load_file(str(self.dir.scores))
         checkpointing = self.recipe.amp.grad_checkpointing  # a switch on the model: a copy
@@ -191,32 +262,40 @@ class Run:
             tower, adapter = vision_tower(model)
             adapter.set_grad_checkpointing(tower, True)
         calib, _ = self.batches()
+        calib = [cast_batch(b, self.device, self.dtype) for b in calib]
+        check_inputs("score", model, calib, "calibration")
         imp = self.importance()
         t0 = time.perf_counter()
-        scores = imp.accumulate(model, [cast_batch(b, self.device, self.dtype) for b in calib])
+        scores = imp.accumulate(model, calib)
         self.seconds["score"] = time.perf_counter() - t0
+        if not all(bool(torch.isfinite(v).all()) for v in scores.values()):
+            raise self._locate("score", model, calib, "calibration")
         if ddp.is_main():
             atomic_write(self.dir.scores, save({k: v.contiguous() for k, v in scores.items()}))
-            write_json(self.dir.scores_meta, {"fingerprint": fp, "batches": imp.num_batches,
-                                              "seconds": self.seconds["score"]})
+            write_json(self.dir.scores_meta, {
+                "fingerprint": fp,
+                "output_sha256": content_fingerprint(self.dir.scores, self._hashes()),
+                "batches": imp.num_batches, "seconds": self.seconds["score"]})
         ddp.barrier()  # other ranks look for the scores file only once it is written
         self.log(f"score: {len(scores)} MLPs over {imp.num_batches} calibration batches")
         return scores
 
     def stage_prune(self) -> dict:
         r = self.recipe
-        fp = fingerprint(self._score_fp(), r.amp)
-        done = self._done("prune", fp)
+        # the cache settings change where states are kept, never the result
+        fp = fingerprint(self._score_fp(), r.amp.model_dump(exclude={"cache"}))
+        done = self._done("prune", fp, self.dir.pruned)
         if done is not None:
             self.log("prune: kept from an earlier run")
             return done["result"]
-        if not self.dir.scores.is_file() or not self._done("score", self._score_fp()):
+        if not self._done("score", self._score_fp(), self.dir.scores):
             raise FileNotFoundError(f"{self.dir.scores} is missing or was computed for other "
                                     "inputs: run the score stage first")
         scores = load_file(str(self.dir.scores))
         model = self._working_copy(self.original(), mutable=True)
         _, val = self.batches()
         val = [cast_batch(b, self.device, self.dtype) for b in val]
+        check_inputs("prune", model, val, "validation")
         imp = self.importance().load_scores(scores, model)
         c = r.amp.cache
         pruner = AMPPruner(
@@ -224,13 +303,20 @@ class Run:
             r.amp.round_to, cache_device_bytes=int(c.device_gib * 2**30),
             cache_host_bytes=int(c.host_gib * 2**30), cache_dir=c.dir,
             show_progress=self.show_progress, log=self.log)
-        result = pruner.step().to_dict()
+        try:
+            result = pruner.step().to_dict()
+        except NonFiniteError as e:
+            # the search's error names the MLP; the original model shows where it began
+            raise self._locate("prune", self.original(), val, "validation") from e
         self.seconds["prune"] = result["seconds"]
         model = model.float()
         if ddp.is_main():
             save_pruned(model, self.dir.pruned,
                         meta={"threshold": r.amp.threshold, "source": self.original_source()})
-            write_json(self.dir.prune_meta, {"fingerprint": fp, "result": result})
+            write_json(self.dir.prune_meta, {
+                "fingerprint": fp,
+                "output_sha256": content_fingerprint(self.dir.pruned, self._hashes()),
+                "result": result})
         ddp.barrier()
         self._models["pruned"] = model
         b, a = result["mlp_params"]["before"], result["mlp_params"]["after"]
@@ -257,7 +343,9 @@ class Run:
             TrainImages(images, tensor_input, r.data.image_size, r.data.mean, r.data.std),
             self.dir.distill, seed=r.seed,
             workers=r.data.workers if cfg.workers is None else cfg.workers,
-            identity={"teacher": self.original_source(), "model": r.model.model_dump(),
+            identity={"teacher": self.original_source(),
+                      "teacher_content": self.original_fingerprint(),
+                      "model": r.model.model_dump(),
                       "data": r.data.model_dump(), "distill_root": cfg.root},
             progress_bar=self.show_progress)
 
@@ -314,13 +402,16 @@ class Run:
 
     def execute(self, stages: list[str] | None = None) -> dict:
         stages = list(stages or self.recipe.stages)
-        self.start(stages)
-        out = {}
-        for stage in stages:
-            self.log(f"[bold]stage {stage}[/bold]")
-            t0 = time.perf_counter()
-            out[stage] = getattr(self, f"stage_{stage}")()
-            self.seconds.setdefault(stage, time.perf_counter() - t0)
+        try:
+            self.start(stages)
+            out = {}
+            for stage in stages:
+                self.log(f"[bold]stage {stage}[/bold]")
+                t0 = time.perf_counter()
+                out[stage] = getattr(self, f"stage_{stage}")()
+                self.seconds.setdefault(stage, time.perf_counter() - t0)
+        finally:
+            self.close()
         return out
 
 
@@ -336,5 +427,8 @@ def evaluate_run(recipe: Recipe, run_dir: str | Path, tasks: list[str] | None = 
     """The eval stage alone on an existing run directory (what `amp eval RUN` runs before
     rewriting the report); returns eval.json's content."""
     run = Run(recipe, run_dir, show_progress=show_progress)
-    run.start(["eval"])
-    return run.stage_eval(tasks)
+    try:
+        run.start(["eval"])
+        return run.stage_eval(tasks)
+    finally:
+        run.close()

@@ -4,6 +4,7 @@ sharded by rank, and the few collectives AMP needs."""
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -14,13 +15,26 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def timeout() -> timedelta:
+    """How long a collective waits for the other ranks (env AMP_DIST_TIMEOUT_S, default
+    1800 s): a stopped rank then fails the job instead of blocking it forever."""
+    raw = os.environ.get("AMP_DIST_TIMEOUT_S", "1800")
+    try:
+        seconds = float(raw)
+    except ValueError:
+        raise ValueError(f"AMP_DIST_TIMEOUT_S: expected seconds, got {raw!r}") from None
+    if seconds <= 0:
+        raise ValueError(f"AMP_DIST_TIMEOUT_S: expected a positive number, got {raw!r}")
+    return timedelta(seconds=seconds)
+
+
 def init_from_env() -> bool:
     """Join the process group that torchrun/deepspeed describe in the environment."""
     already = dist.is_available() and dist.is_initialized()
     if already or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return already
     backend = "nccl" if torch.cuda.is_available() else "gloo"
-    dist.init_process_group(backend)
+    dist.init_process_group(backend, timeout=timeout())
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     return True
@@ -39,8 +53,15 @@ def is_main() -> bool:
 
 
 def barrier() -> None:
-    if is_distributed():
+    """Wait for every rank, at most `timeout()`: a stopped rank fails the job."""
+    if not is_distributed():
+        return
+    try:
         dist.barrier()
+    except RuntimeError as e:
+        raise RuntimeError(f"rank {rank()}: the other ranks did not all arrive within "
+                           f"{timeout().total_seconds():g} s (AMP_DIST_TIMEOUT_S): "
+                           f"{str(e).splitlines()[0]}") from None
 
 
 def _collective_device() -> torch.device:

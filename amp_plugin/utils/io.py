@@ -9,6 +9,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Mapping
@@ -16,12 +17,54 @@ from pathlib import Path
 from typing import IO, Any
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _temp_prefix(path: Path) -> str:
+    # the writer's pid in the name: leftovers of a killed writer are told from live ones
+    return f".{path.name}.{os.getpid()}."
+
+
+def remove_leftovers(path: str | Path) -> list[Path]:
+    """Delete temporary files / folders beside `path` left by writers that died (a kill
+    inside a save leaves a whole model copy behind); returns what was removed."""
+    path = Path(path)
+    removed = []
+    if not path.parent.is_dir():
+        return removed
+    pattern = re.compile(rf"^\.{re.escape(path.name)}\.(\d+)\.[^.]+(\.old)?$")
+    for p in path.parent.iterdir():
+        m = pattern.match(p.name)
+        if m and int(m.group(1)) != os.getpid() and not _alive(int(m.group(1))):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
+
+
 def atomic_write(path: str | Path, data: bytes | str | Callable[[IO[bytes]], object]) -> Path:
     """Write bytes, text, or whatever `data(f)` writes to a binary file, atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    remove_leftovers(path)
+    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 is for secrets, not outputs
         with os.fdopen(fd, "wb") as f:
             if callable(data):
                 data(f)
@@ -38,14 +81,16 @@ def temp_dir_beside(path: str | Path) -> Path:
     """An empty hidden folder next to `path`, to be filled and then `replace_dir`-ed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    remove_leftovers(path)
+    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), dir=path.parent))
+    tmp.chmod(0o777 & ~_umask())  # mkdtemp's 0700 is for secrets, not outputs
+    return tmp
 
 
 def replace_dir(tmp: Path, path: Path) -> None:
     """Move the finished folder `tmp` to `path`, replacing what was there."""
     if path.exists():
-        old = path.with_name(f".{path.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
+        old = tmp.with_name(tmp.name + ".old")
         os.replace(path, old)
         os.replace(tmp, path)
         shutil.rmtree(old, ignore_errors=True)
@@ -131,3 +176,63 @@ def fingerprint(*parts: Any) -> str:
     blob = json.dumps([p.model_dump() if hasattr(p, "model_dump") else p for p in parts],
                       sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+_HASHES: dict[tuple, str] = {}
+
+
+class HashCache:
+    """Content hashes of files kept in a JSON file across processes, keyed by what a
+    change of the file would change (size, mtime, ctime, inode), so that an unchanged
+    multi-GB weights file is read once, and a file replaced at the same path, even
+    with its mtime restored, is hashed again (ctime cannot be set back)."""
+
+    def __init__(self, path: str | Path | None = None):
+        self.path = Path(path) if path else None
+
+    def _load(self) -> dict:
+        try:
+            data = read_json(self.path) if self.path else None
+        except ValueError:
+            data = None  # a damaged cache is only a cache
+        return data or {}
+
+    def sha256(self, path: Path) -> dict:
+        path = path.resolve()
+        st = path.stat()
+        stamp = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+        key = (str(path), *stamp)
+        if key not in _HASHES:
+            entry = self._load().get(str(path))
+            if isinstance(entry, dict) and entry.get("stamp") == stamp:
+                _HASHES[key] = str(entry.get("sha256"))
+            else:
+                _HASHES[key] = sha256_file(path)
+                if self.path:
+                    data = self._load()
+                    data[str(path)] = {"stamp": stamp, "sha256": _HASHES[key]}
+                    write_json(self.path, data)
+        return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": _HASHES[key]}
+
+
+def file_fingerprint(path: str | Path, cache: HashCache | None = None) -> dict:
+    """What a file holds: size, mtime and a content hash (cached, see `HashCache`)."""
+    return (cache or HashCache()).sha256(Path(path))
+
+
+def content_fingerprint(path: str | Path, cache: HashCache | None = None) -> str:
+    """The content of a file or of every file of a folder (names and hashes)."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file())
+        return fingerprint({str(p.relative_to(path)): file_fingerprint(p, cache)["sha256"]
+                            for p in files})
+    return file_fingerprint(path, cache)["sha256"]

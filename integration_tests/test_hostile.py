@@ -1,0 +1,515 @@
+"""Hostile input, faults and tampered files: each is refused with a message naming what is
+wrong (exit status 2 on the command line), no foreign code runs, and no stale result is
+kept. Real files, real processes, a tiny ViT on the digits."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from amp_cli.app import app
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
+
+import amp_plugin as amp
+from amp_plugin.data import get_source
+from amp_plugin.distill.distiller import DistillError, weights_only_loads
+from amp_plugin.run.recipe import load_recipe
+from amp_plugin.utils.finite import NonFiniteError, check_inputs
+from amp_plugin.utils.io import atomic_dir, atomic_write
+
+SPEC = {"library": "timm", "name": "vit_small_patch16_224", "kwargs": {
+    "img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2,
+    "num_classes": 0}}
+DATA = {"kind": "digits", "image_size": 32, "mean": [0.5] * 3, "std": [0.5] * 3,
+        "calib_images": 64, "val_images": 64, "batch_size": 32, "workers": 0}
+
+# A pickle whose only effect, if it were ever unpickled, is to create a flag file.
+PLANT = """
+import pathlib, sys, torch
+class Payload:
+    def __reduce__(self):
+        return (pathlib.Path.touch, (pathlib.Path(sys.argv[2]),))
+torch.save({"module": Payload()}, sys.argv[1])
+"""
+
+
+def recipe(tmp: Path, name: str = "r", **sections) -> Path:
+    data = {"name": name, "seed": 0, "output_dir": str(tmp / "run"),
+            "stages": ["score", "prune"], "model": SPEC, "data": DATA,
+            "amp": {"threshold": 2e-3, "max_steps": 3}, **sections}
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def cli(*args: str):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def amp_process(*args, **kw) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "amp_cli.app", *map(str, args)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def tree(path: Path) -> dict:
+    return {str(p.relative_to(path)): p.stat().st_mtime_ns for p in path.rglob("*")}
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("saved") / "model"
+    amp.save_pruned(amp.create_model(SPEC), path)
+    return path
+
+
+def tampered(saved: Path, tmp_path: Path, edit) -> Path:
+    out = tmp_path / "model"
+    out.mkdir()
+    (out / "model.safetensors").write_bytes((saved / "model.safetensors").read_bytes())
+    manifest = json.loads((saved / "amp.json").read_text())
+    text = edit(manifest)
+    (out / "amp.json").write_text(text if isinstance(text, str) else json.dumps(manifest))
+    return out
+
+
+# ---- a pruned model is data: the manifest allow-list -------------------------------------
+def _kw(key, value):
+    return lambda m: m["spec"]["kwargs"].__setitem__(key, value)
+
+
+@pytest.mark.parametrize("edit,message", [
+    (_kw("act_layer", "sys.exit"), "kwargs.act_layer: 'sys.exit' is not allowed"),
+    (_kw("norm_layer", "os.system"), "kwargs.norm_layer: 'os.system' is not allowed"),
+    (_kw("block_fn", "torch.nn.functional.relu"), "kwargs.block_fn: 'torch.nn.functional.relu'"),
+    (_kw("mlp_layer", "timm.layers.to_2tuple"), "kwargs.mlp_layer: 'timm.layers.to_2tuple'"),
+    (lambda m: m["spec"].__setitem__("name", "hf-hub:timm/vit_base_patch16_224"),
+     "spec.name: 'hf-hub:timm/vit_base_patch16_224' names a model hub"),
+    (_kw("pretrained_cfg_overlay", {"file": "/tmp/x.pth"}), "kwargs.pretrained_cfg_overlay"),
+    (_kw("checkpoint_path", "/tmp/x.pth"), "kwargs.checkpoint_path: '/tmp/x.pth' would load"),
+    (lambda m: m["spec"].__setitem__("library", "pickle"), "unknown model library 'pickle'"),
+    (lambda m: m["spec"].__setitem__("weights", "../../etc/passwd"),
+     "spec.weights: '../../etc/passwd'"),
+    (lambda m: m.pop("shapes"), "shapes: missing"),
+    (lambda m: m.__setitem__("shapes", "all"), "shapes: expected an object of lists of sizes"),
+    (lambda m: m["spec"].__setitem__("kwargs", [1]), "spec.kwargs: Input should be a valid "
+                                                     "dictionary"),
+    (lambda m: m["shapes"].__setitem__("blocks.0.mlp.fc1.weight", [7, 32]),
+     "shapes do not match model.safetensors: first differences at ['blocks.0.mlp.fc1.weight']"),
+    (lambda m: m.__setitem__("format", "other/9"), "format: 'other/9', expected 'amp-pruned/1'"),
+    (lambda m: "{not json", "not valid JSON"),
+    (lambda m: "[1, 2]", "expected a JSON object, got list"),
+])
+def test_tampered_manifest_is_refused_before_anything_is_imported(saved, tmp_path, edit,
+                                                                  message):
+    path = tampered(saved, tmp_path, edit)
+    modules = set(sys.modules)
+    with pytest.raises(ValueError) as err:
+        amp.load_pruned(path)
+    assert str(path / "amp.json") in str(err.value)
+    assert message in str(err.value)
+    assert set(sys.modules) - modules == set()  # nothing was imported on the manifest's word
+
+
+def test_open_clip_pretrained_flag_in_a_manifest_is_refused(tmp_path):
+    spec = {"library": "open_clip", "name": "EVA02-B-16", "kwargs": {
+        "image_only": True, "vision_cfg": {"timm_model_pretrained": True}}}
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "amp.json").write_text(json.dumps(
+        {"format": "amp-pruned/1", "spec": spec, "shapes": {}, "aliases": {}, "meta": {}}))
+    save_file({}, str(tmp_path / "m" / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"kwargs.vision_cfg.timm_model_pretrained: True "
+                                         r"would load pretrained weights"):
+        amp.load_pruned(tmp_path / "m")
+
+
+def test_allowed_callables_still_build(saved, tmp_path):
+    path = tampered(saved, tmp_path, _kw("act_layer", "torch.nn.SiLU"))
+    model = amp.load_pruned(path)
+    assert isinstance(model.blocks[0].mlp.act, torch.nn.SiLU)
+
+
+def test_damaged_weights_file_is_named(saved, tmp_path):
+    path = tampered(saved, tmp_path, lambda m: None)
+    data = (path / "model.safetensors").read_bytes()
+    (path / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="model.safetensors: not a readable safetensors file"):
+        amp.load_pruned(path)
+
+
+def test_eval_on_a_tampered_run_exits_2_and_keeps_eval_json(saved, tmp_path):
+    run = tmp_path / "run"
+    r = recipe(tmp_path)
+    amp.run(load_recipe(r), run, stages=["score", "prune"], show_progress=False)
+    (run / "eval.json").write_text('{"tasks": []}\n')
+    manifest = json.loads((run / "pruned" / "amp.json").read_text())
+    manifest["spec"]["kwargs"]["act_layer"] = "sys.exit"
+    (run / "pruned" / "amp.json").write_text(json.dumps(manifest))
+    out = cli("eval", run, "--tasks", "knn", "--no-progress")
+    assert out.exit_code == 2, out.output
+    assert "kwargs.act_layer: 'sys.exit' is not allowed" in out.output
+    assert (run / "eval.json").read_text() == '{"tasks": []}\n'
+
+
+# ---- DeepSpeed checkpoints are loaded weights-only ---------------------------------------
+def test_planted_checkpoint_pickle_never_runs(tmp_path):
+    """A real `amp distill` process resumes from a planted checkpoint: refused, exit 2,
+    the payload's flag file never appears."""
+    r = recipe(tmp_path, distill={"max_steps": 2, "batch_size": 16, "workers": 0})
+    run = tmp_path / "run"
+    amp.run(load_recipe(r), run, stages=["score", "prune"], show_progress=False)
+    step = run / "distill" / "checkpoints" / "global_step1"
+    step.mkdir(parents=True)
+    (step.parent / "latest").write_text("global_step1")
+    flag = tmp_path / "FLAG"
+    subprocess.run([sys.executable, "-c", PLANT, str(step / "mp_rank_00_model_states.pt"),
+                    str(flag)], check=True)
+    proc = amp_process("distill", r, "--no-progress")
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 2, output
+    assert "mp_rank_00_model_states.pt: refused: the checkpoint would import" in output
+    assert not flag.exists()
+    assert not (run / "distilled").exists()
+
+
+def test_torch_loads_inside_are_forced_weights_only(tmp_path):
+    """Even a load that asks for weights_only=False (as DeepSpeed's do) of a file the
+    inspection does not see is refused."""
+    planted, flag = tmp_path / "state.bin", tmp_path / "FLAG"
+    subprocess.run([sys.executable, "-c", PLANT, str(planted), str(flag)], check=True)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DistillError, match="not weights-only data"):
+        with weights_only_loads(tmp_path / "empty"):
+            torch.load(planted, weights_only=False)
+    assert not flag.exists()
+    assert "TORCH_FORCE_WEIGHTS_ONLY_LOAD" not in os.environ
+
+
+def test_latest_naming_a_path_is_refused(tmp_path):
+    from amp_plugin.distill.distiller import read_tag
+
+    (tmp_path / "latest").write_text("../../elsewhere")
+    with pytest.raises(DistillError, match="names '../../elsewhere', not a checkpoint folder"):
+        read_tag(tmp_path)
+
+
+# ---- file modes follow the umask; leftovers of killed saves go away -----------------------
+@pytest.mark.parametrize("umask,file_mode,dir_mode", [(0o022, 0o644, 0o755),
+                                                      (0o077, 0o600, 0o700)])
+def test_outputs_follow_the_umask(tmp_path, umask, file_mode, dir_mode):
+    old = os.umask(umask)
+    try:
+        f = atomic_write(tmp_path / "a.json", "{}")
+        d = atomic_dir(tmp_path / "d", lambda t: (t / "x").write_text("1"))
+    finally:
+        os.umask(old)
+    assert f.stat().st_mode & 0o777 == file_mode
+    assert d.stat().st_mode & 0o777 == dir_mode
+
+
+def test_leftovers_of_a_killed_save_are_removed(saved, tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    leftover = tmp_path / f".pruned.{dead.pid}.abcd1234"
+    (leftover / "big").mkdir(parents=True)
+    old = tmp_path / f".pruned.{dead.pid}.abcd1234.old"
+    old.mkdir()
+    live = tmp_path / f".pruned.{os.getppid()}.zzzz9999"  # a live writer's folder stays
+    live.mkdir()
+    amp.save_pruned(amp.load_pruned(saved), tmp_path / "pruned")
+    assert not leftover.exists() and not old.exists() and live.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["pruned", live.name])
+
+
+# ---- nothing stale ------------------------------------------------------------------------
+def test_replaced_weights_redo_score_and_prune_only(tmp_path):
+    torch.manual_seed(1)
+    weights = tmp_path / "w.safetensors"
+    save_file(amp.create_model(SPEC).state_dict(), str(weights))
+    r = recipe(tmp_path, model={**SPEC, "weights": str(weights)})
+    run = tmp_path / "run"
+    amp.run(load_recipe(r), run, stages=["score", "prune"], show_progress=False)
+    first = {k: v.clone() for k, v in load_file(str(run / "scores.safetensors")).items()}
+    prune_first = json.loads((run / "prune.json").read_text())
+
+    # only a cache setting changes: both stages are kept, files untouched
+    before = tree(run)
+    amp.run(load_recipe(r, {"amp.cache.host_gib": 1.0, "amp.cache.device_gib": 0.5}), run,
+            stages=["score", "prune"], show_progress=False)
+    after = tree(run)
+    rewritten = ("recipe.yaml", ".lock")
+    assert {k: v for k, v in after.items() if k not in rewritten} == {
+        k: v for k, v in before.items() if k not in rewritten}
+
+    # other weights at the same path with the same size and mtime
+    st = weights.stat()
+    torch.manual_seed(2)
+    save_file(amp.create_model(SPEC).state_dict(), str(weights))
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert weights.stat().st_size == st.st_size
+    amp.run(load_recipe(r), run, stages=["score", "prune"], show_progress=False)
+    second = load_file(str(run / "scores.safetensors"))
+    assert any(not torch.equal(first[k], second[k]) for k in first)
+    assert json.loads((run / "prune.json").read_text())["fingerprint"] != (
+        prune_first["fingerprint"])
+
+
+def test_retrained_teacher_redoes_the_scores(tmp_path):
+    train = {"epochs": 1, "batch_size": 64, "lr": 1e-3, "checkpoint": str(tmp_path / "teacher")}
+    r = recipe(tmp_path, train=train, stages=["train", "score"])
+    run = tmp_path / "run"
+    amp.run(load_recipe(r), run, show_progress=False)
+    first = {k: v.clone() for k, v in load_file(str(run / "scores.safetensors")).items()}
+    amp.run(load_recipe(r, {"train.lr": 3e-3}), run, show_progress=False)
+    second = load_file(str(run / "scores.safetensors"))
+    assert any(not torch.equal(first[k], second[k]) for k in first)
+
+
+def test_damaged_stage_outputs_are_redone(tmp_path):
+    r = recipe(tmp_path)
+    run = tmp_path / "run"
+    amp.run(load_recipe(r), run, stages=["score", "prune"], show_progress=False)
+    good = {k: v.clone() for k, v in load_file(str(run / "scores.safetensors")).items()}
+    sizes = json.loads((run / "prune.json").read_text())["result"]["hidden_sizes"]
+    (run / "scores.safetensors").write_bytes(b"\0" * 100)
+    weights = run / "pruned" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8] + b"\x7f" * 8)
+    amp.run(load_recipe(r), run, stages=["score", "prune"], show_progress=False)
+    again = load_file(str(run / "scores.safetensors"))
+    assert all(torch.equal(good[k], again[k]) for k in good)
+    assert json.loads((run / "prune.json").read_text())["result"]["hidden_sizes"] == sizes
+    amp.load_pruned(run / "pruned")
+
+
+# ---- one run per directory ----------------------------------------------------------------
+def _wait_for_lock(lock: Path, pid: int, proc: subprocess.Popen) -> None:
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        if lock.is_file() and lock.read_text() and json.loads(lock.read_text())["pid"] == pid:
+            return
+        assert proc.poll() is None, proc.stdout.read()
+        time.sleep(0.1)
+    raise AssertionError("the first run never took the lock")
+
+
+def test_second_run_is_refused_and_a_dead_holder_is_taken_over(tmp_path):
+    r = recipe(tmp_path)
+    run, lock = tmp_path / "run", tmp_path / "run" / ".lock"
+    first = amp_process("run", r, "--no-progress")
+    try:
+        _wait_for_lock(lock, first.pid, first)
+        os.kill(first.pid, signal.SIGSTOP)  # holds the lock, does nothing
+        out = cli("run", r, "--no-progress")
+        assert out.exit_code == 2, out.output
+        assert f"{run} is in use by pid {first.pid}" in out.output
+        assert "amp_cli.app run" in out.output or "app.py run" in out.output
+        os.kill(first.pid, signal.SIGKILL)  # dies holding it
+        first.wait()
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+    out = cli("run", r, "--no-progress")
+    assert out.exit_code == 0, out.output
+    assert f"pid {first.pid}" in out.output and "took over the lock" in out.output
+    assert (run / "prune.json").is_file()
+    assert lock.read_text() == ""  # released
+
+
+STOPPED_RANK = """
+import os, signal
+from amp_plugin.utils import dist as ddp
+ddp.init_from_env()
+if ddp.rank() == 1:
+    os.kill(os.getpid(), signal.SIGSTOP)  # frozen, not dead: its sockets stay open
+ddp.barrier()
+"""
+
+
+def test_a_stopped_rank_fails_the_job_naming_it():
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    procs = [subprocess.Popen(
+        [sys.executable, "-c", STOPPED_RANK], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True, env={**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                        "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2",
+                        "AMP_DIST_TIMEOUT_S": "3"}) for r in (0, 1)]
+    try:
+        output, _ = procs[0].communicate(timeout=180)
+    finally:
+        procs[1].kill()
+        procs[1].wait()
+    assert procs[0].returncode != 0
+    assert "rank 0: the other ranks did not all arrive within 3 s (AMP_DIST_TIMEOUT_S)" in output
+
+
+# ---- settings that would give a silently wrong result --------------------------------------
+@pytest.mark.parametrize("overrides,message", [
+    ({"data.batch_size": 1}, "data.batch_size: at least 2: the entropy criterion"),
+    ({"data.batch_size": True}, "data.batch_size: expected a number, got a boolean"),
+    ({"amp.max_steps": False}, "amp.max_steps: expected a number, got a boolean"),
+    ({"data.val_images": 16}, "val_images 16 is smaller than one batch (batch_size 32)"),
+    ({"data.calib_images": 8}, "calib_images 8 is smaller than one batch"),
+])
+def test_settings_giving_wrong_results_are_refused(tmp_path, overrides, message):
+    r = recipe(tmp_path)
+    args = [a for k, v in overrides.items() for a in ("--set", f"{k}={json.dumps(v)}")]
+    out = cli("run", r, *args, "--no-progress")
+    assert out.exit_code == 2, out.output
+    assert message in " ".join(out.output.split())
+    assert not (tmp_path / "run").exists()
+
+
+def test_non_finite_weights_and_activations_are_located(tmp_path):
+    torch.manual_seed(0)
+    model = amp.create_model(SPEC)
+    sd = model.state_dict()
+    sd["blocks.1.mlp.fc1.weight"][0, 0] = float("nan")
+    weights = tmp_path / "nan.safetensors"
+    save_file(sd, str(weights))
+    out = cli("run", recipe(tmp_path, model={**SPEC, "weights": str(weights)}), "--no-progress")
+    assert out.exit_code == 2, out.output
+    assert "score: the model's blocks.1.mlp.fc1.weight holds NaN or inf values" in out.output
+
+    sd["blocks.1.mlp.fc1.weight"].fill_(3e38)  # finite weights, overflowing activations
+    save_file(sd, str(weights))
+    out = cli("run", recipe(tmp_path, "r2", model={**SPEC, "weights": str(weights)},
+                            output_dir=str(tmp_path / "run2")), "--no-progress")
+    assert out.exit_code == 2, out.output
+    assert ("score: calibration batch 0: the output of module blocks.1.mlp.fc1 is the first "
+            "non-finite value") in " ".join(out.output.split())
+
+    with pytest.raises(NonFiniteError, match="prune: validation batch 1 holds NaN"):
+        check_inputs("prune", model, [torch.zeros(2), torch.tensor([0.0, float("inf")])],
+                     "validation")
+
+
+# ---- clear errors, nothing written ----------------------------------------------------------
+def _weights_case(tmp_path, kind):
+    w = tmp_path / "w.safetensors"
+    torch.manual_seed(0)
+    sd = amp.create_model(SPEC).state_dict()
+    if kind == "empty":
+        w.write_bytes(b"")
+        return w, f"model.weights: {w} is empty"
+    if kind == "truncated":
+        save_file(sd, str(w))
+        w.write_bytes(w.read_bytes()[:200])
+        return w, f"model.weights: {w} is not a readable safetensors checkpoint"
+    if kind == "text":
+        w = tmp_path / "w.pth"
+        w.write_text("these are not weights")
+        return w, f"model.weights: {w} is not a readable torch (weights-only) checkpoint"
+    other = amp.create_model({**SPEC, "kwargs": {**SPEC["kwargs"], "depth": 3,
+                                                 "embed_dim": 48}}).state_dict()
+    save_file(other, str(w))
+    return w, "missing [] (0), unexpected ['blocks.2.attn.proj.bias'"
+
+
+@pytest.mark.parametrize("kind", ["empty", "truncated", "text", "other architecture"])
+def test_bad_weights_are_named_before_anything_is_written(tmp_path, kind):
+    w, message = _weights_case(tmp_path, kind)
+    out = cli("run", recipe(tmp_path, model={**SPEC, "weights": str(w)}), "--no-progress")
+    assert out.exit_code == 2, out.output
+    assert message in " ".join(out.output.split())
+    if kind == "other architecture":
+        assert "shape mismatches ['cls_token (1, 1, 48) (model: (1, 1, 32))'" in out.output
+    assert not (tmp_path / "run").exists()
+
+
+def test_image_size_that_does_not_fit_the_model(tmp_path):
+    out = cli("run", recipe(tmp_path), "--set", "data.image_size=48", "--no-progress")
+    assert out.exit_code == 2, out.output
+    assert "data.image_size: 48 does not fit the model" in out.output
+    assert not (tmp_path / "run").exists()
+
+
+def _image_folder(tmp_path: Path, bad: str) -> Path:
+    from amp_plugin.data.digits import write_digit_images
+
+    root = tmp_path / "images"
+    write_digit_images(root, range(0, 120))
+    victim = sorted(root.rglob("*.png"))[5]
+    if bad == "truncated":
+        victim.write_bytes(victim.read_bytes()[:40])
+    elif bad == "empty":
+        victim.write_bytes(b"")
+    else:
+        victim.write_text("not an image")
+    return victim
+
+
+@pytest.mark.parametrize("bad", ["truncated", "empty", "text"])
+def test_unreadable_image_is_named_or_skipped(tmp_path, bad, caplog):
+    victim = _image_folder(tmp_path, bad)
+    data = {**DATA, "kind": "imagefolder", "root": str(tmp_path / "images"),
+            "calib_images": 50, "val_images": 64}
+    r = recipe(tmp_path, data=data)
+    out = cli("run", r, "--no-progress")
+    assert out.exit_code == 2, out.output
+    assert f"data.root: {victim} is not a readable image" in " ".join(out.output.split())
+    assert "skip_bad_images" in out.output
+    assert not (tmp_path / "run" / "scores.safetensors").exists()
+    source = get_source("imagefolder")
+    cfg = load_recipe(r, {"data.skip_bad_images": True}).data
+    with caplog.at_level("WARNING", logger="amp"):
+        calib, val = source.amp_batches(cfg, 0)
+    assert sum(len(b) for b in calib) == 50 and sum(len(b) for b in val) == 64
+    assert f"skipped 1 unreadable images, first {victim}" in caplog.text
+
+
+@pytest.mark.parametrize("text,message", [
+    ("name: a\nseed: 1\nseed: 2\n", "duplicate key 'seed' (first on line 2)"),
+    (b"name: \xff\xfe\n", "not a UTF-8 text file"),
+    ("name: [unclosed\n", "not valid YAML"),
+    ("name: !!python/object/apply:os.system ['touch FLAG']\n", "not valid YAML"),
+])
+def test_recipe_files_that_are_not_plain_yaml(tmp_path, text, message):
+    p = tmp_path / "bad.yaml"
+    p.write_bytes(text if isinstance(text, bytes) else text.encode())
+    out = cli("run", p)
+    assert out.exit_code == 2, out.output
+    assert str(p) in " ".join(out.output.split()) and message in out.output
+    assert not (tmp_path / "FLAG").exists()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--set", "amp.threshold=[1, 2"], "the value is not plain YAML data"),
+    (["--set", "amp.threshold=!!python/name:os.system"], "the value is not plain YAML data"),
+    (["--set", "seed.deeper=1"], "--set seed.deeper: seed is 0, not a section with keys"),
+    (["--stage", "prnue"], "unknown stage 'prnue'; choose from train, score, prune"),
+])
+def test_command_line_mistakes(tmp_path, args, message):
+    out = cli("run", recipe(tmp_path), *args)
+    assert out.exit_code == 2, out.output
+    assert message in " ".join(out.output.replace("│", " ").split())
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("captions,message", [
+    ("{broken", "is not valid JSON"),
+    ({"images": {}, "annotations": []}, "expected top-level lists 'images' and 'annotations'"),
+    ({"images": [{"id": 1, "file_name": "a.png"}],
+      "annotations": [{"image_id": 1, "caption": None}]},
+     "annotations[0].caption is None, expected a non-empty string (image_id 1)"),
+])
+def test_bad_coco_captions(tmp_path, captions, message):
+    from amp_plugin.data.coco import read_captions
+
+    f = tmp_path / "captions.json"
+    f.write_text(captions if isinstance(captions, str) else json.dumps(captions))
+    with pytest.raises(ValueError) as err:
+        read_captions(f, tmp_path)
+    assert f"data.captions: {f}" in str(err.value) and message in str(err.value)
