@@ -254,3 +254,44 @@ def test_eva_clip_8b_architecture_and_both_qkv_layouts() -> None:
     with torch.no_grad():
         torch.testing.assert_close(separate(x), want, rtol=1e-5, atol=1e-5)
     assert math.isfinite(float(want.abs().sum()))
+
+
+def test_search_in_float32_while_scoring_in_bf16(tmp_path: Path) -> None:
+    """`amp.search_dtype: float32`: scores come from the bf16 model, the search's entropy
+    evaluations from the float32 one (its first E_val is the float32 model's)."""
+    torch.manual_seed(0)
+    spec = {"library": "open_clip", "name": "ViT-B-32", "kwargs": {**OPEN_CLIP_SMALL,
+                                                                   "image_only": True}}
+    recipe = load_recipe(None, {"model": spec, "stages": ["score", "prune"], "train": None,
+                                "amp.dtype": "bf16", "amp.search_dtype": "float32",
+                                "amp.max_steps": 2, "data.calib_images": 64,
+                                "data.val_images": 64, "data.batch_size": 32,
+                                "output_dir": str(tmp_path / "run")})
+    run = Run(recipe, show_progress=False)
+    out = run.execute()
+    _, val = run.batches()
+    want = _e_val(run.original(), val)  # the float32 original
+    assert out["prune"]["entropy"]["before"] == pytest.approx(want, rel=1e-5)
+    scores = out["score"]
+    assert all(s.dtype == torch.float32 and torch.isfinite(s).all() for s in scores.values())
+
+
+def test_distill_augmentations_are_seeded() -> None:
+    """The distillation augmentations (the authors': crop + flip for CLIP/EVA, DINO from
+    min crop 0.05 for DINOv2) draw each image under its own seed."""
+    from amp_plugin.config import DataConfig
+    from amp_plugin.distill.data import distill_data
+
+    cfg = DataConfig(kind="digits", image_size=32, mean=(0.5,) * 3, std=(0.5,) * 3)
+    images, tensor_input = get_source("digits").train_images(cfg, 0)
+    drawn = {}
+    for augment in ("crop", "crop_flip", "dino"):
+        data = distill_data(images, tensor_input, 32, cfg.mean, cfg.std, 0, 0.2,
+                            micro_batch=16, grad_accum=1, world_size=1, rank=0, workers=0,
+                            augment=augment)
+        first = next(data.batches(0))[1]
+        assert torch.equal(first, next(data.batches(0))[1])
+        drawn[augment] = first
+    # same seeds, same crop scale: the flip and DINO's colour operations change the pixels
+    assert not torch.equal(drawn["crop"], drawn["crop_flip"])
+    assert not torch.equal(drawn["crop_flip"], drawn["dino"])

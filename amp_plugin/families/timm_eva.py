@@ -161,8 +161,8 @@ def _qkv_layout(visual: dict[str, torch.Tensor], trunk: nn.Module) -> dict[str, 
 def eva_clip_to_open_clip(sd: dict[str, torch.Tensor], model: nn.Module) -> dict:
     """BAAI EVA-CLIP checkpoints (`EVA02_CLIP_E_psz14_plus_s9B.pt`,
     `EVA_CLIP_8B_psz14_s9B.pt`: `visual.*` EVA tower with separate `q_proj/k_proj/v_proj`
-    or one fused `qkv`, `q_bias/v_bias`, `rope.*` buffers; `text.*` open_clip-style text transformer;
-    `logit_scale`) -> an open_clip model with a timm Eva trunk (`visual.trunk.*`), the
+    or one fused `qkv`, `q_bias/v_bias`, `rope.*` buffers; `text.*` open_clip-style text
+    transformer; `logit_scale`) -> an open_clip model with a timm Eva trunk (`visual.trunk.*`), the
     bare open_clip vision tower (`trunk.*`), or a bare timm Eva."""
     from timm.models.eva import checkpoint_filter_fn
 

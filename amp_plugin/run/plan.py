@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import math
 import time
-from pathlib import Path
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import torch
