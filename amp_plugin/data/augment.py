@@ -86,4 +86,4 @@ class SeededAugment(Dataset):
 
     def __getitem__(self, index: int):
         image, label = self.dataset[index]
-        return seeded_draw(self.transform, image, self.seed * 1_000_003 + index), label
+        return seeded_draw(self.transform, image, (self.seed << 32) + index), label

@@ -37,8 +37,10 @@ def amp_datasets(cfg: DataConfig, seed: int):
         g = torch.Generator().manual_seed(seed + 1)
         n_calib = subset_size(cfg.calib_images, len(calib_ds), "data.calib_images", "data.root")
         n_val = subset_size(cfg.val_images, len(val_ds), "data.val_images", "data.val_root")
-        calib_idx = (torch.arange(len(calib_ds)) if n_calib == len(calib_ds)
-                     else torch.randperm(len(calib_ds), generator=g)[:n_calib])
+        # one shuffled pass over the train folder (a folder lists its images class by class,
+        # so unshuffled batches would each hold one class); the whole val folder in its own
+        # order, as an unshuffled distributed sampler reads it
+        calib_idx = torch.randperm(len(calib_ds), generator=g)[:n_calib]
         val_idx = (torch.arange(len(val_ds)) if n_val == len(val_ds)
                    else torch.randperm(len(val_ds), generator=g)[:n_val])
     else:
