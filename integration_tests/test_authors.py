@@ -133,11 +133,14 @@ def test_seeded_dino_augmentation_gives_the_same_e_val(folders) -> None:
     source = get_source("imagefolder")
     _, val_a = source.amp_batches(r.data, r.seed)
     _, val_b = source.amp_batches(r.data, r.seed)
+    # a small ViT whose random features differ between images (DINOv2-g's layer scale
+    # makes them all alike at init: E would sit at log(batch) whatever the pixels)
     torch.manual_seed(0)
-    model = amp.create_model({"library": "timm", "name": "vit_giant_patch14_dinov2",
-                              "kwargs": {"depth": 1, "img_size": SIZE, "num_classes": 0}}).eval()
+    model = amp.create_model({"library": "timm", "name": "vit_small_patch16_224", "kwargs": {
+        "img_size": SIZE, "patch_size": 7, "embed_dim": 64, "depth": 2, "num_heads": 2,
+        "num_classes": 0}}).eval()
     e_a, e_b = _e_val(model, val_a), _e_val(model, val_b)
-    assert e_a == e_b
+    assert e_a == e_b and e_a < math.log(8) - 1e-3
     assert all(torch.equal(a, b) for a, b in zip(val_a, val_b, strict=True))
 
     _, val_ds = amp_datasets(r.data, r.seed)

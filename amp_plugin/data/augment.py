@@ -75,8 +75,8 @@ def seeded_draw(transform, image, seed: int):
 
 class SeededAugment(Dataset):
     """Item i of `dataset` (an (image, label) dataset without a transform, e.g. an
-    ImageFolder or a Subset of one) augmented under the seed (seed, i): the same pixels
-    whenever item i is read."""
+    ImageFolder or a Subset of one) augmented under a seed made of (seed, i): the same
+    pixels whenever item i is read."""
 
     def __init__(self, dataset: Dataset, transform, seed: int):
         self.dataset, self.transform, self.seed = dataset, transform, seed
@@ -86,4 +86,6 @@ class SeededAugment(Dataset):
 
     def __getitem__(self, index: int):
         image, label = self.dataset[index]
-        return seeded_draw(self.transform, image, (self.seed << 32) + index), label
+        # torch's CPU generator keeps only 32 bits of a seed: mix the set's seed in below that
+        draw_seed = (self.seed * 0x9E3779B1 + index) & 0xFFFFFFFF
+        return seeded_draw(self.transform, image, draw_seed), label
