@@ -46,8 +46,19 @@ class DataConfig(Strict):
     image_size: int = Field(default=224, gt=0)
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
-    calib_images: int = Field(default=1024, gt=0, description="images used for scoring")
-    val_images: int = Field(default=1024, gt=0, description="images of the entropy test")
+    calib_images: int | Literal["all"] = Field(default=1024, description=(
+        "images used for scoring; all: the whole calibration pool (the authors: all of "
+        "ImageNet-1k train)"))
+    val_images: int | Literal["all"] = Field(default=1024, description=(
+        "images of the entropy test; all: the whole val_root folder (val_from: val_root)"))
+    val_from: Literal["root", "val_root"] = Field(default="root", description=(
+        "where the search's validation images come from: root (disjoint from the "
+        "calibration images, chosen by the seed) or val_root (the authors: ImageNet-1k val)"))
+    transform: Literal["eval", "dino"] = Field(default="eval", description=(
+        "calibration/validation transform: eval (resize bicubic + centre crop) or dino "
+        "(DINOv2's augmentation, seeded per image so E_val is the same at every trial)"))
+    dino_min_crop: float = Field(default=0.05, gt=0, le=1,
+                                 description="transform dino: RandomResizedCrop scale minimum")
     batch_size: int = Field(default=128, gt=0, description="calibration/validation batch")
     workers: int = Field(default=4, ge=0)
     test_fraction: float = Field(default=0.25, gt=0, lt=1, description="digits: test split")
@@ -74,6 +85,22 @@ class DataConfig(Strict):
                     {"key": key, "n": getattr(self, key), "bs": self.batch_size})
         return self
 
+    @field_validator("calib_images", "val_images")
+    @classmethod
+    def _positive(cls, v):
+        if v != "all" and v <= 0:
+            raise ValueError("expected a positive number of images or 'all'")
+        return v
+
+    @model_validator(mode="after")
+    def _val_source(self):
+        if self.val_from == "val_root" and self.val_root is None:
+            raise ValueError("val_from: val_root needs data.val_root")
+        if self.val_images == "all" and self.val_from != "val_root":
+            raise ValueError("val_images: all needs val_from: val_root (validation images "
+                             "drawn from root leave the rest to calibration)")
+        return self
+
 
 class CacheConfig(Strict):
     device_gib: float = Field(default=2.0, ge=0, description="states kept on the device up to")
@@ -90,6 +117,9 @@ class AMPConfig(Strict):
     use_abs: bool = True
     grad_checkpointing: bool = False
     dtype: Literal["float32", "bf16", "fp16"] = "float32"
+    search_dtype: Literal["float32", "bf16", "fp16"] | None = Field(default=None, description=(
+        "dtype of the model during the search's entropy evaluations (default: dtype); "
+        "float32 with dtype bf16 scores in bf16 and decides sizes in float32"))
     device: str = "auto"
     cache: CacheConfig = Field(default_factory=CacheConfig)
 
@@ -127,6 +157,9 @@ class DistillConfig(Strict):
     root: str | None = Field(default=None, description=(
         "ImageNet-style training folder (default: the recipe's data)"))
     min_crop: float = Field(default=0.35, gt=0, le=1, description="RandomResizedCrop scale")
+    augment: Literal["crop", "crop_flip", "dino"] = Field(default="crop", description=(
+        "crop: RandomResizedCrop (bicubic); crop_flip: + horizontal flip (the authors' "
+        "CLIP/EVA setting); dino: DINOv2's augmentation from min_crop (the authors' DINOv2)"))
     epochs: int = Field(default=5, gt=0)
     max_steps: int | None = Field(default=None, gt=0, description="cap on optimizer steps")
     batch_size: int = Field(default=64, gt=0, description="images per rank and micro-step")
@@ -136,6 +169,9 @@ class DistillConfig(Strict):
     warmup_epochs: float = Field(default=1.0, ge=0)
     weight_decay: tuple[float, float] = Field(default=(0.04, 0.2),
                                               description="cosine from first to second")
+    decay_exempt: bool = Field(default=False, description=(
+        "no weight decay on biases, norms and embeddings (timm's split); default: every "
+        "parameter decays, as the authors' distillation does"))
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float | None = Field(default=None, gt=0)
     dtype: Literal["auto", "float32", "bf16", "fp16"] = Field(

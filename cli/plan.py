@@ -73,6 +73,8 @@ def plan_cmd(recipe: str = typer.Argument(..., help="recipe file or shipped name
     for key, path in missing.items():
         typer.secho(f"note: {key}: {path} does not exist (needed by score/prune)",
                     err=True, fg="yellow")
+    for note in p["search"]["assumed"]:
+        typer.secho(f"note: {note}", err=True, fg="yellow")
     if json_out is not None:
         write_json(json_out, p)
         typer.echo(f"plan written to {json_out}")

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+import timm
 import torch
 import yaml
 from safetensors.torch import load_file
@@ -27,6 +28,7 @@ from amp_plugin.distill import (
     DistillError,
     WarmupCosine,
     kl_entropy_loss,
+    param_groups,
     read_loss_log,
     token_mse_loss,
 )
@@ -105,6 +107,26 @@ def test_losses_match_direct_computation():
     expected = 0.5 * (kl_ts + kl_st) / 6
     assert kl_entropy_loss(s, t, 7.0).item() == pytest.approx(float(expected), rel=1e-5)
     assert kl_entropy_loss(t, t, 7.0).item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_weight_decay_on_every_parameter_unless_exempt():
+    """The authors decay every parameter; `decay_exempt` keeps timm's split (no decay on
+    biases, norms and the embeddings a model names)."""
+    model = timm.create_model("vit_small_patch16_224", pretrained=False, img_size=32,
+                              patch_size=8, embed_dim=64, depth=1, num_heads=2, num_classes=0)
+    model.blocks[0].norm1.requires_grad_(False)  # frozen parameters are never optimized
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    [every] = param_groups(model, set(), 0.04)
+    assert every["decay"] and every["weight_decay"] == 0.04
+    assert [id(p) for p in every["params"]] == [id(p) for p in trainable]
+    split = param_groups(model, {"pos_embed", "cls_token"}, 0.04, exempt=True)
+    decayed = {id(p) for g in split if g["decay"] for p in g["params"]}
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert {names[i] for i in decayed} == {n for n, p in model.named_parameters()
+                                           if p.requires_grad and p.ndim > 1
+                                           and n not in ("pos_embed", "cls_token")}
+    assert sum(len(g["params"]) for g in split) == len(trainable)
+    assert all(g["weight_decay"] == (0.04 if g["decay"] else 0.0) for g in split)
 
 
 def test_schedule_lr_and_weight_decay():

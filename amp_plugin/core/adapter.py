@@ -11,6 +11,7 @@ Each family module (`amp_plugin.families.*`) registers its adapters with
     final_tokens(tower, x)    (pooled, patch tokens) before the final norm/projection
     project(tower, f)         pooled features in the joint image-text space (CLIP towers)
     tokenizer(model)          the text tokenizer of a model with a text tower
+    cast(model, device, dtype) the model on a device in a precision, as its library runs it
 
 A state is a tuple whose first element is the token tensor (batch first); the other
 elements (e.g. rotary embeddings) are per-batch constants.
@@ -70,6 +71,10 @@ class Adapter:
 
     def set_grad_checkpointing(self, tower: nn.Module, enable: bool = True) -> None:
         tower.set_grad_checkpointing(enable)
+
+    def cast(self, model: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
+        """`model` (whole, as the adapter matched it) on `device` in `dtype`, in place."""
+        return model.to(device, dtype)
 
 
 _ADAPTERS: list[Adapter] = []

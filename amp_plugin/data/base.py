@@ -31,6 +31,8 @@ class DataSource:
     name = "base"
     gives: frozenset[str] = frozenset()  # what AMP batches can carry: "labels", "text"
     required_keys: tuple[str, ...] = ()  # data.<key> that must be set
+    transforms: tuple[str, ...] = ("eval",)  # data.transform values it can apply
+    separate_val = False  # can validate on data.val_root (data.val_from: val_root)
 
     def amp_batches(self, cfg: DataConfig, seed: int, extra: str | None = None,
                     model: nn.Module | None = None, show_progress: bool = True
@@ -82,3 +84,12 @@ def choose_disjoint(n: int, calib: int, val: int, seed: int, what: str) -> torch
                          f"images of {what}")
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed + 1))[:need]
 
+
+
+def subset_size(requested: int | str, available: int, key: str, what: str) -> int:
+    """`requested` images ("all": every one) out of `available`, checked."""
+    if requested == "all":
+        return available
+    if requested > available:
+        raise ValueError(f"{key} = {requested} exceeds the {available} images of {what}")
+    return requested

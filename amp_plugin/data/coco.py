@@ -91,7 +91,8 @@ def caption_batches(cfg: DataConfig, seed: int, model: nn.Module, show_progress:
     if cfg.kind != "coco" or not cfg.captions or not cfg.root:
         raise ValueError("caption batches need data.kind: coco with data.root and data.captions")
     items = read_captions(cfg.captions, cfg.root)
-    need = cfg.calib_images + cfg.val_images
+    n_calib = len(items) - cfg.val_images if cfg.calib_images == "all" else cfg.calib_images
+    need = n_calib + cfg.val_images
     if need > len(items):
         raise ValueError(f"data.captions has {len(items)} captioned images, fewer than the "
                          f"{need} that calib_images + val_images ask for")
@@ -115,7 +116,7 @@ def caption_batches(cfg: DataConfig, seed: int, model: nn.Module, show_progress:
         return [(images_t[i:min(i + bs, end)], text_t[i:min(i + bs, end)])
                 for i in range(lo, end, bs)]
 
-    return split(0, cfg.calib_images, False), split(cfg.calib_images, need, True)
+    return split(0, n_calib, False), split(n_calib, need, True)
 
 
 @register_source

@@ -42,10 +42,11 @@ class Digits(DataSource):
 
     def amp_batches(self, cfg, seed, extra=None, model=None, show_progress=True):
         train = digits_splits(cfg, seed)["train"]
-        order = choose_disjoint(len(train.images), cfg.calib_images, cfg.val_images, seed,
-                                "the digits training split")
+        n = len(train.images)
+        n_calib = n - cfg.val_images if cfg.calib_images == "all" else cfg.calib_images
+        order = choose_disjoint(n, n_calib, cfg.val_images, seed, "the digits training split")
         labels = train.labels if extra == "labels" else None
-        calib, val = order[:cfg.calib_images], order[cfg.calib_images:]
+        calib, val = order[:n_calib], order[n_calib:]
         return (batches(train.images[calib], cfg.batch_size, False,
                         None if labels is None else labels[calib]),
                 batches(train.images[val], cfg.batch_size, True,

@@ -1,5 +1,6 @@
-"""An ImageNet-style class-per-folder tree (`data.root`; `data.val_root` for evaluation),
-read with torchvision's ImageFolder and the evaluation transform."""
+"""An ImageNet-style class-per-folder tree (`data.root`; `data.val_root` for evaluation and,
+with `val_from: val_root`, for the search's validation), read with torchvision's
+ImageFolder and the evaluation transform or the seeded DINO augmentation."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import logging
 import torch
 
 from ..config import DataConfig
-from .base import DataSource, Split, choose_disjoint, register_source
+from .augment import SeededAugment, dino_augmentation
+from .base import DataSource, Split, choose_disjoint, register_source, subset_size
 from .digits import write_digit_images
 from .transforms import batches, eval_transform
 
@@ -20,6 +22,18 @@ def image_folder(root: str, cfg: DataConfig):
 
     return datasets.ImageFolder(root, transform=eval_transform(cfg.image_size, cfg.mean,
                                                                cfg.std))
+
+
+def source_file(dataset, index: int) -> str:
+    """The file behind item `index` of an ImageFolder, also through Subset and augmenting
+    wrappers (their `dataset` / `indices`)."""
+    while not hasattr(dataset, "samples"):
+        if hasattr(dataset, "indices"):
+            index = dataset.indices[index]
+        if not hasattr(dataset, "dataset"):
+            return f"item {index}"
+        dataset = dataset.dataset
+    return dataset.samples[index][0]
 
 
 def read_items(dataset, indices, need: int | None = None, skip_bad: bool = False) -> list:
@@ -35,7 +49,7 @@ def read_items(dataset, indices, need: int | None = None, skip_bad: bool = False
         try:
             items.append(dataset[int(i)])
         except (OSError, UnidentifiedImageError, SyntaxError) as e:
-            file = dataset.samples[int(i)][0]
+            file = source_file(dataset, int(i))
             if not skip_bad:
                 raise ValueError(f"data.root: {file} is not a readable image ({e}); fix or "
                                  "remove it, or set data.skip_bad_images: true") from None
@@ -46,6 +60,41 @@ def read_items(dataset, indices, need: int | None = None, skip_bad: bool = False
         raise ValueError(f"data.root: {len(items)} readable images, fewer than the {need} "
                          "needed")
     return items
+
+
+def amp_datasets(cfg: DataConfig, seed: int):
+    """(calibration, validation) datasets of (image tensor, label) items, in their fixed
+    order: the whole folders or seeded subsets, disjoint, with the recipe's transform."""
+    from torch.utils.data import Subset
+    from torchvision import datasets
+
+    if cfg.transform == "dino":
+        tf = dino_augmentation(cfg.image_size, cfg.dino_min_crop, cfg.mean, cfg.std)
+        calib_ds, val_ds = datasets.ImageFolder(cfg.root), datasets.ImageFolder(
+            cfg.val_root if cfg.val_from == "val_root" else cfg.root)
+    else:
+        calib_ds = image_folder(cfg.root, cfg)
+        val_ds = image_folder(cfg.val_root, cfg) if cfg.val_from == "val_root" else calib_ds
+    if cfg.val_from == "val_root":  # two folders: disjoint by construction
+        g = torch.Generator().manual_seed(seed + 1)
+        n_calib = subset_size(cfg.calib_images, len(calib_ds), "data.calib_images", "data.root")
+        n_val = subset_size(cfg.val_images, len(val_ds), "data.val_images", "data.val_root")
+        # one shuffled pass over the train folder (a folder lists its images class by class,
+        # so unshuffled batches would each hold one class); the whole val folder in its own
+        # order, as an unshuffled distributed sampler reads it
+        calib_idx = torch.randperm(len(calib_ds), generator=g)[:n_calib]
+        val_idx = (torch.arange(len(val_ds)) if n_val == len(val_ds)
+                   else torch.randperm(len(val_ds), generator=g)[:n_val])
+    else:
+        n_calib = (len(calib_ds) - cfg.val_images if cfg.calib_images == "all"
+                   else cfg.calib_images)
+        order = choose_disjoint(len(calib_ds), n_calib, cfg.val_images, seed, "data.root")
+        calib_idx, val_idx = order[:n_calib], order[n_calib:]
+    calib, val = Subset(calib_ds, calib_idx.tolist()), Subset(val_ds, val_idx.tolist())
+    if cfg.transform == "dino":
+        # seeds differ between the two sets, so image i of each gets its own draw
+        calib, val = SeededAugment(calib, tf, 2 * seed), SeededAugment(val, tf, 2 * seed + 1)
+    return calib, val
 
 
 def stack(dataset, indices, need: int | None = None, skip_bad: bool = False) -> Split:
@@ -59,15 +108,13 @@ class ImageFolderSource(DataSource):
     gives = frozenset({"labels"})
     required_keys = ("root",)
 
+    transforms = ("eval", "dino")
+    separate_val = True
+
     def amp_batches(self, cfg, seed, extra=None, model=None, show_progress=True):
-        ds = image_folder(cfg.root, cfg)
-        need = cfg.calib_images + cfg.val_images
-        choose_disjoint(len(ds), cfg.calib_images, cfg.val_images, seed, "data.root")
-        # the same seeded permutation; with skip_bad_images its tail replaces bad files
-        order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed + 1))
-        both = stack(ds, order, need, cfg.skip_bad_images)
-        calib = Split(both.images[:cfg.calib_images], both.labels[:cfg.calib_images])
-        val = Split(both.images[cfg.calib_images:], both.labels[cfg.calib_images:])
+        calib_ds, val_ds = amp_datasets(cfg, seed)
+        calib = stack(calib_ds, range(len(calib_ds)), skip_bad=cfg.skip_bad_images)
+        val = stack(val_ds, range(len(val_ds)), skip_bad=cfg.skip_bad_images)
         with_labels = extra == "labels"
         return (batches(calib.images, cfg.batch_size, False,
                         calib.labels if with_labels else None),

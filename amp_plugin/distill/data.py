@@ -1,9 +1,9 @@
 """Training images for distillation, in an order that a resumed run reproduces exactly.
 
 The order of an epoch comes from torch's `DistributedSampler` (seed + epoch, one shard
-per rank); each image is cropped with torchvision's `RandomResizedCrop` (scale from
-`min_crop` to 1, as the authors) under a seed derived from (run seed, epoch, index), so
-that step k of a resumed run sees the same pixels as step k of an uninterrupted one.
+per rank); each image is augmented (`distill.augment`: RandomResizedCrop from `min_crop`,
+with a flip, or DINOv2's augmentation) under a seed derived from (run seed, epoch, index),
+so that step k of a resumed run sees the same pixels as step k of an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -13,17 +13,16 @@ from dataclasses import dataclass
 
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
-from torchvision import transforms
+
+from ..data.augment import augmentation, seeded_draw
 
 Key = tuple[int, int]  # (image index, crop seed)
 
 
-def train_transform(image_size: int, min_crop: float, mean, std, tensor_input: bool):
-    crop = transforms.RandomResizedCrop(
-        image_size, scale=(min_crop, 1.0),
-        interpolation=transforms.InterpolationMode.BICUBIC, antialias=True)
-    steps = [crop] if tensor_input else [crop, transforms.ToTensor()]
-    return transforms.Compose([*steps, transforms.Normalize(mean, std)])
+def train_transform(image_size: int, min_crop: float, mean, std, tensor_input: bool,
+                    augment: str = "crop"):
+    """The distillation augmentation `augment` (crop, crop_flip, dino) from `min_crop`."""
+    return augmentation(augment, image_size, min_crop, mean, std, tensor_input)
 
 
 class SeededCrops(Dataset):
@@ -44,9 +43,7 @@ class SeededCrops(Dataset):
         index, seed = key
         item = self.images[index]
         image = item[0] if isinstance(item, tuple) else item
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            return self.transform(image)
+        return seeded_draw(self.transform, image, seed)
 
 
 @dataclass
@@ -101,10 +98,11 @@ class DistillData:
 
 def distill_data(images, tensor_input: bool, image_size: int, mean, std, seed: int,
                  min_crop: float, micro_batch: int, grad_accum: int, world_size: int,
-                 rank: int, workers: int, pin_memory: bool = False) -> DistillData:
+                 rank: int, workers: int, pin_memory: bool = False,
+                 augment: str = "crop") -> DistillData:
     """Seeded crops of `images` (a (N, C, H, W) tensor in [0, 1] when `tensor_input`, else
     PIL images such as an ImageFolder) in micro-batches for this rank."""
-    tf = train_transform(image_size, min_crop, mean, std, tensor_input)
+    tf = train_transform(image_size, min_crop, mean, std, tensor_input, augment)
     # Images already in memory need no decoding: worker processes would only add start-up
     # time at every epoch.
     return DistillData(SeededCrops(images, tf), micro_batch, grad_accum, world_size, rank,

@@ -305,7 +305,7 @@ class Distiller:
             images.images, images.tensor_input, images.image_size, images.mean, images.std,
             seed, self.cfg.min_crop, self.cfg.batch_size, self.cfg.grad_accum,
             self.world_size, self.rank, workers,
-            pin_memory=torch.device(self.device).type == "cuda")
+            pin_memory=torch.device(self.device).type == "cuda", augment=self.cfg.augment)
         if self.data.steps_per_epoch < 1:
             raise DistillError(
                 f"distill.batch_size: {len(self.data.dataset)} training images make no full "
@@ -369,7 +369,8 @@ class Distiller:
         if self.cfg.zero_stage == 3:
             model.register_external_parameters()
         no_decay = getattr(tower, "no_weight_decay", lambda: set())()
-        groups = param_groups(model, {f"tower.{n}" for n in no_decay}, self.cfg.weight_decay[0])
+        groups = param_groups(model, {f"tower.{n}" for n in no_decay}, self.cfg.weight_decay[0],
+                              exempt=self.cfg.decay_exempt)
         schedule = functools.partial(WarmupCosine, total=self.total_steps,
                                      warmup=self.warmup_steps,
                                      floor=self.cfg.min_lr / self.lr,

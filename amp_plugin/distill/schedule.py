@@ -47,8 +47,14 @@ class WarmupCosine(LambdaLR):
                 group["weight_decay"] = wd
 
 
-def param_groups(module: nn.Module, no_decay: set[str], weight_decay: float) -> list[dict]:
-    """timm's split (no decay on biases, norms, embeddings), tagged for the WD schedule."""
+def param_groups(module: nn.Module, no_decay: set[str], weight_decay: float,
+                 exempt: bool = False) -> list[dict]:
+    """Optimizer groups tagged for the WD schedule: every trainable parameter decays (the
+    authors' distillation), or with `exempt` timm's split (no decay on biases, norms and
+    the parameters named in `no_decay`)."""
+    if not exempt:
+        params = [p for p in module.parameters() if p.requires_grad]
+        return [{"params": params, "weight_decay": weight_decay, "decay": True}] if params else []
     from timm.optim import param_groups_weight_decay
 
     groups = param_groups_weight_decay(module, weight_decay, no_weight_decay_list=no_decay)

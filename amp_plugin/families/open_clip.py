@@ -31,6 +31,27 @@ MODEL_CONFIGS = Path(__file__).parent / "model_configs"
 
 
 # ---- adapters ------------------------------------------------------------------------------
+def open_clip_cast(model: nn.Module, device, dtype: torch.dtype) -> nn.Module:
+    """open_clip's own low-precision mode (what `create_model(precision="bf16")` builds):
+    LayerNorms keep float32 weights and compute in float32, the rest runs in `dtype`."""
+    from open_clip.factory import _set_model_device_and_precision
+    from open_clip.timm_model import TimmModel
+    from open_clip.transformer import LayerNorm, LayerNormFp32
+
+    precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype)
+    if precision is None:
+        return model.to(device, dtype)
+    # open_clip picks LayerNormFp32 when it builds a model for low precision (cast_dtype);
+    # this model was built once in float32, so its norms take that class now (same state).
+    for m in model.modules():
+        if type(m) is LayerNorm:
+            m.__class__ = LayerNormFp32
+    is_timm = isinstance(model, TimmModel) or isinstance(getattr(model, "visual", None),
+                                                         TimmModel)
+    _set_model_device_and_precision(model, device, precision, is_timm)
+    return model
+
+
 class OpenClipViT(Adapter):
     """open_clip VisionTransformer: features are the pooled embedding before `proj`."""
 
@@ -68,6 +89,9 @@ class OpenClipViT(Adapter):
 
     def project(self, tower, features):
         return features @ tower.proj if tower.proj is not None else features
+
+    def cast(self, model, device, dtype):
+        return open_clip_cast(model, device, dtype)
 
 
 class OpenClipTimm(Adapter):
@@ -110,6 +134,9 @@ class OpenClipTimm(Adapter):
         # open_clip uses the trunk's classifier as the projection when timm_proj is unset
         return tower.head(tower.trunk.get_classifier()(features))
 
+    def cast(self, model, device, dtype):
+        return open_clip_cast(model, device, dtype)
+
 
 class OpenClipCLIP(Adapter):
     """A whole open_clip CLIP/CustomTextCLIP: AMP prunes and measures `model.visual`."""
@@ -126,6 +153,9 @@ class OpenClipCLIP(Adapter):
 
     def tower(self, model):
         return model.visual
+
+    def cast(self, model, device, dtype):
+        return open_clip_cast(model, device, dtype)
 
     def tokenizer(self, model):
         """open_clip's bundled BPE tokenizer for the model's text tower (no hub)."""

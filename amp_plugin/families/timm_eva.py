@@ -62,17 +62,30 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def _eva_clip_8b_args() -> dict[str, Any]:
-    """The released architecture: 32 blocks, width 4096, 32 heads of 128, MLP 20480 with
-    GELU, RMSNorm, no q/k/v bias, absolute position embedding, class-token pooling and a
-    linear head to the 1280-d joint embedding."""
+    """The released architecture (EVA-CLIP-8B.json and BAAI's model code): 32 blocks,
+    width 4096, 32 heads of 128, MLP 20480 with GELU, RMSNorm, one fused `attn.qkv`
+    without bias, absolute position embedding, class-token pooling and a linear head
+    (without bias, set by the entrypoint) to the 1280-d joint embedding."""
     from timm.layers import RmsNorm
 
     return dict(
         img_size=224, patch_size=14, embed_dim=4096, depth=32, num_heads=32,
-        mlp_ratio=20480 / 4096, qkv_bias=False, qkv_fused=False,
+        mlp_ratio=20480 / 4096, qkv_bias=False, qkv_fused=True,
         norm_layer=partial(RmsNorm, eps=1e-6), use_rot_pos_emb=False, use_post_norm=False,
         global_pool="token", num_classes=1280,
     )
+
+
+def _bias_free_head(model: nn.Module) -> None:
+    """EVA-CLIP-8B's projection has no bias; timm's Eva always builds its head with one."""
+    from timm.layers import trunc_normal_
+
+    head = model.head
+    if isinstance(head, nn.Linear) and head.bias is not None:
+        model.head = nn.Linear(head.in_features, head.out_features, bias=False,
+                               device=head.weight.device, dtype=head.weight.dtype)
+        if model.head.weight.device.type != "meta":
+            trunc_normal_(model.head.weight, std=0.02)
 
 
 def _register_eva_clip_8b() -> None:
@@ -88,12 +101,14 @@ def _register_eva_clip_8b() -> None:
         kwargs.pop("pretrained_cfg", None)
         kwargs.pop("pretrained_cfg_overlay", None)
         args = {**_eva_clip_8b_args(), **kwargs}
-        return build_model_with_cfg(
+        model = build_model_with_cfg(
             Eva, EVA_CLIP_8B_TRUNK, pretrained=False, pretrained_filter_fn=checkpoint_filter_fn,
             pretrained_cfg=dict(architecture=EVA_CLIP_8B_TRUNK, num_classes=1280,
                                 input_size=(3, 224, 224), mean=CLIP_MEAN, std=CLIP_STD,
                                 first_conv="patch_embed.proj", classifier="head"),
             feature_cfg=dict(feature_cls="getter"), **args)
+        _bias_free_head(model)
+        return model
 
     eva_clip_8b_patch14_224.__module__ = __name__
     register_model(eva_clip_8b_patch14_224)
@@ -119,19 +134,25 @@ def _eva_trunk(model: nn.Module) -> tuple[nn.Module, str]:
                     f"TimmModel or CLIP with a timm trunk), not {type(model).__name__}")
 
 
-def _fuse_qkv(visual: dict[str, torch.Tensor], trunk: nn.Module) -> dict[str, torch.Tensor]:
-    """BAAI towers keep q/k/v apart; a target with one fused `qkv` gets them stacked."""
+def _qkv_layout(visual: dict[str, torch.Tensor], trunk: nn.Module) -> dict[str, torch.Tensor]:
+    """q/k/v weights in the target's layout: BAAI checkpoints hold either separate
+    `attn.{q,k,v}_proj` or one fused `attn.qkv`; stacked for a fused target, split
+    (q, k, v order) for a separate one."""
     fused = any(k.endswith("attn.qkv.weight") for k in trunk.state_dict())
-    if not fused:
-        return visual
     out = {}
     for k, v in visual.items():
-        m = re.match(r"(.*attn\.)q_proj\.weight$", k)
-        if m:
-            p = m.group(1)
+        sep = re.match(r"(.*attn\.)q_proj\.weight$", k)
+        qkv = re.match(r"(.*attn\.)qkv\.weight$", k)
+        if fused and sep:
+            p = sep.group(1)
             out[p + "qkv.weight"] = torch.cat(
                 [v, visual[p + "k_proj.weight"], visual[p + "v_proj.weight"]], dim=0)
-        elif not re.match(r".*attn\.[kv]_proj\.weight$", k):
+        elif fused and re.match(r".*attn\.[kv]_proj\.weight$", k):
+            continue
+        elif not fused and qkv:
+            for name, part in zip(("q_proj", "k_proj", "v_proj"), v.chunk(3, dim=0)):
+                out[f"{qkv.group(1)}{name}.weight"] = part
+        else:
             out[k] = v
     return out
 
@@ -139,9 +160,9 @@ def _fuse_qkv(visual: dict[str, torch.Tensor], trunk: nn.Module) -> dict[str, to
 @register_converter("eva_clip")
 def eva_clip_to_open_clip(sd: dict[str, torch.Tensor], model: nn.Module) -> dict:
     """BAAI EVA-CLIP checkpoints (`EVA02_CLIP_E_psz14_plus_s9B.pt`,
-    `EVA_CLIP_8B_psz14_s9B.pt`: `visual.*` EVA tower with separate `q_proj/k_proj/v_proj`,
-    `q_bias/v_bias`, `rope.*` buffers; `text.*` open_clip-style text transformer;
-    `logit_scale`) -> an open_clip model with a timm Eva trunk (`visual.trunk.*`), the
+    `EVA_CLIP_8B_psz14_s9B.pt`: `visual.*` EVA tower with separate `q_proj/k_proj/v_proj`
+    or one fused `qkv`, `q_bias/v_bias`, `rope.*` buffers; `text.*` open_clip-style text
+    transformer; `logit_scale`) -> an open_clip model with a timm Eva trunk (`visual.trunk.*`), the
     bare open_clip vision tower (`trunk.*`), or a bare timm Eva."""
     from timm.models.eva import checkpoint_filter_fn
 
@@ -152,7 +173,7 @@ def eva_clip_to_open_clip(sd: dict[str, torch.Tensor], model: nn.Module) -> dict
     visual = {k.removeprefix("visual."): v for k, v in sd.items() if k.startswith("visual.")}
     if not any(".attn." in k and ("q_proj" in k or ".qkv." in k) for k in visual):
         raise ValueError("not an EVA-CLIP checkpoint: no visual.blocks.N.attn.q_proj/qkv keys")
-    visual = _fuse_qkv(visual, trunk)
+    visual = _qkv_layout(visual, trunk)
     # timm's filter: q_bias/v_bias, sub-LN names, drops rope buffers, resamples pos/patch
     out = {prefix + k: v for k, v in checkpoint_filter_fn(visual, trunk).items()}
     if prefix == "visual.trunk.":

@@ -176,4 +176,30 @@ def dinov2_to_timm(sd: dict[str, torch.Tensor], model: nn.Module) -> dict[str, t
         sd = {re.sub(r"^blocks\.\d+\.(\d+)\.", r"blocks.\1.", k): v for k, v in sd.items()}
     # timm recognises the original layout by its mask token (pre-training only, dropped)
     sd.setdefault("mask_token", torch.zeros(1, model.embed_dim))
+    if "pos_embed" in sd and sd["pos_embed"].shape != model.pos_embed.shape:
+        # resampled as DINOv2 does, so timm's filter finds the grid already the right size
+        sd["pos_embed"] = dinov2_pos_embed(sd["pos_embed"], model.patch_embed.grid_size,
+                                           model.num_prefix_tokens)
     return checkpoint_filter_fn(dict(sd), model)
+
+
+def dinov2_pos_embed(pos_embed: torch.Tensor, grid: tuple[int, int], num_prefix: int = 1,
+                     offset: float = 0.1) -> torch.Tensor:
+    """DINOv2's own resampling of its position grid (`interpolate_pos_encoding`, run at
+    every forward there): bicubic, no antialias, scale factor (new + 0.1) / old, in
+    float32. timm resamples to the target size with antialias, which is not the same
+    function; at a fixed input size the per-forward result is this one tensor."""
+    import torch.nn.functional as F
+
+    prefix, patch = pos_embed[:, :num_prefix], pos_embed[:, num_prefix:]
+    old = int(round(patch.shape[1] ** 0.5))
+    if old * old != patch.shape[1]:
+        raise ValueError(f"pos_embed: {patch.shape[1]} positions are not a square grid")
+    g = patch.float().reshape(1, old, old, -1).permute(0, 3, 1, 2)
+    scale = ((grid[0] + offset) / old, (grid[1] + offset) / old)
+    g = F.interpolate(g, scale_factor=scale, mode="bicubic", antialias=False)
+    if tuple(g.shape[-2:]) != tuple(grid):
+        raise ValueError(f"pos_embed: resampling {old}x{old} gave {tuple(g.shape[-2:])}, "
+                         f"expected {tuple(grid)}")
+    patch = g.permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], -1).to(pos_embed.dtype)
+    return torch.cat([prefix, patch], dim=1)

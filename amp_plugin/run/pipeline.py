@@ -26,8 +26,8 @@ from rich.console import Console
 from safetensors.torch import load_file, save
 from torch import nn
 
-from ..config import STAGES, Recipe
-from ..core.adapter import vision_tower
+from ..config import STAGES, DataConfig, Recipe
+from ..core.adapter import get_adapter, vision_tower
 from ..core.criterion import criterion_info
 from ..core.importance import AMPImportance
 from ..core.models import create_model
@@ -50,6 +50,19 @@ from ..utils.tensors import cast_batch, resolve_device, resolve_dtype, split_bat
 from .layout import RunDir
 
 
+def data_used(cfg: DataConfig, calib: list, val: list) -> dict[str, dict]:
+    """Which images the score and prune stages used (the report says so): counts, the
+    folder, and whether it was the whole folder (the authors' scale) or a subset."""
+    def count(batches):
+        return sum(len(split_batch(b)[0]) for b in batches)
+
+    val_folder = cfg.val_root if cfg.val_from == "val_root" else cfg.root
+    return {"calibration": {"images": count(calib), "folder": cfg.root,
+                            "whole": cfg.calib_images == "all", "transform": cfg.transform},
+            "validation": {"images": count(val), "folder": val_folder,
+                           "whole": cfg.val_images == "all", "transform": cfg.transform}}
+
+
 class Run:
     """One recipe executed in one run directory."""
 
@@ -65,6 +78,7 @@ class Run:
         self.seconds: dict[str, float] = {}
         self._original: nn.Module | None = None
         self._batches: tuple[list, list] | None = None
+        self.data_used: dict[str, dict] = {}
         self._models: dict[str, nn.Module] = {}  # pruned / distilled made in this process
         self._lock: FolderLock | None = None
 
@@ -159,12 +173,15 @@ class Run:
                 self._original = create_model(r.model).eval()
         return self._original
 
-    def _working_copy(self, model: nn.Module, mutable: bool = False) -> nn.Module:
-        """`model` on the run's device and dtype: the same object when nothing changes
-        and the caller only reads, else a copy (the original stays as built)."""
-        p = next(model.parameters())
-        if mutable or p.device != self.device or p.dtype != self.dtype:
-            model = copy.deepcopy(model).to(self.device, self.dtype)
+    def _working_copy(self, model: nn.Module, mutable: bool = False,
+                      dtype: torch.dtype | None = None) -> nn.Module:
+        """`model` on the run's device and dtype (as its library runs that precision: open_clip
+        keeps LayerNorms in float32): the same object when nothing changes and the caller
+        only reads, else a copy (the original stays as built)."""
+        dtype = dtype or self.dtype
+        if mutable or any(p.device != self.device or p.dtype != dtype
+                          for p in model.parameters()):
+            model = get_adapter(model).cast(copy.deepcopy(model), self.device, dtype)
         return model.eval()
 
     def batches(self) -> tuple[list, list]:
@@ -178,6 +195,7 @@ class Run:
             calib, val = get_source(r.data.kind).amp_batches(
                 r.data, r.seed, extra=extra, model=self.original(),
                 show_progress=self.show_progress)
+            self.data_used = data_used(r.data, calib, val)
             self._batches = ([ddp.shard(b, "calibration batch") for b in calib],
                              [ddp.shard(b, "validation batch") for b in val])
         return self._batches
@@ -275,7 +293,8 @@ class Run:
             write_json(self.dir.scores_meta, {
                 "fingerprint": fp,
                 "output_sha256": content_fingerprint(self.dir.scores, self._hashes()),
-                "batches": imp.num_batches, "seconds": self.seconds["score"]})
+                "batches": imp.num_batches, "seconds": self.seconds["score"],
+                "data": self.data_used["calibration"]})
         ddp.barrier()  # other ranks look for the scores file only once it is written
         self.log(f"score: {len(scores)} MLPs over {imp.num_batches} calibration batches")
         return scores
@@ -292,9 +311,10 @@ class Run:
             raise FileNotFoundError(f"{self.dir.scores} is missing or was computed for other "
                                     "inputs: run the score stage first")
         scores = load_file(str(self.dir.scores))
-        model = self._working_copy(self.original(), mutable=True)
+        search_dtype = resolve_dtype(r.amp.search_dtype or r.amp.dtype)
+        model = self._working_copy(self.original(), mutable=True, dtype=search_dtype)
         _, val = self.batches()
-        val = [cast_batch(b, self.device, self.dtype) for b in val]
+        val = [cast_batch(b, self.device, search_dtype) for b in val]
         check_inputs("prune", model, val, "validation")
         imp = self.importance().load_scores(scores, model)
         c = r.amp.cache
@@ -316,7 +336,7 @@ class Run:
             write_json(self.dir.prune_meta, {
                 "fingerprint": fp,
                 "output_sha256": content_fingerprint(self.dir.pruned, self._hashes()),
-                "result": result})
+                "result": result, "data": self.data_used["validation"]})
         ddp.barrier()
         self._models["pruned"] = model
         b, a = result["mlp_params"]["before"], result["mlp_params"]["after"]

@@ -16,12 +16,13 @@ from __future__ import annotations
 import math
 import time
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..config import Recipe
+from ..config import DataConfig, Recipe
 from ..core.adapter import vision_tower
 from ..core.cost import count_flops, count_mlp_params, count_params
 from ..core.mlp import find_mlps
@@ -68,6 +69,38 @@ def search_cost(n_blocks: int, max_steps: int, calib_images: int, val_images: in
     }
 
 
+# ImageNet-1k's folders, the authors' data: what `all` means when the folder is not here
+IMAGENET_TRAIN, IMAGENET_VAL = 1_281_167, 50_000
+
+
+def _folder_images(root: str | None) -> int | None:
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    if root is None or not Path(root).is_dir():
+        return None
+    return sum(1 for p in Path(root).rglob("*") if p.suffix.lower() in IMG_EXTENSIONS)
+
+
+def data_counts(d: DataConfig) -> tuple[int, int, list[str]]:
+    """(calibration images, validation images, what was assumed): `all` counts the
+    folder, or assumes ImageNet-1k's size where the folder is not on this machine."""
+    assumed = []
+
+    def whole(root, imagenet, key):
+        n = _folder_images(root)
+        if n is None:
+            assumed.append(f"{key}: all of {root}, assumed ImageNet-1k's {imagenet:,} images")
+            return imagenet
+        return n
+
+    val = (whole(d.val_root, IMAGENET_VAL, "data.val_images") if d.val_images == "all"
+           else d.val_images)
+    if d.calib_images != "all":
+        return d.calib_images, val, assumed
+    calib = whole(d.root, IMAGENET_TRAIN, "data.calib_images")
+    return (calib if d.val_from == "val_root" else calib - val), val, assumed
+
+
 def plan(recipe: Recipe) -> dict[str, Any]:
     t0 = time.perf_counter()
     spec = recipe.model
@@ -89,8 +122,10 @@ def plan(recipe: Recipe) -> dict[str, Any]:
         row["share_of_params"] = row["params"] / params
     bytes_per = torch.finfo(resolve_dtype(recipe.amp.dtype)).bits // 8
     d = recipe.data
-    cost = search_cost(len(views), recipe.amp.max_steps, d.calib_images, d.val_images,
+    calib_images, val_images, assumed = data_counts(d)
+    cost = search_cost(len(views), recipe.amp.max_steps, calib_images, val_images,
                        d.batch_size)
+    cost["assumed"] = assumed
     val_imgs = cost["validation"]["images"]
     cost["validation"]["state_cache_bytes"] = val_imgs * tokens * width * bytes_per * len(views)
     return {

@@ -54,6 +54,12 @@ def registry_errors(r: Recipe) -> list[str]:
     for key in source.required_keys:
         if getattr(r.data, key) is None:
             errors.append(f"data.{key}: data.kind {r.data.kind!r} needs it")
+    if r.data.transform not in source.transforms:
+        errors.append(f"data.transform: data.kind {r.data.kind!r} applies "
+                      f"{' or '.join(source.transforms)}, not {r.data.transform!r}")
+    if r.data.val_from == "val_root" and not source.separate_val:
+        errors.append(f"data.val_from: data.kind {r.data.kind!r} validates on images of "
+                      "data.root only")
     info = criterion_info(r.amp.criterion)
     if not info.accepts(set(source.gives)):
         gives = ", ".join(sorted(source.gives)) or "images only"

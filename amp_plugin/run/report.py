@@ -53,6 +53,11 @@ def build_report(recipe: Recipe, run_dir: str | Path | RunDir,
         "inv_temperature": recipe.amp.inv_temperature,
     }
     report.update({k: prune[k] for k in PRUNE_KEYS if k in prune})
+    # calibration and validation images: counts, folders, whole folder or a subset
+    data = {"calibration": (rd.stage_meta("score") or {}).get("data"),
+            "validation": (rd.stage_meta("prune") or {}).get("data")}
+    if any(data.values()):
+        report["data"] = data
     report.update({k: ev[k] for k in _eval_sections() if k in ev})
     distill = rd.stage_meta("distill")
     if distill is not None:
