@@ -5,7 +5,8 @@ A new source is one module here with a `@register_source` class and one import b
 from . import coco, digits, imagefolder  # noqa: F401  (each module registers itself)
 from .base import DataSource, Split, get_source, list_sources, register_source
 from .digits import digits_raw, digits_splits
+from .loader import amp_loader
 from .transforms import batches, eval_transform, to_model_input
 
-__all__ = ["DataSource", "Split", "batches", "digits_raw", "digits_splits", "eval_transform",
-           "get_source", "list_sources", "register_source", "to_model_input"]
+__all__ = ["DataSource", "Split", "amp_loader", "batches", "digits_raw", "digits_splits",
+           "eval_transform", "get_source", "list_sources", "register_source", "to_model_input"]

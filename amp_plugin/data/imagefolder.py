@@ -4,11 +4,12 @@ read with torchvision's ImageFolder and the evaluation transform."""
 from __future__ import annotations
 
 import torch
+from torch.utils.data import Dataset, Subset
 
 from ..config import DataConfig
 from .base import DataSource, Split, choose_disjoint, register_source
 from .digits import write_digit_images
-from .transforms import batches, eval_transform
+from .transforms import eval_transform
 
 
 def image_folder(root: str, cfg: DataConfig):
@@ -16,6 +17,19 @@ def image_folder(root: str, cfg: DataConfig):
 
     return datasets.ImageFolder(root, transform=eval_transform(cfg.image_size, cfg.mean,
                                                                cfg.std))
+
+
+class ImagesOnly(Dataset):
+    """The images of a labelled dataset (criteria that need no labels)."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.dataset[i][0]
 
 
 def stack(dataset, indices) -> Split:
@@ -29,15 +43,13 @@ class ImageFolderSource(DataSource):
     gives = frozenset({"labels"})
     required_keys = ("root",)
 
-    def amp_batches(self, cfg, seed, extra=None, model=None, show_progress=True):
+    def amp_datasets(self, cfg, seed, extra=None, model=None, show_progress=True):
         ds = image_folder(cfg.root, cfg)
         order = choose_disjoint(len(ds), cfg.calib_images, cfg.val_images, seed, "data.root")
-        calib = stack(ds, order[:cfg.calib_images])
-        val = stack(ds, order[cfg.calib_images:])
-        with_labels = extra == "labels"
-        return (batches(calib.images, cfg.batch_size, False,
-                        calib.labels if with_labels else None),
-                batches(val.images, cfg.batch_size, True, val.labels if with_labels else None))
+        if extra != "labels":
+            ds = ImagesOnly(ds)
+        return (Subset(ds, order[:cfg.calib_images].tolist()),
+                Subset(ds, order[cfg.calib_images:].tolist()))
 
     def labelled_splits(self, cfg, seed, max_train=None):
         if cfg.val_root is None:

@@ -8,7 +8,9 @@ validation batches once, whatever the stages.
 
     train    demo only: SimCLR teacher on the digits, cached at recipe.train.checkpoint
     score    AMPImportance over the calibration batches      -> scores.safetensors
+             (checkpointed every amp.checkpoint_every batches; a killed run resumes)
     prune    AMPPruner over the validation batches            -> pruned/, prune.json
+             (each decided block checkpointed; a killed run resumes at the next)
     distill  DeepSpeed distillation from the original model   -> distilled/
     eval     the recipe's eval tasks on every model            -> eval.json
     report   everything in one report.json, table and plots   -> report.json, plots/
@@ -23,20 +25,22 @@ from pathlib import Path
 import torch
 import yaml
 from rich.console import Console
+from safetensors import safe_open
 from safetensors.torch import load_file, save
 from torch import nn
 
 from ..config import STAGES, Recipe
 from ..core.adapter import vision_tower
 from ..core.criterion import criterion_info
-from ..core.importance import AMPImportance
+from ..core.importance import AMPImportance, ScoreState
 from ..core.models import create_model
 from ..core.pruner import AMPPruner
+from ..core.search import SearchState
 from ..core.serialization import is_pruned_dir, load_pruned, read_manifest, save_pruned
-from ..data import get_source
+from ..data import amp_loader, get_source
 from ..utils import dist as ddp
 from ..utils.io import atomic_write, deep_merge, fingerprint, read_json, write_json
-from ..utils.tensors import cast_batch, resolve_device, resolve_dtype, split_batch
+from ..utils.tensors import CastBatches, resolve_device, resolve_dtype, split_batch
 from .layout import RunDir
 
 
@@ -54,7 +58,7 @@ class Run:
         self.dtype = resolve_dtype(recipe.amp.dtype)
         self.seconds: dict[str, float] = {}
         self._original: nn.Module | None = None
-        self._batches: tuple[list, list] | None = None
+        self._datasets: tuple | None = None
         self._models: dict[str, nn.Module] = {}  # pruned / distilled made in this process
 
     def preflight(self, stages: list[str]) -> None:
@@ -120,20 +124,27 @@ class Run:
             model = copy.deepcopy(model).to(self.device, self.dtype)
         return model.eval()
 
-    def batches(self) -> tuple[list, list]:
-        """(calibration, validation) batches of this rank, built once per process."""
-        if self._batches is None:
+    def datasets(self) -> tuple:
+        """(calibration, validation) datasets in their seeded order, built once per process."""
+        if self._datasets is None:
             r = self.recipe
             info = criterion_info(r.amp.criterion)
             extra = {"text": "text", "labels": "labels"}.get(info.needs)
             if info.needs == "text_or_labels":
                 extra = "text" if "text" in get_source(r.data.kind).gives else "labels"
-            calib, val = get_source(r.data.kind).amp_batches(
+            self._datasets = get_source(r.data.kind).amp_datasets(
                 r.data, r.seed, extra=extra, model=self.original(),
                 show_progress=self.show_progress)
-            self._batches = ([ddp.shard(b, "calibration batch") for b in calib],
-                             [ddp.shard(b, "validation batch") for b in val])
-        return self._batches
+        return self._datasets
+
+    def loader(self, which: str, start_batch: int = 0) -> CastBatches:
+        """This rank's calibration or validation batches, streamed by a DataLoader, on the
+        run's device and dtype; validation drops its last incomplete batch."""
+        d = self.recipe.data
+        calib, val = self.datasets()
+        dataset = calib if which == "calibration" else val
+        loader = amp_loader(dataset, d.batch_size, d.workers, which == "validation", start_batch)
+        return CastBatches(loader, self.device, self.dtype)
 
     # ---- stages -------------------------------------------------------------------------
     def _done(self, stage: str, fp: str) -> dict | None:
@@ -164,7 +175,7 @@ class Run:
         if ddp.is_main():
             save_pruned(model, ckpt, meta={"fingerprint": fp, "simclr_loss": history})
         ddp.barrier()
-        self._original, self._batches = model.eval(), None  # the trained teacher is the original
+        self._original, self._datasets = model.eval(), None  # the trained teacher is the original
         self.log(f"teacher: trained {r.train.epochs} epochs (loss {history[0]:.3f} -> "
                  f"{history[-1]:.3f}), saved to {ckpt}")
 
@@ -189,18 +200,47 @@ class Run:
             model = self._working_copy(self.original(), mutable=True)
             tower, adapter = vision_tower(model)
             adapter.set_grad_checkpointing(tower, True)
-        calib, _ = self.batches()
         imp = self.importance()
+        resume = self._score_resume(fp)
         t0 = time.perf_counter()
-        scores = imp.accumulate(model, [cast_batch(b, self.device, self.dtype) for b in calib])
+        scores = imp.accumulate(
+            model, self.loader("calibration", resume.batches if resume else 0), resume=resume,
+            checkpoint=lambda state: self._score_checkpoint(fp, state),
+            every=self.recipe.amp.checkpoint_every)
         self.seconds["score"] = time.perf_counter() - t0
         if ddp.is_main():
             atomic_write(self.dir.scores, save({k: v.contiguous() for k, v in scores.items()}))
             write_json(self.dir.scores_meta, {"fingerprint": fp, "batches": imp.num_batches,
                                               "seconds": self.seconds["score"]})
         ddp.barrier()  # other ranks look for the scores file only once it is written
+        self.dir.score_progress(ddp.rank()).unlink(missing_ok=True)
         self.log(f"score: {len(scores)} MLPs over {imp.num_batches} calibration batches")
         return scores
+
+    def _score_checkpoint(self, fp: str, state: ScoreState) -> None:
+        """This rank's partial sums, position and sampler (rank, world size), atomically."""
+        meta = {"fingerprint": fp, "batches": str(state.batches), "rank": str(ddp.rank()),
+                "world_size": str(ddp.world_size())}
+        atomic_write(self.dir.score_progress(ddp.rank()),
+                     save({k: v.contiguous() for k, v in state.sums.items()}, metadata=meta))
+
+    def _score_resume(self, fp: str) -> ScoreState | None:
+        """The partial sums of a killed score stage, when every rank has them for the same
+        inputs, sampler and position; else None (start over)."""
+        path, state = self.dir.score_progress(ddp.rank()), None
+        if path.is_file():
+            with safe_open(str(path), "pt") as f:
+                meta = f.metadata()
+                if meta == {"fingerprint": fp, "batches": meta["batches"],
+                            "rank": str(ddp.rank()), "world_size": str(ddp.world_size())}:
+                    state = ScoreState({k: f.get_tensor(k) for k in f.keys()},
+                                       int(meta["batches"]))
+        position = float(state.batches if state else -1)
+        same = ddp.agree(position) ** 2 == ddp.agree(position * position)  # no spread
+        if not same or position < 0:
+            return None  # some rank has none, or another position: all start over
+        self.log(f"score: resumed after {state.batches} calibration batches")
+        return state
 
     def stage_prune(self) -> dict:
         r = self.recipe
@@ -214,15 +254,26 @@ class Run:
                                     "inputs: run the score stage first")
         scores = load_file(str(self.dir.scores))
         model = self._working_copy(self.original(), mutable=True)
-        _, val = self.batches()
-        val = [cast_batch(b, self.device, self.dtype) for b in val]
+        val = self.loader("validation")
         imp = self.importance().load_scores(scores, model)
+        saved = read_json(self.dir.prune_progress)
+        resume = (SearchState.from_dict(saved["state"]) if saved is not None
+                  and saved.get("fingerprint") == fp else None)
+
+        def on_decided(state: SearchState) -> None:
+            if ddp.is_main():
+                write_json(self.dir.prune_progress, {"fingerprint": fp,
+                                                     "state": state.to_dict()})
+
         c = r.amp.cache
+        example = split_batch(next(iter(val)))[0][:1]
         pruner = AMPPruner(
-            model, split_batch(val[0])[0][:1], imp, val, r.amp.threshold, r.amp.max_steps,
+            model, example, imp, val, r.amp.threshold, r.amp.max_steps,
             r.amp.round_to, cache_device_bytes=int(c.device_gib * 2**30),
             cache_host_bytes=int(c.host_gib * 2**30), cache_dir=c.dir,
-            show_progress=self.show_progress, log=self.log)
+            cache_disk_bytes=None if c.disk_gib is None else int(c.disk_gib * 2**30),
+            show_progress=self.show_progress, log=self.log, resume=resume,
+            on_decided=on_decided)
         result = pruner.step().to_dict()
         self.seconds["prune"] = result["seconds"]
         model = model.float()
@@ -230,6 +281,7 @@ class Run:
             save_pruned(model, self.dir.pruned,
                         meta={"threshold": r.amp.threshold, "source": self.original_source()})
             write_json(self.dir.prune_meta, {"fingerprint": fp, "result": result})
+            self.dir.prune_progress.unlink(missing_ok=True)
         ddp.barrier()
         self._models["pruned"] = model
         b, a = result["mlp_params"]["before"], result["mlp_params"]["after"]
