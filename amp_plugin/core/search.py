@@ -138,7 +138,7 @@ class EntropyEval:
         self.cache = None
         self.mode = "none (full forward per trial)"
         self.extras: list = []  # what the criterion needs besides images, per batch (small)
-        if self.block_of is not None:
+        if self.block_of:  # None: full passes; empty: nothing left to search
             self.cache = cache or StateCache()
 
             def images():

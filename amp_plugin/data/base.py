@@ -4,8 +4,9 @@ A data source turns the recipe's `data` section into (a) the calibration and val
 datasets of the score and prune stages, in a fixed order chosen by the seed (`amp_datasets`;
 `loader.amp_loader` streams them in batches, sharded over ranks, never materialised), (b)
 labelled train/test splits for kNN and linear-probe evaluation, and (c) training images
-for distillation and the demo teacher. It declares what its AMP batches can carry besides images (`gives`: labels,
-text), so a criterion that needs more is refused when the recipe is loaded.
+for distillation and the demo teacher. It declares what its AMP batches can carry
+besides images (`gives`: labels, text), so a criterion that needs more is refused when
+the recipe is loaded.
 
 A new source is one module in this package with a `@register_source` class, plus one
 import line in `amp_plugin/data/__init__.py`.

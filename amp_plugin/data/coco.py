@@ -147,4 +147,4 @@ class Coco(DataSource):
         captions.write_text(json.dumps({"images": images, "annotations": anns}))
         return {"kind": "coco", "root": str(root / "images"), "captions": str(captions),
                 "image_size": 32, "mean": [0.5] * 3, "std": [0.5] * 3, "calib_images": 128,
-                "val_images": 128, "batch_size": 64}
+                "val_images": 128, "batch_size": 64, "workers": 2}

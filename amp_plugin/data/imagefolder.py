@@ -64,7 +64,8 @@ class ImageFolderSource(DataSource):
         write_digit_images(root / "val", range(300, 400))
         return {"kind": "imagefolder", "root": str(root / "train"),
                 "val_root": str(root / "val"), "image_size": 32, "mean": [0.5] * 3,
-                "std": [0.5] * 3, "calib_images": 128, "val_images": 128, "batch_size": 64}
+                "std": [0.5] * 3, "calib_images": 128, "val_images": 128, "batch_size": 64,
+                "workers": 2}
 
     def train_images(self, cfg, seed):
         from torchvision.datasets import ImageFolder
