@@ -261,8 +261,8 @@ def adaptive_search(
     state = resume or SearchState()
     trace = state.trace
     names = [n for n in list(views)[::-1] if n not in state.sizes]
-    with Bar(description, len(views), show_progress, status=evaluate.mode.split(" (")[0]
-             ) as bar:
+    cache = f"cache: {evaluate.mode.split(' (')[0]}"
+    with Bar(description, len(views), show_progress, status=cache) as bar:
         bar.advance(len(views) - len(names))
         for name in names:
             view = views[name]
@@ -277,7 +277,8 @@ def adaptive_search(
 
             def accept(size: int, name=name, view=view, order=order, measured=measured,
                        reference=reference, steps=steps) -> bool:
-                bar.note(f"{name}: step {next(steps)}/{max_steps}, size {size}/{view.hidden}")
+                bar.note(f"{name}: step {next(steps)}/{max_steps}, size {size}/{view.hidden}; "
+                         f"{cache}")
                 if size not in measured:
                     with candidate(name, view, order[:size]):
                         measured[size] = evaluate(name)
