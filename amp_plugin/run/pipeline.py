@@ -230,8 +230,8 @@ class Run:
         path, state = self.dir.score_progress(ddp.rank()), None
         if path.is_file():
             with safe_open(str(path), "pt") as f:
-                meta = f.metadata()
-                if meta == {"fingerprint": fp, "batches": meta["batches"],
+                meta = f.metadata() or {}
+                if meta == {"fingerprint": fp, "batches": meta.get("batches"),
                             "rank": str(ddp.rank()), "world_size": str(ddp.world_size())}:
                     state = ScoreState({k: f.get_tensor(k) for k in f.keys()},
                                        int(meta["batches"]))
