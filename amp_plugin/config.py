@@ -106,6 +106,8 @@ class CacheConfig(Strict):
     device_gib: float = Field(default=2.0, ge=0, description="states kept on the device up to")
     host_gib: float = Field(default=8.0, ge=0, description="then in host memory up to")
     dir: str | None = Field(default=None, description="then on disk here (default: tmp)")
+    disk_gib: float | None = Field(default=64.0, ge=0, description="up to (null: no limit); "
+                                   "beyond the three, the cache is checkpointed (sqrt(L) blocks)")
 
 
 class AMPConfig(Strict):
@@ -122,6 +124,8 @@ class AMPConfig(Strict):
         "float32 with dtype bf16 scores in bf16 and decides sizes in float32"))
     device: str = "auto"
     cache: CacheConfig = Field(default_factory=CacheConfig)
+    checkpoint_every: int = Field(default=50, gt=0, description="calibration batches between "
+                                  "checkpoints of the score stage (a killed run resumes)")
 
     @field_validator("criterion")
     @classmethod

@@ -16,6 +16,13 @@ def _fmt(n: float) -> str:
     return str(n)
 
 
+def _flops(n: float) -> str:
+    for unit, scale in (("EFLOP", 1e18), ("PFLOP", 1e15), ("TFLOP", 1e12)):
+        if n >= scale:
+            return f"{n / scale:,.3g} {unit}"
+    return f"{n:.3g} FLOP"
+
+
 def show(p: dict) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -54,20 +61,47 @@ def show(p: dict) -> None:
                  f"{v['image_forwards_cached']:,} images")
     cost.add_row("state cache", f"{v['state_cache_bytes'] / 2**30:.2f} GiB ({p['dtype']})")
     console.print(cost)
+
+    a = s["at_data_size"]
+    f, b = a["flops"], a["cache_bytes_per_rank"]
+    scale = Table(title=f"at {a['calib_images']:,} calibration and {a['val_images']:,} "
+                        f"validation images, {a['ranks']} rank(s)")
+    scale.add_column("")
+    scale.add_column("value", justify="right")
+    c = a["chosen"]
+    scale.add_row("score FLOPs (forward + input-gradient backward)", _flops(f["score"]))
+    scale.add_row("search FLOPs, reference procedure", _flops(f["search_reference"]))
+    scale.add_row("search FLOPs, full state cache (at most)", _flops(f["search_cached"]))
+    scale.add_row("search FLOPs, checkpointed every sqrt(L) (at most)",
+                  _flops(f["search_checkpointed"]))
+    scale.add_row("state cache per rank, full", f"{b['full'] / 2**30:,.2f} GiB")
+    scale.add_row("state cache per rank, checkpointed every sqrt(L)",
+                  f"{b['checkpointed'] / 2**30:,.2f} GiB")
+    scale.add_row("cache budget per rank (amp.cache)", f"{b['budget'] / 2**30:,.2f} GiB")
+    scale.add_row("chosen: mode / bytes / search FLOPs", f"{c['mode']} / "
+                  f"{c['bytes'] / 2**30:,.2f} GiB / {_flops(c['search_flops'])}")
+    console.print(scale)
     console.print(f"FLOP counter: {p['flop_counter']}; planned in {p['seconds']:.1f}s "
                   "on the meta device")
 
 
 @user_errors
 def plan_cmd(recipe: str = typer.Argument(..., help="recipe file or shipped name"),
-             json_out: Path = typer.Option(None, "--json", help="also write the plan here")
+             json_out: Path = typer.Option(None, "--json", help="also write the plan here"),
+             calib_images: int = typer.Option(None, help="plan at this many calibration images "
+                                              "(default: the recipe's)"),
+             val_images: int = typer.Option(None, help="plan at this many validation images"),
+             ranks: int = typer.Option(1, min=1, help="processes sharing the validation states")
              ) -> None:
-    """Parameters, FLOPs, MLP inventory and search cost (meta device: no weights)."""
+    """Parameters, FLOPs, MLP inventory, search cost and its FLOPs and cache bytes at a data
+    size (meta device: no weights)."""
     from amp_plugin import plan
     from amp_plugin.utils.io import write_json
 
-    r = load(recipe, None, check_paths=False)
-    p = plan(r)
+    sizes = {f"data.{k}": v for k, v in (("calib_images", calib_images),
+                                         ("val_images", val_images)) if v is not None}
+    r = load(recipe, [f"{k}={v}" for k, v in sizes.items()], check_paths=False)
+    p = plan(r, ranks=ranks)
     show(p)
     missing = {k: v for k, v in r.required_paths().items() if not Path(v).exists()}
     for key, path in missing.items():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 
 import pytest
@@ -217,8 +218,52 @@ def test_search_on_disk_cache_gives_same_sizes(tmp_path):
                                cache_dir=str(tmp_path))
         result = pruner.step()
         sizes.append(result.hidden_sizes)
-        assert result.cache.startswith("disk") == (device_bytes == 0)
+        assert ("disk" in result.cache) == (device_bytes == 0)
     assert sizes[0] == sizes[1]
+
+
+@pytest.mark.parametrize("tier", ["device", "disk"])
+def test_checkpointed_cache_equals_full_cache(tier, tmp_path):
+    """A budget of half the full cache: states kept at every sqrt(L)-th block and
+    recomputed up to the searched one give the sizes and trace of the full cache."""
+    val = [digit_images(16, offset=16 * i) for i in range(2)]
+    results = []
+    for budget in (1 << 30, None):
+        model = small_vit("mlp", seed=3, depth=6)
+        imp = amp.AMPImportance(inv_temperature=20.0, show_progress=False)
+        imp.accumulate(model, val)
+        if budget is None:  # half of what the full cache measured
+            budget = results[0].extra["cache_bytes"]["full"] // 2
+        limits = ((budget, 0, None, 0) if tier == "device" else (0, 0, str(tmp_path), budget))
+        log = []
+        results.append(amp.AMPPruner(
+            model, val[0][:1], imp, val, 3e-3, show_progress=False, log=log.append,
+            cache_device_bytes=limits[0], cache_host_bytes=limits[1], cache_dir=limits[2],
+            cache_disk_bytes=limits[3]).step())
+    full, ckpt = results
+    assert full.cache.startswith("full") and ckpt.cache.startswith("checkpointed at blocks")
+    assert (tier in ckpt.cache) and "exceeds the budget" in ckpt.cache and "MiB" in ckpt.cache
+    assert "checkpointed" in log[0]
+    assert ckpt.hidden_sizes == full.hidden_sizes
+    assert [dataclasses.astuple(t) for t in ckpt.trace] == [
+        dataclasses.astuple(t) for t in full.trace]
+    assert ckpt.entropy == full.entropy
+    # 6 blocks: checkpoints at 0, 3 (k = 3) and at most one recomputed block held
+    full_bytes = full.extra["cache_bytes"]["full"]
+    assert ckpt.extra["cache_bytes"]["full"] == full_bytes
+    assert ckpt.extra["cache_bytes"]["peak"] == 3 * full_bytes // 6
+    assert ckpt.extra["recomputed_blocks"] == 1 + 2 + 1 + 2  # blocks 1, 2, 4, 5 from 0 and 3
+    assert any(s < 256 for s in full.hidden_sizes.values())
+
+
+def test_cache_below_checkpoint_needs_names_the_budget():
+    val = [digit_images(16)]
+    model = small_vit("mlp", seed=3, depth=4)
+    imp = amp.AMPImportance(inv_temperature=20.0, show_progress=False)
+    imp.accumulate(model, val)
+    with pytest.raises(MemoryError, match=r"budget of .*\(amp.cache.device_gib"):
+        amp.AMPPruner(model, val[0][:1], imp, val, 3e-3, show_progress=False,
+                      cache_device_bytes=1000, cache_host_bytes=0, cache_disk_bytes=0).step()
 
 
 def test_round_to_gives_multiples():

@@ -1,5 +1,7 @@
 """`torchrun --nproc_per_node 2 amp prune RECIPE` (gloo, CPU) gives the scores and hidden
-sizes of a 1-process run over the same global batches."""
+sizes of a 1-process run over the same global batches, with each rank streaming its share
+of every batch (DistributedSampler) and caching only its shard of the validation states,
+here under a budget that makes the cache checkpointed."""
 
 from __future__ import annotations
 
@@ -55,8 +57,13 @@ def test_two_processes_equal_one(tmp_path: Path) -> None:
     recipe = _recipe(tmp_path)
     one, two = tmp_path / "one", tmp_path / "two"
     _run([AMP, "prune", str(recipe), "--out", str(one), "--no-progress"], tmp_path)
+    # per rank: 32 images x 17 tokens x 64 x 4 bytes = 0.133 MiB per block, 0.398 MiB for 3;
+    # the budget holds 2 blocks: one checkpoint and the block being searched
+    budget = ["--set", "amp.cache.device_gib=0.00027", "--set", "amp.cache.host_gib=0",
+              "--set", "amp.cache.disk_gib=0"]
     log = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-          "2", AMP, "prune", str(recipe), "--out", str(two), "--no-progress"], tmp_path)
+                "2", AMP, "prune", str(recipe), "--out", str(two), "--no-progress", *budget],
+               tmp_path)
 
     s1, s2 = load_file(str(one / "scores.safetensors")), load_file(str(two / "scores.safetensors"))
     assert s1.keys() == s2.keys() and len(s1) == 3
@@ -69,6 +76,9 @@ def test_two_processes_equal_one(tmp_path: Path) -> None:
     assert r2["hidden_sizes"] == r1["hidden_sizes"]
     assert any(v < 256 for v in r1["hidden_sizes"].values())  # the search did prune
     assert [t["size"] for t in r2["trace"]] == [t["size"] for t in r1["trace"]]
+    assert r1["cache"].startswith("full") and r2["cache"].startswith("checkpointed at blocks [0]")
+    assert r2["extra"]["cache_bytes"] == {"full": 417792, "peak": 278528}  # one rank's shard
+    assert r1["extra"]["cache_bytes"]["full"] == 2 * 417792
     for key in ("before", "after"):
         assert r2["entropy"][key] == pytest.approx(r1["entropy"][key], rel=1e-5)
 

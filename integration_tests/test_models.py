@@ -389,7 +389,8 @@ def _coco(tmp_path: Path, n: int) -> tuple[Path, Path, list[list[str]]]:
 def test_caption_batches_feed_clip_entropy(tmp_path: Path) -> None:
     import open_clip
 
-    from amp_plugin.data.coco import caption_batches
+    from amp_plugin.data import get_source
+    from amp_plugin.data.coco import caption_datasets
 
     root, file, captions = _coco(tmp_path, 20)
     cfg = model_config("ViT-B-32", {"vision_cfg": {"layers": 1, "image_size": 64},
@@ -400,9 +401,10 @@ def test_caption_batches_feed_clip_entropy(tmp_path: Path) -> None:
     r = amp.Recipe.model_validate({
         "name": "coco", "output_dir": str(tmp_path / "run"), "model": spec,
         "data": {"kind": "coco", "root": str(root), "captions": str(file), "image_size": 64,
-                 "calib_images": 10, "val_images": 10, "batch_size": 4},
+                 "calib_images": 10, "val_images": 10, "batch_size": 4, "workers": 0},
         "amp": {"criterion": "clip_entropy", "inv_temperature": 15}})
-    calib, val = caption_batches(r.data, r.seed, model, show_progress=False)
+    calib, val = get_source("coco").amp_batches(r.data, r.seed, model=model,
+                                                show_progress=False)
     assert [len(b[0]) for b in calib] == [4, 4, 2]  # calibration keeps its last batch
     assert [len(b[0]) for b in val] == [4, 4]  # validation drops it
     assert calib[0][0].shape == (4, 3, 64, 64) and calib[0][1].shape == (4, 512)
@@ -447,4 +449,4 @@ def test_caption_batches_feed_clip_entropy(tmp_path: Path) -> None:
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"images": []}))
     with pytest.raises(ValueError, match="data.captions: .*bad.json is not a COCO captions"):
-        caption_batches(r.data.model_copy(update={"captions": str(bad)}), r.seed, model)
+        caption_datasets(r.data.model_copy(update={"captions": str(bad)}), r.seed, model)

@@ -142,3 +142,30 @@ def test_plan_builds_what_run_builds_with_nested_kwargs(tmp_path):
     assert p["params"] == count_params(tower)
     assert p["width"] == 768  # the rest of ViT-B-32's vision_cfg is kept, not replaced
     assert len(model.transformer.resblocks) == 1
+
+
+def test_cost_at_imagenet_scale() -> None:
+    """ViT-g at the authors' data size on 8 ranks: FLOPs and cache bytes per mode."""
+    r = load_recipe("open_clip_g", {"data.calib_images": 1281167, "data.val_images": 50000},
+                    check_paths=False)
+    p = plan(r, ranks=8)
+    a = p["search"]["at_data_size"]
+    v = 50000 // r.data.batch_size * r.data.batch_size
+    per_block = 257 * 1408 * 2 * math.ceil(v / 8)  # tokens x width x bf16, one rank's shard
+    assert a["val_images"] == v and a["ranks"] == 8
+    assert a["flops"]["score"] == 2 * p["flops"] * 1281167
+    assert a["flops"]["search_reference"] == (40 * 6 + 1) * p["flops"] * v
+    assert a["flops"]["search_cached"] == pytest.approx((1 + 6 * 41 / 2) * p["flops"] * v)
+    assert a["cache_bytes_per_rank"]["full"] == 40 * per_block
+    # checkpoints at blocks 0, 7, ..., 35 (every ceil(sqrt(40)) = 7th) + the searched block
+    assert a["cache_bytes_per_rank"]["checkpointed"] == 7 * per_block
+    recompute = sum(i % 7 for i in range(35)) + sum(range(5))
+    assert a["flops"]["search_checkpointed"] == pytest.approx(
+        a["flops"]["search_cached"] + recompute * p["flops"] / 40 * v)
+    assert a["cache_bytes_per_rank"]["budget"] == (2 + 8 + 64) * 2**30
+    assert a["chosen"] == {"mode": "checkpointed", "bytes": 7 * per_block,
+                           "search_flops": a["flops"]["search_checkpointed"]}
+    out = CliRunner().invoke(app, ["plan", "open_clip_g", "--val-images", "50000",
+                                   "--ranks", "8"], env={"COLUMNS": "200"})
+    assert out.exit_code == 0, out.output
+    assert "checkpointed / 29.44 GiB" in out.output

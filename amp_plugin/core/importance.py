@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from contextlib import ExitStack
+from dataclasses import dataclass
 
 import torch
 import torch_pruning as tp
@@ -44,6 +45,14 @@ class _TaylorTap(torch.autograd.Function):
             per_image = per_image.abs()
         ctx.slot.add_(per_image.sum(dim=0))
         return g, None, None
+
+
+@dataclass
+class ScoreState:
+    """One rank's partial score sums (float64) after `batches` calibration batches."""
+
+    sums: dict[str, torch.Tensor]
+    batches: int
 
 
 class AMPImportance(tp.importance.Importance):
@@ -86,9 +95,15 @@ class AMPImportance(tp.importance.Importance):
         project = self.projects(extra) if joint is None else joint
         return adapter.project(tower, feats) if project else feats
 
-    def accumulate(self, model: nn.Module, batches: Iterable) -> dict[str, torch.Tensor]:
+    def accumulate(self, model: nn.Module, batches: Iterable, resume: ScoreState | None = None,
+                   checkpoint: Callable[[ScoreState], None] | None = None, every: int = 0
+                   ) -> dict[str, torch.Tensor]:
         """Forward and backward over calibration `batches` with parameters frozen; adds the
-        per-batch scores and returns the running mean ({MLP name: 1-D scores})."""
+        per-batch scores and returns the running mean ({MLP name: 1-D scores}).
+
+        `checkpoint(state)` receives this rank's partial sums and position every `every`
+        batches; a pass resumed from that `state` over the batches after its position
+        ends with the same scores, bit for bit."""
         tower, _ = vision_tower(model)
         mark_packed_gates(tower)  # a Torch-Pruning pruner built after this prunes them right
         views = find_mlps(tower)
@@ -96,6 +111,11 @@ class AMPImportance(tp.importance.Importance):
             raise ValueError(f"no MLP found in {type(tower).__name__}")
         device = device_of(model)
         sums = {n: torch.zeros(v.hidden, dtype=torch.float64) for n, v in views.items()}
+        position = 0
+        if resume is not None:
+            sums = {n: resume.sums[n].clone() for n in views}
+            position = resume.batches
+            self.num_batches += resume.batches
         previous = {n: s.double() * self.num_batches for n, s in self._scores.items()}
         slots = {n: torch.zeros(v.hidden, dtype=torch.float32, device=device)
                  for n, v in views.items()}
@@ -110,7 +130,8 @@ class AMPImportance(tp.importance.Importance):
                     hook = v.output.register_forward_pre_hook(self._tap(slots[n]))
                     stack.callback(hook.remove)
                 batches = list(batches) if not hasattr(batches, "__len__") else batches
-                for batch in progress(batches, "AMP scoring", enabled=self.show_progress):
+                for batch in progress(batches, "AMP scoring", enabled=self.show_progress,
+                                      unit="img", status=f"from batch {position}"):
                     images, extra = split_batch(batch)
                     # detach(): the caller's own tensor keeps requires_grad as it was
                     images = images.to(device).detach().requires_grad_(True)
@@ -123,6 +144,9 @@ class AMPImportance(tp.importance.Importance):
                     for n in views:
                         sums[n] += slots[n].double().cpu() / n_global
                     self.num_batches += 1
+                    position += 1
+                    if checkpoint is not None and every and position % every == 0:
+                        checkpoint(ScoreState(sums, position))
         finally:
             for p, flag in frozen:
                 p.requires_grad_(flag)

@@ -8,6 +8,7 @@ the MLP across a norm over the hidden dim), and a size is committed through the 
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
@@ -24,8 +25,10 @@ from .mlp import MLPView, find_mlps
 from .search import (
     EntropyEval,
     PruneResult,
+    SearchState,
     adaptive_search,
     check_search_args,
+    kept_neurons,
     tower_mlps,
 )
 from .tp import build_dependency_graph, prune_mlp
@@ -84,19 +87,24 @@ class AMPPruner:
         show_progress: bool = True,
         log: Callable[[str], None] | None = None,
         mlps: Sequence[str] | None = None,
+        cache_disk_bytes: int | None = None,
+        resume: SearchState | None = None,
+        on_decided: Callable[[SearchState], None] | None = None,
     ):
         check_search_args(threshold, max_steps, round_to)
-        if not val_batches:
+        if not len(val_batches):
             raise ValueError("val_batches is empty")
         self.model = model
         self.example_inputs = example_inputs
         self.importance = importance
         self.feature_fn = feature_fn
-        self.val_batches = list(val_batches)
+        self.val_batches = val_batches  # a list, or a loader streaming them
         self.threshold = threshold
         self.max_steps = max_steps
         self.round_to = round_to
-        self.cache_limits = (cache_device_bytes, cache_host_bytes, cache_dir)
+        self.cache_limits = (cache_device_bytes, cache_host_bytes, cache_dir, cache_disk_bytes)
+        self.resume, self.on_decided = resume, on_decided
+        self.cache: StateCache | None = None
         self.show_progress = show_progress
         self.log = log or (lambda msg: None)
         self.mlps = list(mlps) if mlps is not None else None
@@ -124,11 +132,18 @@ class AMPPruner:
                       flops=count_flops(tower, example))
         original = {n: v.hidden for n, v in find_mlps(tower).items()}
         dg = build_dependency_graph(tower, example)
-        evaluate = EntropyEval(self.model, self.importance, self.val_batches, views,
-                               StateCache(*self.cache_limits), self.show_progress,
-                               self.feature_fn)
-        self.log(f"validation states cached: {evaluate.mode} "
-                 f"({evaluate.nbytes / 2**20:.1f} MiB)")
+        if self.resume is not None:  # a resumed search: the decided sizes, as decided
+            for name, size in self.resume.sizes.items():
+                commit_keep = kept_neurons(scores[name], size)
+                if commit_keep is not None:
+                    prune_mlp(dg, views[name], commit_keep)
+            self.log(f"search resumed after {len(self.resume.sizes)} decided MLPs")
+        pending = {n: v for n, v in views.items()
+                   if self.resume is None or n not in self.resume.sizes}
+        self.cache = StateCache(*self.cache_limits)
+        evaluate = EntropyEval(self.model, self.importance, self.val_batches, pending,
+                               self.cache, self.show_progress, self.feature_fn)
+        self.log(f"validation states cached: {evaluate.mode}")
 
         def commit(name: str, view: MLPView, keep: torch.Tensor | None) -> None:
             if keep is not None:
@@ -140,7 +155,8 @@ class AMPPruner:
                 candidate=lambda name, view, keep: masked_or_sliced(tower, view, keep),
                 commit=commit, threshold=self.threshold, max_steps=self.max_steps,
                 round_to=self.round_to, index_of={n: i for i, n in enumerate(original)},
-                show_progress=self.show_progress)
+                show_progress=self.show_progress,
+                resume=copy.deepcopy(self.resume), on_decided=self.on_decided)
         finally:
             evaluate.close()
             self.model.train(was_training)
@@ -158,4 +174,6 @@ class AMPPruner:
             evaluations=out.evaluations,
             cache=evaluate.mode,
             seconds=time.perf_counter() - t0,
+            extra=dict(cache_bytes=dict(full=self.cache.full_bytes, peak=self.cache.peak_bytes),
+                       recomputed_blocks=self.cache.recomputed_blocks),
         )

@@ -5,8 +5,10 @@
                            is committed are parameters (AMPPruner prunes through the
                            dependency graph, the NNI pruner writes masks)
     EntropyEval            E_val over fixed validation batches, with the states entering
-                           every searched block cached once (`StateCache`), so a trial
-                           runs only blocks l..L-1; ranks agree on every value
+                           every searched block cached once (`StateCache`, full or
+                           checkpointed), so a trial runs only blocks l..L-1; ranks
+                           agree on every value
+    SearchState            what is decided so far: a killed search resumes from it
 
 With default options the sizes are exactly those of the reference procedure. A size
 already measured in the same block is not measured again.
@@ -15,7 +17,7 @@ already measured in the same block is not measured again.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field
 
@@ -24,7 +26,7 @@ from torch import nn
 
 from ..utils.dist import agree
 from ..utils.finite import NonFiniteError
-from ..utils.progress import progress
+from ..utils.progress import Bar
 from ..utils.tensors import device_of, split_batch, to_device
 from .adapter import vision_tower
 from .cache import StateCache
@@ -120,14 +122,15 @@ class EntropyEval:
     full forward pass instead.
     """
 
-    def __init__(self, model: nn.Module, importance: AMPImportance, val_batches: Sequence,
+    def __init__(self, model: nn.Module, importance: AMPImportance, val_batches: Iterable,
                  views: Mapping[str, MLPView], cache: StateCache | None = None,
                  show_progress: bool = True, feature_fn: Callable | None = None):
         self.model, self.importance = model, importance
         self.feature_fn = feature_fn or importance.feature_fn
         self.criterion = importance.criterion
-        self.val_batches = [split_batch(b) for b in val_batches]
-        if not self.val_batches:
+        # a list, or a re-iterable loader streaming the batches (only `full()` re-reads it)
+        self.val_batches = val_batches
+        if not len(val_batches):
             raise ValueError("val_batches is empty")
         self.tower, self.adapter = vision_tower(model)
         self.block_of = None
@@ -135,10 +138,16 @@ class EntropyEval:
             self.block_of = _block_index(self.adapter.blocks(self.tower), views)
         self.cache = None
         self.mode = "none (full forward per trial)"
-        if self.block_of is not None:
+        self.extras: list = []  # what the criterion needs besides images, per batch (small)
+        if self.block_of:  # None: full passes; empty: nothing left to search
             self.cache = cache or StateCache()
-            self.mode = self.cache.fill(self.tower, self.adapter,
-                                        [im for im, _ in self.val_batches],
+
+            def images():
+                for batch in val_batches:
+                    x, extra = split_batch(batch)
+                    self.extras.append(extra)
+                    yield x
+            self.mode = self.cache.fill(self.tower, self.adapter, images(), len(val_batches),
                                         starts=sorted(set(self.block_of.values())),
                                         show_progress=show_progress)
         self._pending = dict(self.block_of or {})
@@ -159,7 +168,7 @@ class EntropyEval:
             return self.full()
         start, device = self.block_of[name], device_of(self.model)
         n_blocks, total = len(self.adapter.blocks(self.tower)), 0.0
-        for b, (_, extra) in enumerate(self.val_batches):
+        for b, extra in enumerate(self.extras):
             state = self.cache.get(start, b)
             for i in range(start, n_blocks):
                 state = self.adapter.run_block(self.tower, i, state)
@@ -170,7 +179,8 @@ class EntropyEval:
     def full(self) -> float:
         """E_val by full forward passes."""
         device, total = device_of(self.model), 0.0
-        for images, extra in self.val_batches:
+        for batch in self.val_batches:
+            images, extra = split_batch(batch)
             images = images.to(device)
             feats = (self.feature_fn(self.model, images) if self.feature_fn is not None
                      else self.importance.features(self.model, images, extra))
@@ -196,6 +206,26 @@ class SearchOutcome:
     evaluations: int
 
 
+@dataclass
+class SearchState:
+    """Where a search stands after a decided block: enough to resume it exactly (the
+    decided sizes are re-applied to a fresh original, then the next block is searched)."""
+
+    sizes: dict[str, int] = field(default_factory=dict)  # decided so far, in search order
+    trace: list[Trial] = field(default_factory=list)
+    e_prev: float | None = None
+    e_start: float | None = None
+    evaluations: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> SearchState:
+        return cls(dict(d["sizes"]), [Trial(**t) for t in d["trace"]], d["e_prev"],
+                   d["e_start"], int(d["evaluations"]))
+
+
 Candidate = Callable[[str, MLPView, torch.Tensor], AbstractContextManager]
 Commit = Callable[[str, MLPView, torch.Tensor | None], None]
 
@@ -205,6 +235,11 @@ def _finite(entropy: float, name: str, size: int) -> float:
         raise NonFiniteError(f"prune: the validation entropy is {entropy} with MLP {name} at "
                              f"{size} neurons")
     return entropy
+
+
+def kept_neurons(scores: torch.Tensor, size: int) -> torch.Tensor | None:
+    """The neurons a decided size keeps (sorted), None when the MLP stays whole."""
+    return torch.sort(keep_order(scores)[:size]).values if size < len(scores) else None
 
 
 def adaptive_search(
@@ -219,52 +254,61 @@ def adaptive_search(
     index_of: Mapping[str, int] | None = None,
     show_progress: bool = True,
     description: str = "AMP search",
+    resume: SearchState | None = None,
+    on_decided: Callable[[SearchState], None] | None = None,
 ) -> SearchOutcome:
     """Search the MLPs `views` (forward order) from the last to the first.
 
     `candidate(name, view, keep)` is a context manager under which only neurons `keep` of
     that MLP act; `commit(name, view, keep)` makes the decision final (`keep` None: the
     MLP stays whole). `evaluate(name)` measures E_val for a trial of MLP `name`.
+    `resume`: the state after the blocks already decided (their sizes already applied);
+    `on_decided(state)` is called after each decided block.
     """
     index_of = index_of or {n: i for i, n in enumerate(views)}
-    trace: list[Trial] = []
-    evaluations = 0
-    e_prev: float | None = None
-    e_start: float | None = None
-    sizes: dict[str, int] = {}
-    names = list(views)[::-1]
-    for step in progress(range(len(names)), description, enabled=show_progress):
-        name = names[step]
-        view = views[name]
-        if e_prev is None:
-            e_prev = _finite(evaluate(name), name, view.hidden)
-            evaluations += 1
-            e_start = e_prev if e_start is None else e_start
-        order = keep_order(scores[name]).to(view.output.weight.device)
-        measured: dict[int, float] = {}
-        reference = e_prev
+    state = resume or SearchState()
+    trace = state.trace
+    names = [n for n in list(views)[::-1] if n not in state.sizes]
+    cache = f"cache: {evaluate.mode.split(' (')[0]}"
+    with Bar(description, len(views), show_progress, status=cache) as bar:
+        bar.advance(len(views) - len(names))
+        for name in names:
+            view = views[name]
+            if state.e_prev is None:
+                state.e_prev = _finite(evaluate(name), name, view.hidden)
+                state.evaluations += 1
+                state.e_start = state.e_prev if state.e_start is None else state.e_start
+            order = keep_order(scores[name]).to(view.output.weight.device)
+            measured: dict[int, float] = {}
+            reference = state.e_prev
+            steps = iter(range(1, max_steps + 1))
 
-        def accept(size: int, name=name, view=view, order=order, measured=measured,
-                   reference=reference) -> bool:
-            nonlocal evaluations
-            if size not in measured:
-                with candidate(name, view, order[:size]):
-                    measured[size] = _finite(evaluate(name), name, size)
-                evaluations += 1
-            ok = measured[size] - reference <= threshold
-            trace.append(Trial(name, index_of[name], size, measured[size], ok, reference))
-            return ok
+            def accept(size: int, name=name, view=view, order=order, measured=measured,
+                       reference=reference, steps=steps) -> bool:
+                bar.note(f"{name}: step {next(steps)}/{max_steps}, size {size}/{view.hidden}; "
+                         f"{cache}")
+                if size not in measured:
+                    with candidate(name, view, order[:size]):
+                        measured[size] = _finite(evaluate(name), name, size)
+                    state.evaluations += 1
+                ok = measured[size] - reference <= threshold
+                trace.append(Trial(name, index_of[name], size, measured[size], ok, reference))
+                return ok
 
-        best = candidate_sizes(view.hidden, max_steps, accept, round_to)
-        hits = [t for t in trace if t.block == name and t.accepted and t.size == best]
-        e_prev = hits[-1].entropy if hits else None
-        commit(name, view, torch.sort(order[:best]).values if best < view.hidden else None)
-        sizes[name] = best
-        evaluate.done(name)
+            best = candidate_sizes(view.hidden, max_steps, accept, round_to)
+            hits = [t for t in trace if t.block == name and t.accepted and t.size == best]
+            state.e_prev = hits[-1].entropy if hits else None
+            commit(name, view, kept_neurons(scores[name], best))
+            state.sizes[name] = best
+            evaluate.done(name)
+            bar.advance()
+            if on_decided is not None:
+                on_decided(state)
     # the states entering the last searched block are freed by now: a full forward
-    e_end = e_prev if e_prev is not None else evaluate.full()
-    return SearchOutcome({n: sizes[n] for n in views}, trace,
-                         dict(before=float(e_start), after=float(e_end)), evaluations)
+    e_end = state.e_prev if state.e_prev is not None else evaluate.full()
+    return SearchOutcome({n: state.sizes[n] for n in views}, trace,
+                         dict(before=float(state.e_start), after=float(e_end)),
+                         state.evaluations)
 
 
 def tower_mlps(model: nn.Module, names: Sequence[str] | None = None) -> dict[str, MLPView]:

@@ -6,8 +6,9 @@ from . import coco, digits, imagefolder  # noqa: F401  (each module registers it
 from .augment import SeededAugment, augmentation, dino_augmentation
 from .base import DataSource, Split, get_source, list_sources, register_source
 from .digits import digits_raw, digits_splits
+from .loader import amp_loader
 from .transforms import batches, eval_transform, to_model_input
 
-__all__ = ["DataSource", "SeededAugment", "Split", "augmentation", "batches", "digits_raw",
-           "digits_splits", "dino_augmentation", "eval_transform", "get_source", "list_sources",
-           "register_source", "to_model_input"]
+__all__ = ["DataSource", "SeededAugment", "Split", "amp_loader", "augmentation", "batches",
+           "digits_raw", "digits_splits", "dino_augmentation", "eval_transform", "get_source",
+           "list_sources", "register_source", "to_model_input"]

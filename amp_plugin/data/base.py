@@ -1,10 +1,12 @@
 """The data-source protocol and its registry.
 
-A data source turns the recipe's `data` section into (a) the fixed calibration and
-validation batches of the score and prune stages, (b) labelled train/test splits for
-kNN and linear-probe evaluation, and (c) training images for distillation and the demo
-teacher. It declares what its AMP batches can carry besides images (`gives`: labels,
-text), so a criterion that needs more is refused when the recipe is loaded.
+A data source turns the recipe's `data` section into (a) the calibration and validation
+datasets of the score and prune stages, in a fixed order chosen by the seed (`amp_datasets`;
+`loader.amp_loader` streams them in batches, sharded over ranks, never materialised), (b)
+labelled train/test splits for kNN and linear-probe evaluation, and (c) training images
+for distillation and the demo teacher. It declares what its AMP batches can carry
+besides images (`gives`: labels, text), so a criterion that needs more is refused when
+the recipe is loaded.
 
 A new source is one module in this package with a `@register_source` class, plus one
 import line in `amp_plugin/data/__init__.py`.
@@ -17,8 +19,10 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.utils.data import Dataset
 
 from ..config import DataConfig
+from .loader import amp_loader
 
 
 @dataclass
@@ -34,12 +38,24 @@ class DataSource:
     transforms: tuple[str, ...] = ("eval",)  # data.transform values it can apply
     separate_val = False  # can validate on data.val_root (data.val_from: val_root)
 
+    def amp_datasets(self, cfg: DataConfig, seed: int, extra: str | None = None,
+                     model: nn.Module | None = None, show_progress: bool = True
+                     ) -> tuple[Dataset, Dataset]:
+        """(calibration, validation) map-style datasets of `cfg.calib_images` and
+        `cfg.val_images` items in the order fixed by the seed; an item is an image, or an
+        (image, extra) pair where `extra` names what the criterion needs. Items are read
+        lazily where the source is on disk."""
+        raise NotImplementedError
+
     def amp_batches(self, cfg: DataConfig, seed: int, extra: str | None = None,
                     model: nn.Module | None = None, show_progress: bool = True
                     ) -> tuple[list, list]:
-        """(calibration, validation) global batches, fixed by the seed: images, or
-        (images, extra) pairs where `extra` names what the criterion needs."""
-        raise NotImplementedError
+        """(calibration, validation) batches of this rank as lists, as `amp_loader` streams
+        them (validation drops its last incomplete batch, ALGORITHM.md 3); for small
+        subsets, since everything is held in memory."""
+        calib, val = self.amp_datasets(cfg, seed, extra, model, show_progress)
+        return (list(amp_loader(calib, cfg.batch_size, cfg.workers, False)),
+                list(amp_loader(val, cfg.batch_size, cfg.workers, True)))
 
     def labelled_splits(self, cfg: DataConfig, seed: int,
                         max_train: int | None = None) -> dict[str, Split]:

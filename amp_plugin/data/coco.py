@@ -3,7 +3,7 @@
 
 Input: a COCO captions file (the 2014/2017 `captions_{train,val}20xx.json` format:
 `images` [{id, file_name}], `annotations` [{image_id, caption}]) and its image folder.
-Output: fixed (images, text features) batches; the text features come from the CLIP
+Output: (image, text features) datasets in a fixed order; the text features come from the CLIP
 model's own text tower, computed once without gradient (the criterion treats them as
 constants). Calibration and validation images are disjoint and chosen by the seed.
 """
@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.utils.data import Dataset
 
 from ..config import DataConfig
 from ..core.adapter import get_adapter
@@ -80,14 +81,30 @@ def encode_captions(model: nn.Module, captions: list[str], batch_size: int = 256
     return torch.cat(out)
 
 
-def caption_batches(cfg: DataConfig, seed: int, model: nn.Module, show_progress: bool = True
-                    ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list]:
-    """(calibration, validation) lists of (images, text features) global batches.
+class CaptionedImages(Dataset):
+    """(image read lazily from its file, text features) items."""
 
-    One caption per image, drawn with the recipe's seed; the last incomplete validation
-    batch is dropped (ALGORITHM.md 3), calibration keeps it."""
-    from PIL import Image
+    def __init__(self, files: list[Path], text: torch.Tensor, cfg: DataConfig):
+        self.files, self.text = files, text
+        self.tf = eval_transform(cfg.image_size, cfg.mean, cfg.std)
 
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int):
+        from PIL import Image
+
+        with Image.open(self.files[i]) as im:
+            return self.tf(im.convert("RGB")), self.text[i]
+
+
+def caption_datasets(cfg: DataConfig, seed: int, model: nn.Module, show_progress: bool = True
+                     ) -> tuple[CaptionedImages, CaptionedImages]:
+    """(calibration, validation) datasets of (image, text features) items.
+
+    One caption per image, drawn with the recipe's seed; calibration and validation images
+    are disjoint. Every chosen file is checked before any work starts; the images are read
+    as they are needed."""
     if cfg.kind != "coco" or not cfg.captions or not cfg.root:
         raise ValueError("caption batches need data.kind: coco with data.root and data.captions")
     items = read_captions(cfg.captions, cfg.root)
@@ -98,25 +115,17 @@ def caption_batches(cfg: DataConfig, seed: int, model: nn.Module, show_progress:
                          f"{need} that calib_images + val_images ask for")
     rng = random.Random(seed + 1)
     chosen = rng.sample(range(len(items)), need)
-    tf = eval_transform(cfg.image_size, cfg.mean, cfg.std)
-    images, texts = [], []
-    for i in progress(chosen, "reading COCO images", show_progress):
+    files, texts = [], []
+    for i in chosen:
         file, caps = items[i]
         if not file.is_file():
             raise FileNotFoundError(f"data.root: image {file} named in data.captions is missing")
-        with Image.open(file) as im:
-            images.append(tf(im.convert("RGB")))
+        files.append(file)
         texts.append(caps[rng.randrange(len(caps))])
-    images_t = torch.stack(images)
     text_t = encode_captions(model, texts, show_progress=show_progress)
-
-    def split(lo: int, hi: int, drop_last: bool):
-        bs = cfg.batch_size
-        end = hi - ((hi - lo) % bs if drop_last else 0)
-        return [(images_t[i:min(i + bs, end)], text_t[i:min(i + bs, end)])
-                for i in range(lo, end, bs)]
-
-    return split(0, n_calib, False), split(n_calib, need, True)
+    c = n_calib
+    return (CaptionedImages(files[:c], text_t[:c], cfg),
+            CaptionedImages(files[c:], text_t[c:], cfg))
 
 
 @register_source
@@ -127,11 +136,11 @@ class Coco(DataSource):
     gives = frozenset({"text"})
     required_keys = ("root", "captions")
 
-    def amp_batches(self, cfg, seed, extra=None, model=None, show_progress=True):
+    def amp_datasets(self, cfg, seed, extra=None, model=None, show_progress=True):
         if model is None:
             raise ValueError("data.kind coco: caption batches need the CLIP model (its text "
                              "tower encodes the captions)")
-        return caption_batches(cfg, seed, model, show_progress=show_progress)
+        return caption_datasets(cfg, seed, model, show_progress=show_progress)
 
     def example(self, root):
         paths = write_digit_images(root / "images", range(0, 300))
@@ -144,4 +153,4 @@ class Coco(DataSource):
         captions.write_text(json.dumps({"images": images, "annotations": anns}))
         return {"kind": "coco", "root": str(root / "images"), "captions": str(captions),
                 "image_size": 32, "mean": [0.5] * 3, "std": [0.5] * 3, "calib_images": 128,
-                "val_images": 128, "batch_size": 64}
+                "val_images": 128, "batch_size": 64, "workers": 2}

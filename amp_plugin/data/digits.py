@@ -10,7 +10,8 @@ import torch
 
 from ..config import DataConfig
 from .base import DataSource, Split, choose_disjoint, register_source
-from .transforms import batches, to_model_input
+from .loader import TensorItems
+from .transforms import to_model_input
 
 
 def digits_raw() -> tuple[torch.Tensor, torch.Tensor]:
@@ -40,17 +41,14 @@ class Digits(DataSource):
     name = "digits"
     gives = frozenset({"labels"})
 
-    def amp_batches(self, cfg, seed, extra=None, model=None, show_progress=True):
+    def amp_datasets(self, cfg, seed, extra=None, model=None, show_progress=True):
         train = digits_splits(cfg, seed)["train"]
         n = len(train.images)
         n_calib = n - cfg.val_images if cfg.calib_images == "all" else cfg.calib_images
         order = choose_disjoint(n, n_calib, cfg.val_images, seed, "the digits training split")
         labels = train.labels if extra == "labels" else None
-        calib, val = order[:n_calib], order[n_calib:]
-        return (batches(train.images[calib], cfg.batch_size, False,
-                        None if labels is None else labels[calib]),
-                batches(train.images[val], cfg.batch_size, True,
-                        None if labels is None else labels[val]))
+        return tuple(TensorItems(train.images[idx], None if labels is None else labels[idx])
+                     for idx in (order[:n_calib], order[n_calib:]))
 
     def labelled_splits(self, cfg, seed, max_train=None):
         return digits_splits(cfg, seed)

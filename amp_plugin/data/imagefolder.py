@@ -7,12 +7,13 @@ from __future__ import annotations
 import logging
 
 import torch
+from torch.utils.data import Dataset, Subset
 
 from ..config import DataConfig
 from .augment import SeededAugment, dino_augmentation
 from .base import DataSource, Split, choose_disjoint, register_source, subset_size
 from .digits import write_digit_images
-from .transforms import batches, eval_transform
+from .transforms import eval_transform
 
 log = logging.getLogger("amp")
 
@@ -36,36 +37,39 @@ def source_file(dataset, index: int) -> str:
     return dataset.samples[index][0]
 
 
-def read_items(dataset, indices, need: int | None = None, skip_bad: bool = False) -> list:
-    """The first `need` (default: all) readable (image, label) items of `indices`. An
-    unreadable file (truncated, empty, not an image) is an error naming it, or with
-    `skip_bad` is passed over and counted in the log."""
-    from PIL import UnidentifiedImageError
+class CheckedImages(Dataset):
+    """Items of an image dataset, an unreadable file (truncated, empty, not an image) named
+    in the error; with `skip_bad` it is passed over (the next readable item stands in, so
+    batch sizes and order stay fixed) and counted in the log."""
 
-    items, bad = [], []
-    for i in indices:
-        if len(items) == need:
-            break
-        try:
-            items.append(dataset[int(i)])
-        except (OSError, UnidentifiedImageError, SyntaxError) as e:
-            file = source_file(dataset, int(i))
-            if not skip_bad:
-                raise ValueError(f"data.root: {file} is not a readable image ({e}); fix or "
-                                 "remove it, or set data.skip_bad_images: true") from None
-            bad.append(file)
-    if bad:
-        log.warning("skipped %d unreadable images, first %s", len(bad), bad[0])
-    if need is not None and len(items) < need:
-        raise ValueError(f"data.root: {len(items)} readable images, fewer than the {need} "
-                         "needed")
-    return items
+    def __init__(self, dataset: Dataset, skip_bad: bool = False):
+        self.dataset, self.skip_bad, self.bad = dataset, skip_bad, []
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        from PIL import UnidentifiedImageError
+
+        for k in range(len(self.dataset)):
+            j = (i + k) % len(self.dataset)
+            try:
+                return self.dataset[j]
+            except (OSError, UnidentifiedImageError, SyntaxError) as e:
+                file = source_file(self.dataset, j)
+                if not self.skip_bad:
+                    raise ValueError(f"data.root: {file} is not a readable image ({e}); fix "
+                                     "or remove it, or set data.skip_bad_images: true") from None
+                if file not in self.bad:
+                    self.bad.append(file)
+                    log.warning("skipped %d unreadable images, first %s", len(self.bad),
+                                self.bad[0])
+        raise ValueError("data.root: no readable image in the folder")
 
 
-def amp_datasets(cfg: DataConfig, seed: int):
+def folder_datasets(cfg: DataConfig, seed: int):
     """(calibration, validation) datasets of (image tensor, label) items, in their fixed
     order: the whole folders or seeded subsets, disjoint, with the recipe's transform."""
-    from torch.utils.data import Subset
     from torchvision import datasets
 
     if cfg.transform == "dino":
@@ -97,8 +101,21 @@ def amp_datasets(cfg: DataConfig, seed: int):
     return calib, val
 
 
-def stack(dataset, indices, need: int | None = None, skip_bad: bool = False) -> Split:
-    items = read_items(dataset, indices, need, skip_bad)
+class ImagesOnly(Dataset):
+    """The images of a labelled dataset (criteria that need no labels)."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.dataset[i][0]
+
+
+def stack(dataset, indices) -> Split:
+    items = [dataset[int(i)] for i in indices]
     return Split(torch.stack([im for im, _ in items]), torch.tensor([lab for _, lab in items]))
 
 
@@ -111,14 +128,12 @@ class ImageFolderSource(DataSource):
     transforms = ("eval", "dino")
     separate_val = True
 
-    def amp_batches(self, cfg, seed, extra=None, model=None, show_progress=True):
-        calib_ds, val_ds = amp_datasets(cfg, seed)
-        calib = stack(calib_ds, range(len(calib_ds)), skip_bad=cfg.skip_bad_images)
-        val = stack(val_ds, range(len(val_ds)), skip_bad=cfg.skip_bad_images)
-        with_labels = extra == "labels"
-        return (batches(calib.images, cfg.batch_size, False,
-                        calib.labels if with_labels else None),
-                batches(val.images, cfg.batch_size, True, val.labels if with_labels else None))
+    def amp_datasets(self, cfg, seed, extra=None, model=None, show_progress=True):
+        calib, val = (CheckedImages(ds, cfg.skip_bad_images)
+                      for ds in folder_datasets(cfg, seed))
+        if extra != "labels":
+            calib, val = ImagesOnly(calib), ImagesOnly(val)
+        return calib, val
 
     def labelled_splits(self, cfg, seed, max_train=None):
         if cfg.val_root is None:
@@ -134,7 +149,8 @@ class ImageFolderSource(DataSource):
         write_digit_images(root / "val", range(300, 400))
         return {"kind": "imagefolder", "root": str(root / "train"),
                 "val_root": str(root / "val"), "image_size": 32, "mean": [0.5] * 3,
-                "std": [0.5] * 3, "calib_images": 128, "val_images": 128, "batch_size": 64}
+                "std": [0.5] * 3, "calib_images": 128, "val_images": 128, "batch_size": 64,
+                "workers": 2}
 
     def train_images(self, cfg, seed):
         from torchvision.datasets import ImageFolder

@@ -9,6 +9,7 @@ It lives here, not in the library's hot path, to measure AMPPruner against.
 from __future__ import annotations
 
 import copy
+import math
 import time
 
 import torch
@@ -23,7 +24,7 @@ from ..core.models import create_model
 from ..core.pruner import AMPPruner
 from ..core.search import keep_order
 from ..core.tp import prune_mlps
-from ..data import digits_raw, to_model_input
+from ..data import batches, digits_raw, to_model_input
 from ..utils.progress import progress
 from ..utils.tensors import resolve_device
 
@@ -109,9 +110,15 @@ def suffix_bound(trace, hidden: int, n_blocks: int, attn: float, per_neuron: flo
 
 def bench_search(layers: int = 12, width: int = 384, val_images: int = 64,
                  image_size: int = 32, patch_size: int = 8, threshold: float = 2e-3,
-                 inv_temperature: float = 20.0, seed: int = 0, device: str = "cpu",
+                 inv_temperature: float = 20.0, seed: int = 0, batch_size: int | None = None,
+                 cache_mib: float | None = None, repeats: int = 2, device: str = "cpu",
                  dtype: str = "float32", show_progress: bool = True) -> dict:
-    """Reference procedure vs AMPPruner on the same random-weight ViT and digits images."""
+    """Reference procedure vs AMPPruner with the full state cache vs AMPPruner under a
+    cache budget (`cache_mib`; default a quarter of the full cache, which makes the cache
+    checkpointed), on the same random-weight ViT and digits images, on `device` in `dtype`.
+    Calibration: 64 other images; validation: `val_images` in batches of `batch_size`
+    (default: one). The two cached runs alternate `repeats` times and the fastest of each
+    counts (the machine may be shared)."""
     from ..utils.tensors import resolve_dtype
 
     dev, dt = resolve_device(device), resolve_dtype(dtype)
@@ -121,35 +128,59 @@ def bench_search(layers: int = 12, width: int = 384, val_images: int = 64,
                            depth=layers, num_heads=max(1, width // 64), num_classes=0)}
     model = create_model(spec).to(dev, dt).eval()
     raw, _ = digits_raw()
-    images = to_model_input(raw[: 2 * val_images], image_size, (0.5,) * 3, (0.5,) * 3)
+    calib_n = 64
+    if calib_n + val_images > len(raw):
+        raise ValueError(f"--val-images {val_images}: the digits have {len(raw) - calib_n} "
+                         "images besides the calibration batch")
+    images = to_model_input(raw[: calib_n + val_images], image_size, (0.5,) * 3, (0.5,) * 3)
     images = images.to(dev, dt)
-    calib, val = [images[:val_images]], [images[val_images:]]
+    val = batches(images[calib_n:], batch_size or val_images)
     imp = AMPImportance(inv_temperature, show_progress=show_progress)
-    scores = imp.accumulate(model, calib)
+    scores = imp.accumulate(model, [images[:calib_n]])
 
     ref_model = copy.deepcopy(model)
     t0 = time.perf_counter()
     ref_sizes = reference_search(ref_model, scores, val, threshold, inv_temperature,
                                  show_progress=show_progress)
     ref_seconds = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    result = AMPPruner(model, val[0][:1], imp, val, threshold,
-                       show_progress=show_progress).step()
-    fast_seconds = time.perf_counter() - t0
-    hidden = next(iter(result.original_sizes.values()))
+    runs: dict[str, tuple] = {}
+    for key in ("full", "budget") * repeats:  # alternated; the fastest of each is kept
+        if key == "full":
+            limits = dict(cache_device_bytes=1 << 50)
+        else:
+            full_bytes = runs["full"][0].extra["cache_bytes"]["full"]
+            budget = int(cache_mib * 2**20) if cache_mib is not None else full_bytes // 4
+            limits = dict(cache_device_bytes=budget, cache_host_bytes=0, cache_disk_bytes=0)
+        m = copy.deepcopy(model)
+        t0 = time.perf_counter()
+        result = AMPPruner(m, val[0][:1], imp, val, threshold, show_progress=show_progress,
+                           **limits).step()
+        seconds = time.perf_counter() - t0
+        if key not in runs or seconds < runs[key][1]:
+            runs[key] = (result, seconds)
+    (full, full_seconds), (limited, limited_seconds) = runs["full"], runs["budget"]
+    hidden = next(iter(full.original_sizes.values()))
     attn, per_neuron = _block_costs(ref_model, val[0])
-    bound = suffix_bound(result.trace, hidden, layers, attn, per_neuron, 6)
+    bound = suffix_bound(full.trace, hidden, layers, attn, per_neuron, 6)
+    full_bytes = full.extra["cache_bytes"]["full"]
     return {
-        "layers": layers, "width": width, "hidden": hidden, "val_images": val_images,
-        "image_size": image_size, "threshold": threshold,
-        "identical_sizes": ref_sizes == result.hidden_sizes,
-        "reference_sizes": ref_sizes,
-        "blocks_differing": sum(ref_sizes[n] != result.hidden_sizes[n] for n in ref_sizes),
-        "reference_seconds": ref_seconds, "fast_seconds": fast_seconds,
-        "speedup": ref_seconds / fast_seconds, "suffix_bound": bound,
-        "evaluations": result.evaluations, "cache": result.cache,
-        "mlp_params": result.mlp_params, "hidden_sizes": result.hidden_sizes,
-        "threads": torch.get_num_threads(), "device": _device_label(dev), "dtype": dtype,
+        "layers": layers, "width": width, "hidden": hidden, "val_images": len(val) * len(val[0]),
+        "val_batches": len(val), "image_size": image_size, "threshold": threshold,
+        "identical_sizes": ref_sizes == full.hidden_sizes == limited.hidden_sizes,
+        "identical_trace": full.trace == limited.trace, "reference_sizes": ref_sizes,
+        "blocks_differing": sum(ref_sizes[n] != full.hidden_sizes[n] for n in ref_sizes),
+        "reference_seconds": ref_seconds, "fast_seconds": full_seconds,
+        "budget_seconds": limited_seconds, "speedup": ref_seconds / full_seconds,
+        "budget_time_ratio": limited_seconds / full_seconds, "suffix_bound": bound,
+        "evaluations": full.evaluations, "cache": full.cache, "budget_cache": limited.cache,
+        "cache_full_bytes": full_bytes, "cache_budget_bytes": limits["cache_device_bytes"],
+        "budget_peak_bytes": limited.extra["cache_bytes"]["peak"],
+        "peak_fraction": limited.extra["cache_bytes"]["peak"] / full_bytes,
+        "peak_fraction_bound": (math.sqrt(layers) + 2) / layers,
+        "recomputed_blocks": limited.extra["recomputed_blocks"],
+        "mlp_params": full.mlp_params, "hidden_sizes": full.hidden_sizes,
+        "threads": torch.get_num_threads(), "repeats": repeats, "device": _device_label(dev),
+        "dtype": dtype,
     }
 
 

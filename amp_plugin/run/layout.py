@@ -2,7 +2,9 @@
 
     recipe.yaml            the recipe as run (after overrides)
     scores.safetensors     AMP neuron scores; scores.json: fingerprint, batches, seconds
+    scores.rankR.partial   score stage in progress: rank R's partial sums and position
     prune.json             the search result (PruneResult) and its fingerprint
+    prune.partial.json     prune stage in progress: sizes, trace and E_prev so far
     pruned/                the pruned model (save_pruned)
     distill/               DeepSpeed checkpoints, loss log, result, fingerprint
     distilled/             the distilled model (save_pruned)
@@ -47,6 +49,13 @@ class RunDir:
     @property
     def scores_meta(self) -> Path:
         return self.root / "scores.json"
+
+    def score_progress(self, rank: int) -> Path:
+        return self.root / f"scores.rank{rank}.partial"
+
+    @property
+    def prune_progress(self) -> Path:
+        return self.root / "prune.partial.json"
 
     @property
     def prune_meta(self) -> Path:

@@ -8,7 +8,9 @@ validation batches once, whatever the stages.
 
     train    demo only: SimCLR teacher on the digits, cached at recipe.train.checkpoint
     score    AMPImportance over the calibration batches      -> scores.safetensors
+             (checkpointed every amp.checkpoint_every batches; a killed run resumes)
     prune    AMPPruner over the validation batches            -> pruned/, prune.json
+             (each decided block checkpointed; a killed run resumes at the next)
     distill  DeepSpeed distillation from the original model   -> distilled/
     eval     the recipe's eval tasks on every model            -> eval.json
     report   everything in one report.json, table and plots   -> report.json, plots/
@@ -23,17 +25,19 @@ from pathlib import Path
 import torch
 import yaml
 from rich.console import Console
+from safetensors import safe_open
 from safetensors.torch import load_file, save
 from torch import nn
 
 from ..config import STAGES, DataConfig, Recipe
 from ..core.adapter import get_adapter, vision_tower
 from ..core.criterion import criterion_info
-from ..core.importance import AMPImportance
+from ..core.importance import AMPImportance, ScoreState
 from ..core.models import create_model
 from ..core.pruner import AMPPruner
+from ..core.search import SearchState
 from ..core.serialization import is_pruned_dir, load_pruned, read_manifest, save_pruned
-from ..data import get_source
+from ..data import amp_loader, get_source
 from ..utils import dist as ddp
 from ..utils.finite import NonFiniteError, check_inputs, locate
 from ..utils.io import (
@@ -46,20 +50,19 @@ from ..utils.io import (
     write_json,
 )
 from ..utils.lock import FolderLock
-from ..utils.tensors import cast_batch, resolve_device, resolve_dtype, split_batch
+from ..utils.tensors import CastBatches, resolve_device, resolve_dtype, split_batch
 from .layout import RunDir
 
 
-def data_used(cfg: DataConfig, calib: list, val: list) -> dict[str, dict]:
+def data_used(cfg: DataConfig, calib, val) -> dict[str, dict]:
     """Which images the score and prune stages used (the report says so): counts, the
-    folder, and whether it was the whole folder (the authors' scale) or a subset."""
-    def count(batches):
-        return sum(len(split_batch(b)[0]) for b in batches)
-
+    folder, and whether it was the whole folder (the authors' scale) or a subset. The
+    validation count is what E_val reads: whole batches only."""
     val_folder = cfg.val_root if cfg.val_from == "val_root" else cfg.root
-    return {"calibration": {"images": count(calib), "folder": cfg.root,
+    val_images = len(val) // cfg.batch_size * cfg.batch_size
+    return {"calibration": {"images": len(calib), "folder": cfg.root,
                             "whole": cfg.calib_images == "all", "transform": cfg.transform},
-            "validation": {"images": count(val), "folder": val_folder,
+            "validation": {"images": val_images, "folder": val_folder,
                            "whole": cfg.val_images == "all", "transform": cfg.transform}}
 
 
@@ -77,7 +80,7 @@ class Run:
         self.dtype = resolve_dtype(recipe.amp.dtype)
         self.seconds: dict[str, float] = {}
         self._original: nn.Module | None = None
-        self._batches: tuple[list, list] | None = None
+        self._datasets: tuple | None = None
         self.data_used: dict[str, dict] = {}
         self._models: dict[str, nn.Module] = {}  # pruned / distilled made in this process
         self._lock: FolderLock | None = None
@@ -184,21 +187,30 @@ class Run:
             model = get_adapter(model).cast(copy.deepcopy(model), self.device, dtype)
         return model.eval()
 
-    def batches(self) -> tuple[list, list]:
-        """(calibration, validation) batches of this rank, built once per process."""
-        if self._batches is None:
+    def datasets(self) -> tuple:
+        """(calibration, validation) datasets in their seeded order, built once per process."""
+        if self._datasets is None:
             r = self.recipe
             info = criterion_info(r.amp.criterion)
             extra = {"text": "text", "labels": "labels"}.get(info.needs)
             if info.needs == "text_or_labels":
                 extra = "text" if "text" in get_source(r.data.kind).gives else "labels"
-            calib, val = get_source(r.data.kind).amp_batches(
+            self._datasets = get_source(r.data.kind).amp_datasets(
                 r.data, r.seed, extra=extra, model=self.original(),
                 show_progress=self.show_progress)
+            calib, val = self._datasets
             self.data_used = data_used(r.data, calib, val)
-            self._batches = ([ddp.shard(b, "calibration batch") for b in calib],
-                             [ddp.shard(b, "validation batch") for b in val])
-        return self._batches
+        return self._datasets
+
+    def loader(self, which: str, start_batch: int = 0,
+               dtype: torch.dtype | None = None) -> CastBatches:
+        """This rank's calibration or validation batches, streamed by a DataLoader, on the
+        run's device and dtype; validation drops its last incomplete batch."""
+        d = self.recipe.data
+        calib, val = self.datasets()
+        dataset = calib if which == "calibration" else val
+        loader = amp_loader(dataset, d.batch_size, d.workers, which == "validation", start_batch)
+        return CastBatches(loader, self.device, dtype or self.dtype)
 
     # ---- stages -------------------------------------------------------------------------
     def _done(self, stage: str, fp: str, output: Path) -> dict | None:
@@ -238,7 +250,7 @@ class Run:
         if ddp.is_main():
             save_pruned(model, ckpt, meta={"fingerprint": fp, "simclr_loss": history})
         ddp.barrier()
-        self._original, self._batches = model.eval(), None  # the trained teacher is the original
+        self._original, self._datasets = model.eval(), None  # the trained teacher is the original
         self.log(f"teacher: trained {r.train.epochs} epochs (loss {history[0]:.3f} -> "
                  f"{history[-1]:.3f}), saved to {ckpt}")
 
@@ -279,15 +291,17 @@ class Run:
         if checkpointing:
             tower, adapter = vision_tower(model)
             adapter.set_grad_checkpointing(tower, True)
-        calib, _ = self.batches()
-        calib = [cast_batch(b, self.device, self.dtype) for b in calib]
-        check_inputs("score", model, calib, "calibration")
+        check_inputs("score", model, [], "calibration")  # weights; batches when they go wrong
         imp = self.importance()
+        resume = self._score_resume(fp)
         t0 = time.perf_counter()
-        scores = imp.accumulate(model, calib)
+        scores = imp.accumulate(
+            model, self.loader("calibration", resume.batches if resume else 0), resume=resume,
+            checkpoint=lambda state: self._score_checkpoint(fp, state),
+            every=self.recipe.amp.checkpoint_every)
         self.seconds["score"] = time.perf_counter() - t0
         if not all(bool(torch.isfinite(v).all()) for v in scores.values()):
-            raise self._locate("score", model, calib, "calibration")
+            raise self._locate("score", model, self.loader("calibration"), "calibration")
         if ddp.is_main():
             atomic_write(self.dir.scores, save({k: v.contiguous() for k, v in scores.items()}))
             write_json(self.dir.scores_meta, {
@@ -296,8 +310,34 @@ class Run:
                 "batches": imp.num_batches, "seconds": self.seconds["score"],
                 "data": self.data_used["calibration"]})
         ddp.barrier()  # other ranks look for the scores file only once it is written
+        self.dir.score_progress(ddp.rank()).unlink(missing_ok=True)
         self.log(f"score: {len(scores)} MLPs over {imp.num_batches} calibration batches")
         return scores
+
+    def _score_checkpoint(self, fp: str, state: ScoreState) -> None:
+        """This rank's partial sums, position and sampler (rank, world size), atomically."""
+        meta = {"fingerprint": fp, "batches": str(state.batches), "rank": str(ddp.rank()),
+                "world_size": str(ddp.world_size())}
+        atomic_write(self.dir.score_progress(ddp.rank()),
+                     save({k: v.contiguous() for k, v in state.sums.items()}, metadata=meta))
+
+    def _score_resume(self, fp: str) -> ScoreState | None:
+        """The partial sums of a killed score stage, when every rank has them for the same
+        inputs, sampler and position; else None (start over)."""
+        path, state = self.dir.score_progress(ddp.rank()), None
+        if path.is_file():
+            with safe_open(str(path), "pt") as f:
+                meta = f.metadata() or {}
+                if meta == {"fingerprint": fp, "batches": meta.get("batches"),
+                            "rank": str(ddp.rank()), "world_size": str(ddp.world_size())}:
+                    state = ScoreState({k: f.get_tensor(k) for k in f.keys()},
+                                       int(meta["batches"]))
+        position = float(state.batches if state else -1)
+        same = ddp.agree(position) ** 2 == ddp.agree(position * position)  # no spread
+        if not same or position < 0:
+            return None  # some rank has none, or another position: all start over
+        self.log(f"score: resumed after {state.batches} calibration batches")
+        return state
 
     def stage_prune(self) -> dict:
         r = self.recipe
@@ -313,16 +353,27 @@ class Run:
         scores = load_file(str(self.dir.scores))
         search_dtype = resolve_dtype(r.amp.search_dtype or r.amp.dtype)
         model = self._working_copy(self.original(), mutable=True, dtype=search_dtype)
-        _, val = self.batches()
-        val = [cast_batch(b, self.device, search_dtype) for b in val]
-        check_inputs("prune", model, val, "validation")
+        check_inputs("prune", model, [], "validation")
+        val = self.loader("validation", dtype=search_dtype)
         imp = self.importance().load_scores(scores, model)
+        saved = read_json(self.dir.prune_progress)
+        resume = (SearchState.from_dict(saved["state"]) if saved is not None
+                  and saved.get("fingerprint") == fp else None)
+
+        def on_decided(state: SearchState) -> None:
+            if ddp.is_main():
+                write_json(self.dir.prune_progress, {"fingerprint": fp,
+                                                     "state": state.to_dict()})
+
         c = r.amp.cache
+        example = split_batch(next(iter(val)))[0][:1]
         pruner = AMPPruner(
-            model, split_batch(val[0])[0][:1], imp, val, r.amp.threshold, r.amp.max_steps,
+            model, example, imp, val, r.amp.threshold, r.amp.max_steps,
             r.amp.round_to, cache_device_bytes=int(c.device_gib * 2**30),
             cache_host_bytes=int(c.host_gib * 2**30), cache_dir=c.dir,
-            show_progress=self.show_progress, log=self.log)
+            cache_disk_bytes=None if c.disk_gib is None else int(c.disk_gib * 2**30),
+            show_progress=self.show_progress, log=self.log, resume=resume,
+            on_decided=on_decided)
         try:
             result = pruner.step().to_dict()
         except NonFiniteError as e:
@@ -337,6 +388,7 @@ class Run:
                 "fingerprint": fp,
                 "output_sha256": content_fingerprint(self.dir.pruned, self._hashes()),
                 "result": result, "data": self.data_used["validation"]})
+            self.dir.prune_progress.unlink(missing_ok=True)
         ddp.barrier()
         self._models["pruned"] = model
         b, a = result["mlp_params"]["before"], result["mlp_params"]["after"]

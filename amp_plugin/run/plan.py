@@ -2,8 +2,9 @@
 
 The architecture is built on PyTorch's meta device (shapes only: no weights, no data,
 no memory), so a 7.5B-parameter tower is planned on a laptop. Reported: vision-tower
-parameters, FLOPs at the recipe's input size, the MLP inventory and the number of
-forward passes the score and prune stages will run.
+parameters, FLOPs at the recipe's input size, the MLP inventory, the number of forward
+passes the score and prune stages will run, and their FLOPs and state-cache bytes at the
+recipe's data size (`data.calib_images`, `data.val_images`; e.g. full ImageNet).
 
 FLOPs come from torch.utils.flop_counter (2 FLOPs per multiply-add; matmuls, linears,
 convolutions and the attention products are counted; norms, activations and softmax are
@@ -22,8 +23,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import DataConfig, Recipe
+from ..config import CacheConfig, DataConfig, Recipe
 from ..core.adapter import vision_tower
+from ..core.cache import checkpoint_plan
 from ..core.cost import count_flops, count_mlp_params, count_params
 from ..core.mlp import find_mlps
 from ..core.models import ModelSpec, build_model
@@ -101,7 +103,50 @@ def data_counts(d: DataConfig) -> tuple[int, int, list[str]]:
     return (calib if d.val_from == "val_root" else calib - val), val, assumed
 
 
-def plan(recipe: Recipe) -> dict[str, Any]:
+def data_cost(n_blocks: int, flops: int, state_bytes: int, calib_images: int, val_images: int,
+              max_steps: int, ranks: int, cache: CacheConfig) -> dict[str, Any]:
+    """What a run at this data size costs: FLOPs of scoring and of the search (with the state
+    cache, full or checkpointed, against the reference procedure) and the cache's bytes per
+    rank in each mode, with the mode the recipe's `amp.cache` budget chooses.
+
+    `flops`: one image through the tower; `state_bytes`: one image's state entering a block.
+    Scoring is a forward and a backward pass that computes input gradients only (the
+    parameters are frozen): about 2x the forward FLOPs. Search trials are counted at full
+    width (the already pruned suffix makes them cheaper: an upper bound). A block is
+    counted as 1/L of the tower."""
+    per_block_flops = flops / n_blocks
+    cached_passes = 1 + max_steps * (n_blocks + 1) / 2
+    reference = (n_blocks * max_steps + 1) * flops * val_images
+    cached = cached_passes * flops * val_images
+    starts = list(range(n_blocks))
+    per_block = state_bytes * math.ceil(val_images / ranks)
+    full_bytes = per_block * n_blocks
+    budget = cache.device_gib * 2**30 + cache.host_gib * 2**30 + (
+        math.inf if cache.disk_gib is None else cache.disk_gib * 2**30)
+
+    def checkpointed(fit: int) -> tuple[int, float]:
+        marks = checkpoint_plan(starts, fit)
+        recompute = sum(i - max(c for c in marks if c <= i) for i in starts)
+        return per_block * (len(marks) + 1), cached + recompute * per_block_flops * val_images
+
+    ckpt_bytes, ckpt_flops = checkpointed(n_blocks)
+    chosen = {"mode": "full", "bytes": full_bytes, "search_flops": cached}
+    if full_bytes > budget:  # as StateCache decides: checkpoints spaced to fit the budget
+        fit_bytes, fit_flops = checkpointed(int(budget // per_block))
+        chosen = {"mode": "checkpointed", "bytes": fit_bytes, "search_flops": fit_flops}
+        if fit_bytes > budget:
+            chosen["mode"] = "does not fit: raise amp.cache or lower data.val_images"
+    return {
+        "calib_images": calib_images, "val_images": val_images, "ranks": ranks,
+        "flops": {"score": 2 * flops * calib_images, "search_reference": reference,
+                  "search_cached": cached, "search_checkpointed": ckpt_flops},
+        "cache_bytes_per_rank": {"full": full_bytes, "checkpointed": ckpt_bytes,
+                                 "budget": budget},
+        "chosen": chosen,
+    }
+
+
+def plan(recipe: Recipe, ranks: int = 1) -> dict[str, Any]:
     t0 = time.perf_counter()
     spec = recipe.model
     model = build_meta(spec)
@@ -128,6 +173,9 @@ def plan(recipe: Recipe) -> dict[str, Any]:
     cost["assumed"] = assumed
     val_imgs = cost["validation"]["images"]
     cost["validation"]["state_cache_bytes"] = val_imgs * tokens * width * bytes_per * len(views)
+    cost["at_data_size"] = data_cost(len(views), flops, tokens * width * bytes_per,
+                                     calib_images, val_imgs, recipe.amp.max_steps, ranks,
+                                     recipe.amp.cache)
     return {
         "recipe": recipe.name,
         "model": spec.model_dump(),

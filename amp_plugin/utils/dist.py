@@ -1,5 +1,5 @@
-"""Several processes (torchrun / deepspeed launchers): one process group, global batches
-sharded by rank, and the few collectives AMP needs."""
+"""Several processes (torchrun / deepspeed launchers): one process group and the few
+collectives AMP needs (batches are sharded by `data.loader.amp_loader`)."""
 
 from __future__ import annotations
 
@@ -89,19 +89,3 @@ def agree(value: float) -> float:
 
 def global_batch_size(local: int) -> int:
     return int(all_reduce_sum(torch.tensor([local], dtype=torch.long)).item())
-
-
-def shard(batch, key: str = "batch"):
-    """This rank's contiguous share of a global batch (tensor or tuple of tensors).
-
-    Equal shares are required: the criterion all-gathers features of equal size, and
-    concatenating them in rank order gives back the global batch."""
-    n_ranks, r = world_size(), rank()
-    if n_ranks == 1:
-        return batch
-    items = batch if isinstance(batch, (tuple, list)) else (batch,)
-    size = items[0].shape[0]
-    if size % n_ranks:
-        raise ValueError(f"{key} of {size} images does not split evenly over {n_ranks} ranks")
-    out = tuple(t.chunk(n_ranks)[r] if isinstance(t, torch.Tensor) else t for t in items)
-    return out if isinstance(batch, (tuple, list)) else out[0]

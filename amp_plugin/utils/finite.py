@@ -28,7 +28,8 @@ def _tensors(x) -> list[torch.Tensor]:
 
 
 def check_inputs(stage: str, model: nn.Module, batches: Sequence, what: str) -> None:
-    """Refuse non-finite weights (naming the parameter) or input batches (naming the batch)."""
+    """Refuse non-finite weights (naming the parameter) or input batches (naming the batch).
+    Streamed batches are checked by `locate` once a result goes non-finite instead."""
     for name, t in model.state_dict().items():
         if not _finite(t):
             raise NonFiniteError(f"{stage}: the model's {name} holds NaN or inf values")
@@ -40,8 +41,9 @@ def check_inputs(stage: str, model: nn.Module, batches: Sequence, what: str) -> 
 @torch.no_grad()
 def locate(stage: str, model: nn.Module, batches: Sequence, what: str,
            forward: Callable[[torch.Tensor], object]) -> NonFiniteError:
-    """The error naming the batch and the first module (in execution order) whose output
-    is not finite although its inputs are; run when a computation went non-finite."""
+    """The error naming the batch that holds NaN or inf, else the batch and the first module
+    (in execution order) whose output is not finite although its inputs are; run when a
+    computation went non-finite."""
     found: list[str] = []
 
     def hook(module, args, output, name=""):
@@ -53,6 +55,8 @@ def locate(stage: str, model: nn.Module, batches: Sequence, what: str,
                for n, m in model.named_modules() if n]
     try:
         for i, batch in enumerate(batches):
+            if not all(_finite(t) for t in _tensors(batch)):
+                return NonFiniteError(f"{stage}: {what} batch {i} holds NaN or inf values")
             forward(batch)
             if found:
                 return NonFiniteError(f"{stage}: {what} batch {i}: the output of module "

@@ -50,3 +50,16 @@ def cast_batch(batch, device, dtype):
             return t.to(device, dtype)
         return to_device(t, device)
     return tuple(one(t) for t in batch) if isinstance(batch, (tuple, list)) else one(batch)
+
+
+class CastBatches:
+    """`batches` (a list or a loader) re-iterable with each batch cast by `cast_batch`."""
+
+    def __init__(self, batches, device, dtype):
+        self.batches, self.device, self.dtype = batches, device, dtype
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        return (cast_batch(b, self.device, self.dtype) for b in self.batches)
