@@ -17,7 +17,7 @@ import amp_plugin as amp
 from amp_plugin.core.models import get_converter
 from amp_plugin.data import get_source
 from amp_plugin.data.digits import write_digit_images
-from amp_plugin.data.imagefolder import amp_datasets
+from amp_plugin.data.imagefolder import folder_datasets
 from amp_plugin.run import Run
 from amp_plugin.run.layout import RunDir
 from amp_plugin.run.recipe import RECIPES_DIR, load_recipe
@@ -143,7 +143,7 @@ def test_seeded_dino_augmentation_gives_the_same_e_val(folders) -> None:
     assert e_a == e_b and e_a < math.log(8) - 1e-3
     assert all(torch.equal(a, b) for a, b in zip(val_a, val_b, strict=True))
 
-    _, val_ds = amp_datasets(r.data, r.seed)
+    _, val_ds = folder_datasets(r.data, r.seed)
     loader = torch.utils.data.DataLoader(val_ds, batch_size=4, num_workers=2,
                                          sampler=list(reversed(range(len(val_ds)))))
     read = torch.cat([x for x, _ in loader]).flip(0)

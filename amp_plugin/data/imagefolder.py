@@ -141,8 +141,9 @@ class ImageFolderSource(DataSource):
         train, test = image_folder(cfg.root, cfg), image_folder(cfg.val_root, cfg)
         g = torch.Generator().manual_seed(seed + 2)
         idx = torch.randperm(len(train), generator=g)[: max_train or len(train)]
-        return {"train": stack(train, idx, skip_bad=cfg.skip_bad_images),
-                "test": stack(test, range(len(test)), skip_bad=cfg.skip_bad_images)}
+        train = CheckedImages(train, cfg.skip_bad_images)
+        test = CheckedImages(test, cfg.skip_bad_images)
+        return {"train": stack(train, idx), "test": stack(test, range(len(test)))}
 
     def example(self, root):
         write_digit_images(root / "train", range(0, 300))
