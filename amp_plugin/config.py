@@ -78,7 +78,7 @@ class DataConfig(Strict):
     @model_validator(mode="after")
     def _one_batch_at_least(self):
         for key in ("calib_images", "val_images"):
-            if getattr(self, key) < self.batch_size:
+            if getattr(self, key) != "all" and getattr(self, key) < self.batch_size:
                 raise PydanticCustomError(
                     "fewer_than_a_batch", "{key} {n} is smaller than one batch (batch_size "
                     "{bs}): the entropy would be computed on no full batch",
