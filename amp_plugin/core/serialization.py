@@ -48,7 +48,7 @@ def save_pruned(model: nn.Module, path: str | Path, spec: dict | None = None,
     tower, _ = vision_tower(model)
     manifest = {
         "format": FORMAT,
-        "spec": {**spec, "weights": None},
+        "spec": {**spec, "weights": None, "weights_format": "native"},  # its own file
         "hidden_sizes": {n: v.hidden for n, v in find_mlps(tower).items()},
         "shapes": {k: list(v.shape) for k, v in model.state_dict().items()},
         "aliases": aliases,
