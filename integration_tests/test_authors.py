@@ -272,7 +272,7 @@ def test_search_in_float32_while_scoring_in_bf16(tmp_path: Path) -> None:
                                 "output_dir": str(tmp_path / "run")})
     run = Run(recipe, show_progress=False)
     out = run.execute()
-    _, val = run.batches()
+    val = list(run.loader("validation", dtype=torch.float32))
     want = _e_val(run.original(), val)  # the float32 original
     assert out["prune"]["entropy"]["before"] == pytest.approx(want, rel=1e-5)
     scores = out["score"]
