@@ -47,7 +47,8 @@ class StateCache:
         wanted = set(starts)
         for b in progress(range(len(images)), "caching validation states", show_progress):
             state = adapter.embed(tower, images[b].to(self._device))
-            for i in range(len(adapter.blocks(tower))):
+            # start len(blocks): the state after the last block (an MLP of the pooling head)
+            for i in range(len(adapter.blocks(tower)) + 1):
                 if i in wanted:
                     if self.mode == "empty":
                         self._choose_mode(_nbytes(state) * len(wanted) * len(images))

@@ -21,7 +21,7 @@ from ..utils.progress import progress
 from ..utils.tensors import device_of, split_batch, to_device
 from .adapter import vision_tower
 from .criterion import criterion_info, is_text
-from .mlp import MLPView, find_mlps
+from .mlp import MLPView, find_mlps, list_mlp_kinds
 from .tp import PackedGateLinear, mark_packed_gates
 
 FeatureFn = Callable[[nn.Module, torch.Tensor], torch.Tensor]
@@ -93,7 +93,9 @@ class AMPImportance(tp.importance.Importance):
         mark_packed_gates(tower)  # a Torch-Pruning pruner built after this prunes them right
         views = find_mlps(tower)
         if not views:
-            raise ValueError(f"no MLP found in {type(tower).__name__}")
+            raise ValueError(f"no MLP found in {type(tower).__name__}: none of its modules has "
+                             f"a known MLP layout ({', '.join(list_mlp_kinds())}); add one "
+                             "with register_mlp_kind")
         device = device_of(model)
         sums = {n: torch.zeros(v.hidden, dtype=torch.float64) for n, v in views.items()}
         previous = {n: s.double() * self.num_batches for n, s in self._scores.items()}

@@ -22,13 +22,16 @@ from .cost import count_flops, count_mlp_params, count_params
 from .importance import AMPImportance
 from .mlp import MLPView, find_mlps
 from .search import (
+    HEAD_KEPT,
+    NOT_SELECTED,
     EntropyEval,
     PruneResult,
     adaptive_search,
     check_search_args,
+    head_mlps,
     tower_mlps,
 )
-from .tp import build_dependency_graph, prune_mlp
+from .tp import mlp_graph, mlp_inputs, prune_mlp
 
 
 @contextmanager
@@ -59,9 +62,12 @@ def masked_or_sliced(tower: nn.Module, view: MLPView, keep: torch.Tensor):
 class AMPPruner:
     """Adaptive MLP pruning of a vision transformer through Torch-Pruning.
 
-    `step()` searches every MLP (or the MLPs named in `mlps`) from the last block to the
-    first, prunes it physically through the dependency graph as soon as its size is
-    decided, and returns a `PruneResult`.
+    `step()` searches every block MLP (or the MLPs named in `mlps`) from the last block to
+    the first, prunes it physically through Torch-Pruning's dependency graph as soon as its
+    size is decided, and returns a `PruneResult`. The MLP of an attention-pool head
+    (SigLIP, PE-Core) is not a block MLP: it is kept whole and listed in
+    `PruneResult.kept_whole`, unless `search_head=True` (searched first, before the last
+    block) or `mlps` names it.
 
         imp = AMPImportance(inv_temperature=20)
         imp.accumulate(model, calib_batches)
@@ -84,6 +90,7 @@ class AMPPruner:
         show_progress: bool = True,
         log: Callable[[str], None] | None = None,
         mlps: Sequence[str] | None = None,
+        search_head: bool = False,
     ):
         check_search_args(threshold, max_steps, round_to)
         if not val_batches:
@@ -100,6 +107,8 @@ class AMPPruner:
         self.show_progress = show_progress
         self.log = log or (lambda msg: None)
         self.mlps = list(mlps) if mlps is not None else None
+        self.search_head = search_head
+        vision_tower(model)  # refuses a model AMP cannot prune before any work
 
     def _scores(self, views: dict[str, MLPView]) -> dict[str, torch.Tensor]:
         scores = self.importance.neuron_scores()
@@ -115,7 +124,8 @@ class AMPPruner:
     def step(self) -> PruneResult:
         t0 = time.perf_counter()
         tower, _ = vision_tower(self.model)
-        views = tower_mlps(self.model, self.mlps)
+        views = tower_mlps(self.model, self.mlps, self.search_head)
+        head = set(head_mlps(self.model))
         scores = self._scores(views)
         was_training = self.model.training
         self.model.eval()
@@ -123,7 +133,11 @@ class AMPPruner:
         before = dict(params=count_params(tower), mlp=count_mlp_params(tower),
                       flops=count_flops(tower, example))
         original = {n: v.hidden for n, v in find_mlps(tower).items()}
-        dg = build_dependency_graph(tower, example)
+        kept_whole = {n: HEAD_KEPT if n in head and self.mlps is None else NOT_SELECTED
+                      for n in original if n not in views}
+        if kept_whole:
+            self.log(f"kept whole: {', '.join(f'{n} ({r})' for n, r in kept_whole.items())}")
+        inputs = mlp_inputs(tower, example, views)
         evaluate = EntropyEval(self.model, self.importance, self.val_batches, views,
                                StateCache(*self.cache_limits), self.show_progress,
                                self.feature_fn)
@@ -132,7 +146,7 @@ class AMPPruner:
 
         def commit(name: str, view: MLPView, keep: torch.Tensor | None) -> None:
             if keep is not None:
-                prune_mlp(dg, view, keep)
+                prune_mlp(mlp_graph(view, inputs[name]), view, keep)
 
         try:
             out = adaptive_search(
@@ -158,4 +172,5 @@ class AMPPruner:
             evaluations=out.evaluations,
             cache=evaluate.mode,
             seconds=time.perf_counter() - t0,
+            kept_whole=kept_whole,
         )

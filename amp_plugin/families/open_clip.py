@@ -100,6 +100,9 @@ class OpenClipTimm(Adapter):
     def head(self, tower, state):
         return self._inner(tower).head(tower.trunk, state)
 
+    def head_modules(self, tower):
+        return self._inner(tower).head_modules(tower.trunk)
+
     def features(self, tower, x):
         return self._inner(tower).features(tower.trunk, x)
 

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..core.mlp import MLPView, find_mlps
-from ..core.tp import build_dependency_graph, check_group, mlp_group, prune_mlp
+from ..core.tp import check_group, mlp_graph, mlp_group, mlp_inputs, prune_mlp
 
 
 class MaskError(ValueError):
@@ -220,16 +220,17 @@ def apply_nni_masks(model: nn.Module, masks: Mapping[str, Mapping[str, Any]],
     """
     plan = plan_from_masks(model, masks)
     if plan:
-        dg = build_dependency_graph(model, example_inputs)
         views = find_mlps(model)
+        inputs = mlp_inputs(model, example_inputs, {n: views[n] for n in plan})
+        graphs = {n: mlp_graph(views[n], inputs[n]) for n in plan}
         for name, keep in plan.items():
             kept = set(keep.tolist())
-            group = mlp_group(dg, views[name], [j for j in range(views[name].hidden)
-                                                 if j not in kept])
-            if not check_group(dg, group):
+            group = mlp_group(graphs[name], views[name], [j for j in range(views[name].hidden)
+                                                           if j not in kept])
+            if not check_group(graphs[name], group):
                 raise MaskError(f"{name}: Torch-Pruning refuses to remove these neurons")
         for name, keep in plan.items():
-            prune_mlp(dg, views[name], keep)
+            prune_mlp(graphs[name], views[name], keep)
     return {n: v.hidden for n, v in find_mlps(model).items()}
 
 

@@ -222,7 +222,7 @@ class Run:
             model, split_batch(val[0])[0][:1], imp, val, r.amp.threshold, r.amp.max_steps,
             r.amp.round_to, cache_device_bytes=int(c.device_gib * 2**30),
             cache_host_bytes=int(c.host_gib * 2**30), cache_dir=c.dir,
-            show_progress=self.show_progress, log=self.log)
+            show_progress=self.show_progress, log=self.log, search_head=r.amp.search_head)
         result = pruner.step().to_dict()
         self.seconds["prune"] = result["seconds"]
         model = model.float()
