@@ -56,6 +56,10 @@ class Adapter:
         """Modules of the pooling head that may hold an MLP (e.g. a MAP attention pool)."""
         return []
 
+    def in_head(self, tower: nn.Module, module: nn.Module) -> bool:
+        """Whether `module` belongs to the pooling head (not to a transformer block)."""
+        return any(m is module for h in self.head_modules(tower) for m in h.modules())
+
     def features(self, tower: nn.Module, x: torch.Tensor) -> torch.Tensor:
         state = self.embed(tower, x)
         for i in range(len(self.blocks(tower))):
@@ -117,10 +121,13 @@ def get_adapter(model: nn.Module) -> Adapter:
         if adapter.matches(model):
             return adapter
     cls = type(model)
+    reason = _UNSUPPORTED.get(f"{cls.__module__}.{cls.__qualname__}")
     raise UnsupportedModel(
-        f"{cls.__module__}.{cls.__name__} is not a vision transformer AMP can prune: AMP "
-        f"prunes the MLPs of transformer blocks, and has adapters for the families "
-        f"{_families()} (add one with register_adapter)"
+        f"AMP cannot prune {cls.__module__}.{cls.__name__}: "
+        + (reason if reason else "no adapter matches it")
+        + f". AMP prunes the MLPs in the transformer blocks of the families {_families()}; "
+        "CNNs, MLP-Mixers and hierarchical (windowed) transformers are not supported "
+        "(register_adapter adds a family)."
     )
 
 

@@ -105,13 +105,12 @@ def mlp_positions(tower: nn.Module, adapter, views: Mapping[str, MLPView]
     head (it runs on the state after the last block), or None for the whole mapping if
     some MLP is neither inside exactly one block nor in the head."""
     blocks = adapter.blocks(tower)
-    head = [m for h in adapter.head_modules(tower) for m in h.modules()]
     out = {}
     for name, view in views.items():
         hits = [i for i, blk in enumerate(blocks) if any(m is view.module for m in blk.modules())]
         if len(hits) == 1:
             out[name] = hits[0]
-        elif not hits and any(m is view.module for m in head):
+        elif not hits and adapter.in_head(tower, view.module):
             out[name] = len(blocks)
         else:
             return None
@@ -122,8 +121,7 @@ def head_mlps(model: nn.Module) -> list[str]:
     """Tower-relative names of the MLPs in the model's pooling head (e.g. the MLP of a
     MAP attention pool in SigLIP / PE-Core): not block MLPs, kept whole by default."""
     tower, adapter = vision_tower(model)
-    head = [m for h in adapter.head_modules(tower) for m in h.modules()]
-    return [n for n, v in find_mlps(tower).items() if any(m is v.module for m in head)]
+    return [n for n, v in find_mlps(tower).items() if adapter.in_head(tower, v.module)]
 
 
 class EntropyEval:
