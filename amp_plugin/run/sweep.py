@@ -166,6 +166,7 @@ FAST = (("timm", "vit_small_patch16_224"), ("timm", "vit_base_patch16_siglip_224
         ("timm", "beitv2_base_patch16_224"), ("timm", "cait_xxs24_224"),
         ("timm", "vit_relpos_small_patch16_224"), ("timm", "eva02_tiny_patch14_224"),
         ("timm", "vit_small_patch14_dinov2"), ("timm", "xcit_tiny_12_p16_224"),
+        ("timm", "naflexvit_base_patch16_map"),
         ("open_clip", "ViT-B-16-SigLIP2"), ("open_clip", "PE-Core-T-16-384"),
         ("open_clip", "ViTamin-S"), ("open_clip", "ViT-B-32"), ("open_clip", "RN50"),
         ("open_clip", "convnext_base"))
