@@ -16,7 +16,15 @@ Extension points are registries: `register_adapter`, `register_mlp_kind`,
 
 from . import families  # noqa: F401  (registers the timm and open_clip families)
 from .config import Recipe
-from .core.adapter import Adapter, get_adapter, list_adapters, register_adapter, vision_tower
+from .core.adapter import (
+    Adapter,
+    UnsupportedModel,
+    get_adapter,
+    list_adapters,
+    register_adapter,
+    register_unsupported,
+    vision_tower,
+)
 from .core.criterion import (
     clip_entropy_loss,
     criterion_info,
@@ -27,7 +35,7 @@ from .core.criterion import (
     register_criterion,
 )
 from .core.importance import AMPImportance
-from .core.mlp import MLPView, find_mlps, list_mlp_kinds, register_mlp_kind
+from .core.mlp import MLPView, find_mlps, list_mlp_kinds, register_mlp_kind, register_not_mlp
 from .core.models import (
     ModelSpec,
     build_model,
@@ -63,7 +71,7 @@ __all__ = [
     "list_sources", "list_tasks", "load_pruned", "load_recipe", "make_criterion",
     "mark_packed_gates", "one_hot_loss", "plan", "prepare", "prune_mlps",
     "register_adapter", "register_builder", "register_converter", "register_criterion",
-    "register_mlp_kind", "register_source", "register_task", "run", "save_pruned",
-    "vision_tower",
+    "register_mlp_kind", "register_not_mlp", "register_source", "register_task",
+    "register_unsupported", "run", "save_pruned", "UnsupportedModel", "vision_tower",
 ]
 __version__ = "0.1.0"

@@ -116,6 +116,8 @@ class AMPConfig(Strict):
     threshold: float = Field(default=5e-3, ge=0, description="allowed entropy rise (Delta E)")
     max_steps: int = Field(default=6, ge=1)
     round_to: int | None = Field(default=None, ge=1)
+    search_head: bool = Field(default=False, description=(
+        "also search the MLP of an attention-pool head (SigLIP, PE-Core); kept whole if not"))
     use_abs: bool = True
     grad_checkpointing: bool = False
     dtype: Literal["float32", "bf16", "fp16"] = "float32"

@@ -159,3 +159,43 @@ def passes_cmd(
         ("search, state cache", f"{im['search_hours_cached']:.1f} h"),
     ]))
     _write(json_out, p)
+
+
+@bench.command("models")
+def models_cmd(
+    fast: bool = typer.Option(False, help="only the fast subset that `make test` sweeps"),
+    match: str = typer.Option(None, help="only models whose name contains this"),
+    markdown: Path = typer.Option(None, help="write the summary table (Markdown) here"),
+    json_out: Path = typer.Option(None, "--json", help="also write every row here"),
+) -> None:
+    """Every ViT-like timm model and every open_clip model, built small with random
+    weights: pruned end to end (score, search, prune, save/load) or refused clearly."""
+    from amp_plugin.run.sweep import FAST, all_models, summary, sweep
+
+    names = list(FAST) if fast else all_models()
+    if match:
+        names = [(lib, n) for lib, n in names if match in n]
+    rows = sweep(names)
+    groups = summary(rows)
+    t = Table(title=f"model sweep: {len(rows)} models")
+    for col in ("library", "family", "MLP kind", "status", "models", "example"):
+        t.add_column(col)
+    for g in groups:
+        t.add_row(g["library"], g["family"], g["mlp_kinds"], g["status"], str(g["models"]),
+                  g["example"])
+    Console().print(t)
+    for r in rows:
+        if r["status"] == "error":
+            Console().print(f"[red]{r['library']} {r['name']}: {r['detail']}")
+    if markdown is not None:
+        from amp_plugin.utils.io import atomic_write
+
+        lines = ["| library | family | MLP kind | status | models | example | detail |",
+                 "|---|---|---|---|---|---|---|"]
+        lines += [f"| {g['library']} | {g['family']} | {g['mlp_kinds']} | {g['status']} | "
+                  f"{g['models']} | `{g['example']}` | {g['detail'].replace('|', '/')} |"
+                  for g in groups]
+        atomic_write(Path(markdown), "\n".join(lines) + "\n")
+    _write(json_out, {"rows": rows, "summary": groups})
+    if any(r["status"] == "error" for r in rows):
+        raise typer.Exit(1)

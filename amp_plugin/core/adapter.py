@@ -8,6 +8,8 @@ Each family module (`amp_plugin.families.*`) registers its adapters with
     blocks(tower)             the transformer blocks, in order
     run_block(tower, i, st)   state after block i
     head(tower, st)           the pooled embedding AMP measures (ALGORITHM.md section 4)
+    head_modules(tower)       modules that `head` runs (an attention-pool head with its
+                              own MLP); their MLPs are kept whole unless asked for
     final_tokens(tower, x)    (pooled, patch tokens) before the final norm/projection
     project(tower, f)         pooled features in the joint image-text space (CLIP towers)
     tokenizer(model)          the text tokenizer of a model with a text tower
@@ -51,6 +53,14 @@ class Adapter:
     def head(self, tower: nn.Module, state: State) -> torch.Tensor:
         raise NotImplementedError
 
+    def head_modules(self, tower: nn.Module) -> list[nn.Module]:
+        """Modules of the pooling head that may hold an MLP (e.g. a MAP attention pool)."""
+        return []
+
+    def in_head(self, tower: nn.Module, module: nn.Module) -> bool:
+        """Whether `module` belongs to the pooling head (not to a transformer block)."""
+        return any(m is module for h in self.head_modules(tower) for m in h.modules())
+
     def features(self, tower: nn.Module, x: torch.Tensor) -> torch.Tensor:
         state = self.embed(tower, x)
         for i in range(len(self.blocks(tower))):
@@ -78,6 +88,13 @@ class Adapter:
 
 
 _ADAPTERS: list[Adapter] = []
+# (dotted class name, why AMP cannot prune it): layouts that a family's adapter would match
+# but whose MLP neurons are not in linears of their own
+_UNSUPPORTED: dict[str, str] = {}
+
+
+class UnsupportedModel(TypeError):
+    """A model AMP refuses before any work; the message names the class and the reason."""
 
 
 def register_adapter(adapter: Adapter, first: bool = True) -> Adapter:
@@ -86,24 +103,59 @@ def register_adapter(adapter: Adapter, first: bool = True) -> Adapter:
     return adapter
 
 
+def register_unsupported(qualified_name: str, reason: str) -> None:
+    """Refuse towers containing a module of class `qualified_name` ("pkg.module.Class",
+    subclasses included) with `reason`, e.g. a block whose MLP is fused with attention."""
+    _UNSUPPORTED[qualified_name] = reason
+
+
 def list_adapters() -> list[Adapter]:
     return list(_ADAPTERS)
+
+
+def list_unsupported() -> dict[str, str]:
+    return dict(_UNSUPPORTED)
+
+
+def _families() -> str:
+    return ", ".join(a.family for a in _ADAPTERS)
 
 
 def get_adapter(model: nn.Module) -> Adapter:
     for adapter in _ADAPTERS:
         if adapter.matches(model):
             return adapter
-    raise TypeError(
-        f"no AMP adapter for {type(model).__module__}.{type(model).__name__}; "
-        f"supported families: {', '.join(a.family for a in _ADAPTERS)} (see register_adapter)"
+    cls = type(model)
+    reason = _UNSUPPORTED.get(f"{cls.__module__}.{cls.__qualname__}")
+    raise UnsupportedModel(
+        f"AMP cannot prune {cls.__module__}.{cls.__name__}: "
+        + (reason if reason else "no adapter matches it")
+        + f". AMP prunes the MLPs in the transformer blocks of the families {_families()}; "
+        "CNNs, MLP-Mixers and hierarchical (windowed) transformers are not supported "
+        "(register_adapter adds a family)."
     )
 
 
+def _check_layout(tower: nn.Module, adapter: Adapter) -> None:
+    adapter.blocks(tower)  # a wrapper's adapter resolves (and refuses) its trunk here
+    if not _UNSUPPORTED:
+        return
+    for module in tower.modules():
+        for cls in type(module).__mro__:
+            reason = _UNSUPPORTED.get(f"{cls.__module__}.{cls.__qualname__}")
+            if reason is not None:
+                raise UnsupportedModel(
+                    f"{type(tower).__name__} ({adapter.family}) is built from "
+                    f"{type(module).__name__} modules, a layout AMP does not support: {reason}")
+
+
 def vision_tower(model: nn.Module) -> tuple[nn.Module, Adapter]:
-    """The module AMP prunes and the adapter that drives it (unwraps CLIP models)."""
+    """The module AMP prunes and the adapter that drives it (unwraps CLIP models).
+    Raises UnsupportedModel, naming the class and the reason, for a model AMP cannot
+    prune (a CNN, an MLP-Mixer, a layout with fused MLPs)."""
     adapter = get_adapter(model)
     tower = adapter.tower(model)
     if tower is not model:
         return vision_tower(tower)
+    _check_layout(tower, adapter)
     return tower, adapter

@@ -91,6 +91,7 @@ class StateCache:
             state = adapter.embed(tower, x.to(self._device))
             if self.tier == "empty":
                 wanted = set(self._choose(_nbytes(state) * count))
+            # a start of len(blocks) is the state after the last block (a pooling head's MLP)
             for i in range(last + 1):
                 if i in wanted:
                     self._put((i, b), state)

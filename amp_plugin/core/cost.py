@@ -25,6 +25,16 @@ def count_flops(model: nn.Module, example_inputs: torch.Tensor) -> int:
     """FLOPs of one image through the features AMP measures (per image of the batch)."""
     tower, adapter = vision_tower(model)
     counter = FlopCounterMode(display=False)
-    with counter:
-        adapter.features(tower, example_inputs)
+    # FlopCounterMode's module tracker hooks every module input that requires grad; under
+    # no_grad a view of a parameter (the latent query of an attention-pool head) requires
+    # grad without a grad_fn and the tracker fails on it, so parameters are frozen here.
+    frozen = [(p, p.requires_grad) for p in tower.parameters()]
+    try:
+        for p, _ in frozen:
+            p.requires_grad_(False)
+        with counter:
+            adapter.features(tower, example_inputs)
+    finally:
+        for p, flag in frozen:
+            p.requires_grad_(flag)
     return int(counter.get_total_flops() // max(example_inputs.shape[0], 1))

@@ -22,7 +22,7 @@ from ..utils.progress import progress
 from ..utils.tensors import device_of, split_batch, to_device
 from .adapter import vision_tower
 from .criterion import criterion_info, is_text
-from .mlp import MLPView, find_mlps
+from .mlp import MLPView, find_mlps, list_mlp_kinds
 from .tp import PackedGateLinear, mark_packed_gates
 
 FeatureFn = Callable[[nn.Module, torch.Tensor], torch.Tensor]
@@ -58,7 +58,9 @@ class ScoreState:
 class AMPImportance(tp.importance.Importance):
     """Taylor importance on a label-free entropy criterion, usable as a Torch-Pruning
     importance: called on the group of an MLP hidden layer it returns that layer's
-    scores, and None on any other group (Torch-Pruning then leaves that group alone)."""
+    scores, and None on any other group (Torch-Pruning then leaves that group alone).
+    The MLP of an attention-pool head (SigLIP, PE-Core) is scored but, as in AMPPruner,
+    kept whole in Torch-Pruning scripts unless `prune_head=True`."""
 
     def __init__(
         self,
@@ -67,6 +69,7 @@ class AMPImportance(tp.importance.Importance):
         feature_fn: FeatureFn | None = None,
         use_abs: bool = True,
         show_progress: bool = True,
+        prune_head: bool = False,
     ):
         self.inv_temperature = inv_temperature
         self.criterion_name = criterion
@@ -75,6 +78,8 @@ class AMPImportance(tp.importance.Importance):
         self.feature_fn = feature_fn
         self.use_abs = use_abs
         self.show_progress = show_progress
+        self.prune_head = prune_head
+        self._head: set[str] = set()
         self._scores: dict[str, torch.Tensor] = {}
         self._by_output: dict[nn.Module, tuple[str, MLPView]] = {}
         self.num_batches = 0
@@ -104,11 +109,14 @@ class AMPImportance(tp.importance.Importance):
         `checkpoint(state)` receives this rank's partial sums and position every `every`
         batches; a pass resumed from that `state` over the batches after its position
         ends with the same scores, bit for bit."""
-        tower, _ = vision_tower(model)
+        tower, adapter = vision_tower(model)
         mark_packed_gates(tower)  # a Torch-Pruning pruner built after this prunes them right
         views = find_mlps(tower)
+        self._head = {n for n, v in views.items() if adapter.in_head(tower, v.module)}
         if not views:
-            raise ValueError(f"no MLP found in {type(tower).__name__}")
+            raise ValueError(f"no MLP found in {type(tower).__name__}: none of its modules has "
+                             f"a known MLP layout ({', '.join(list_mlp_kinds())}); add one "
+                             "with register_mlp_kind")
         device = device_of(model)
         sums = {n: torch.zeros(v.hidden, dtype=torch.float64) for n, v in views.items()}
         position = 0
@@ -174,8 +182,10 @@ class AMPImportance(tp.importance.Importance):
         self._scores = {n: s.float().cpu() for n, s in scores.items()}
         self.num_batches = max(self.num_batches, 1)
         if model is not None:
-            tower, _ = vision_tower(model)
-            self._by_output = {v.output: (n, v) for n, v in find_mlps(tower).items()}
+            tower, adapter = vision_tower(model)
+            views = find_mlps(tower)
+            self._by_output = {v.output: (n, v) for n, v in views.items()}
+            self._head = {n for n, v in views.items() if adapter.in_head(tower, v.module)}
         return self
 
     def reset(self) -> None:
@@ -189,6 +199,8 @@ class AMPImportance(tp.importance.Importance):
             if layer not in self._by_output or dep.handler.__name__ != "prune_in_channels":
                 continue
             name, view = self._by_output[layer]
+            if name in self._head and not self.prune_head:
+                return None
             if view.packed and not isinstance(view.inputs[0], PackedGateLinear):
                 raise RuntimeError(
                     f"{name} has a packed gate (gate and value in one linear) that "

@@ -139,12 +139,30 @@ def match_mlp(name: str, module: nn.Module) -> MLPView | None:
     return None
 
 
+_NOT_MLPS: set[str] = set()
+
+
+def register_not_mlp(qualified_name: str) -> None:
+    """`find_mlps` does not look inside modules of class `qualified_name` ("pkg.mod.Class"):
+    an MLP there is not a block MLP (e.g. a relative-position MLP that maps coordinates to
+    attention biases)."""
+    _NOT_MLPS.add(qualified_name)
+
+
+def _not_mlp(module: nn.Module) -> bool:
+    return any(f"{c.__module__}.{c.__qualname__}" in _NOT_MLPS for c in type(module).__mro__)
+
+
 def find_mlps(model: nn.Module) -> OrderedDict[str, MLPView]:
     """Ordered {qualified name: MLPView} of every MLP in `model`, in module order.
     Pure: the model is not changed (see `core.tp.mark_packed_gates`)."""
     found: OrderedDict[str, MLPView] = OrderedDict()
+    skipped: list[str] = []
     for name, module in model.named_modules():
-        if any(name.startswith(p + ".") for p in found):
+        if any(name.startswith(p + ".") for p in [*found, *skipped]):
+            continue
+        if _not_mlp(module):
+            skipped.append(name)
             continue
         view = match_mlp(name, module)
         if view is not None:

@@ -23,15 +23,18 @@ from .cost import count_flops, count_mlp_params, count_params
 from .importance import AMPImportance
 from .mlp import MLPView, find_mlps
 from .search import (
+    HEAD_KEPT,
+    NOT_SELECTED,
     EntropyEval,
     PruneResult,
     SearchState,
     adaptive_search,
     check_search_args,
+    head_mlps,
     kept_neurons,
     tower_mlps,
 )
-from .tp import build_dependency_graph, prune_mlp
+from .tp import mlp_graph, mlp_inputs, prune_mlp
 
 
 @contextmanager
@@ -62,9 +65,12 @@ def masked_or_sliced(tower: nn.Module, view: MLPView, keep: torch.Tensor):
 class AMPPruner:
     """Adaptive MLP pruning of a vision transformer through Torch-Pruning.
 
-    `step()` searches every MLP (or the MLPs named in `mlps`) from the last block to the
-    first, prunes it physically through the dependency graph as soon as its size is
-    decided, and returns a `PruneResult`.
+    `step()` searches every block MLP (or the MLPs named in `mlps`) from the last block to
+    the first, prunes it physically through Torch-Pruning's dependency graph as soon as its
+    size is decided, and returns a `PruneResult`. The MLP of an attention-pool head
+    (SigLIP, PE-Core) is not a block MLP: it is kept whole and listed in
+    `PruneResult.kept_whole`, unless `search_head=True` (searched first, before the last
+    block) or `mlps` names it.
 
         imp = AMPImportance(inv_temperature=20)
         imp.accumulate(model, calib_batches)
@@ -90,6 +96,7 @@ class AMPPruner:
         cache_disk_bytes: int | None = None,
         resume: SearchState | None = None,
         on_decided: Callable[[SearchState], None] | None = None,
+        search_head: bool = False,
     ):
         check_search_args(threshold, max_steps, round_to)
         if not len(val_batches):
@@ -108,6 +115,8 @@ class AMPPruner:
         self.show_progress = show_progress
         self.log = log or (lambda msg: None)
         self.mlps = list(mlps) if mlps is not None else None
+        self.search_head = search_head
+        vision_tower(model)  # refuses a model AMP cannot prune before any work
 
     def _scores(self, views: dict[str, MLPView]) -> dict[str, torch.Tensor]:
         scores = self.importance.neuron_scores()
@@ -123,7 +132,8 @@ class AMPPruner:
     def step(self) -> PruneResult:
         t0 = time.perf_counter()
         tower, _ = vision_tower(self.model)
-        views = tower_mlps(self.model, self.mlps)
+        views = tower_mlps(self.model, self.mlps, self.search_head)
+        head = set(head_mlps(self.model))
         scores = self._scores(views)
         was_training = self.model.training
         self.model.eval()
@@ -131,12 +141,16 @@ class AMPPruner:
         before = dict(params=count_params(tower), mlp=count_mlp_params(tower),
                       flops=count_flops(tower, example))
         original = {n: v.hidden for n, v in find_mlps(tower).items()}
-        dg = build_dependency_graph(tower, example)
+        kept_whole = {n: HEAD_KEPT if n in head and self.mlps is None else NOT_SELECTED
+                      for n in original if n not in views}
+        if kept_whole:
+            self.log(f"kept whole: {', '.join(f'{n} ({r})' for n, r in kept_whole.items())}")
+        inputs = mlp_inputs(tower, example, views)
         if self.resume is not None:  # a resumed search: the decided sizes, as decided
             for name, size in self.resume.sizes.items():
                 commit_keep = kept_neurons(scores[name], size)
                 if commit_keep is not None:
-                    prune_mlp(dg, views[name], commit_keep)
+                    prune_mlp(mlp_graph(views[name], inputs[name]), views[name], commit_keep)
             self.log(f"search resumed after {len(self.resume.sizes)} decided MLPs")
         pending = {n: v for n, v in views.items()
                    if self.resume is None or n not in self.resume.sizes}
@@ -147,7 +161,7 @@ class AMPPruner:
 
         def commit(name: str, view: MLPView, keep: torch.Tensor | None) -> None:
             if keep is not None:
-                prune_mlp(dg, view, keep)
+                prune_mlp(mlp_graph(view, inputs[name]), view, keep)
 
         try:
             out = adaptive_search(
@@ -176,4 +190,5 @@ class AMPPruner:
             seconds=time.perf_counter() - t0,
             extra=dict(cache_bytes=dict(full=self.cache.full_bytes, peak=self.cache.peak_bytes),
                        recomputed_blocks=self.cache.recomputed_blocks),
+            kept_whole=kept_whole,
         )

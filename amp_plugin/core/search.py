@@ -62,6 +62,7 @@ class PruneResult:
     cache: str
     seconds: float
     extra: dict = field(default_factory=dict)
+    kept_whole: dict[str, str] = field(default_factory=dict)  # MLPs not searched, and why
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -101,16 +102,29 @@ def check_search_args(threshold: float, max_steps: int, round_to: int | None) ->
         raise ValueError(f"round_to must be a positive integer, got {round_to}")
 
 
-def _block_index(blocks: Sequence[nn.Module], views: Mapping[str, MLPView]
-                 ) -> dict[str, int] | None:
-    """Block index of each MLP, or None if some MLP is not inside exactly one block."""
+def mlp_positions(tower: nn.Module, adapter, views: Mapping[str, MLPView]
+                  ) -> dict[str, int] | None:
+    """Where each MLP runs: the index of its block, len(blocks) for an MLP of the pooling
+    head (it runs on the state after the last block), or None for the whole mapping if
+    some MLP is neither inside exactly one block nor in the head."""
+    blocks = adapter.blocks(tower)
     out = {}
     for name, view in views.items():
         hits = [i for i, blk in enumerate(blocks) if any(m is view.module for m in blk.modules())]
-        if len(hits) != 1:
+        if len(hits) == 1:
+            out[name] = hits[0]
+        elif not hits and adapter.in_head(tower, view.module):
+            out[name] = len(blocks)
+        else:
             return None
-        out[name] = hits[0]
     return out
+
+
+def head_mlps(model: nn.Module) -> list[str]:
+    """Tower-relative names of the MLPs in the model's pooling head (e.g. the MLP of a
+    MAP attention pool in SigLIP / PE-Core): not block MLPs, kept whole by default."""
+    tower, adapter = vision_tower(model)
+    return [n for n, v in find_mlps(tower).items() if adapter.in_head(tower, v.module)]
 
 
 class EntropyEval:
@@ -118,8 +132,8 @@ class EntropyEval:
 
     The blocks before the one searched never change while it is searched, so the states
     entering each searched block are computed once and a trial runs only the blocks from
-    there on. With a custom `feature_fn`, or an MLP outside the blocks, every trial is a
-    full forward pass instead.
+    there on (none for an MLP of the pooling head: its trials run the head alone). With a
+    custom `feature_fn`, or an MLP elsewhere, every trial is a full forward pass instead.
     """
 
     def __init__(self, model: nn.Module, importance: AMPImportance, val_batches: Iterable,
@@ -135,7 +149,7 @@ class EntropyEval:
         self.tower, self.adapter = vision_tower(model)
         self.block_of = None
         if self.feature_fn is None:
-            self.block_of = _block_index(self.adapter.blocks(self.tower), views)
+            self.block_of = mlp_positions(self.tower, self.adapter, views)
         self.cache = None
         self.mode = "none (full forward per trial)"
         self.extras: list = []  # what the criterion needs besides images, per batch (small)
@@ -311,12 +325,19 @@ def adaptive_search(
                          state.evaluations)
 
 
-def tower_mlps(model: nn.Module, names: Sequence[str] | None = None) -> dict[str, MLPView]:
-    """The MLPs of `model`'s vision tower (tower-relative names), all or `names`."""
+HEAD_KEPT = "pooling-head MLP, kept whole (search_head=True searches it)"
+NOT_SELECTED = "not selected"
+
+
+def tower_mlps(model: nn.Module, names: Sequence[str] | None = None,
+               search_head: bool = False) -> dict[str, MLPView]:
+    """The MLPs of `model`'s vision tower (tower-relative names) that a search covers:
+    `names`, or every block MLP plus, with `search_head`, the pooling head's MLP."""
     tower, _ = vision_tower(model)
     views = find_mlps(tower)
     if names is None:
-        return dict(views)
+        head = set() if search_head else set(head_mlps(model))
+        return {n: v for n, v in views.items() if n not in head}
     unknown = [n for n in names if n not in views]
     if unknown:
         raise ValueError(f"no MLP named {unknown[0]!r} in the vision tower; MLPs: "

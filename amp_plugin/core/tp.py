@@ -69,6 +69,33 @@ def build_dependency_graph(model: nn.Module, example_inputs) -> tp.DependencyGra
         )
 
 
+@torch.no_grad()
+def mlp_inputs(model: nn.Module, example_inputs, views: Mapping[str, MLPView]
+               ) -> dict[str, torch.Tensor]:
+    """The input each MLP of `views` gets when `model` runs `example_inputs` (first item)."""
+    seen: dict[str, torch.Tensor] = {}
+    handles = [v.module.register_forward_pre_hook(
+        lambda _m, args, n=n: seen.setdefault(n, args[0][:1].detach())) for n, v in views.items()]
+    try:
+        model(*example_inputs) if isinstance(example_inputs, tuple) else model(example_inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    missing = [n for n in views if n not in seen]
+    if missing:
+        raise RuntimeError(f"{missing[0]} did not run on the example inputs")
+    return seen
+
+
+def mlp_graph(view: MLPView, example: torch.Tensor) -> tp.DependencyGraph:
+    """Torch-Pruning's dependency graph of one MLP module, traced alone on its own input
+    `example`. A hidden neuron never leaves its MLP (input rows, hidden norm, output
+    columns), so the group is the one a whole-model graph gives; tracing the MLP alone also
+    avoids whole-model tracing failures that have nothing to do with MLPs (the RoPE concat
+    of Sapiens2, a CLIP text tower)."""
+    return build_dependency_graph(view.module, example)
+
+
 def mlp_group(dg: tp.DependencyGraph, view: MLPView, remove: Sequence[int]):
     """The dependency-graph group that removes hidden neurons `remove` of one MLP."""
     return dg.get_pruning_group(view.output, tp.prune_linear_in_channels, idxs=list(remove))
@@ -109,11 +136,13 @@ def prune_mlp(dg: tp.DependencyGraph, view: MLPView, keep: torch.Tensor) -> None
 def prune_mlps(
     model: nn.Module, example_inputs, keep: Mapping[str, torch.Tensor]
 ) -> dict[str, int]:
-    """Physically prune several MLPs of `model`: {mlp name: kept neuron indices}."""
-    dg = build_dependency_graph(model, example_inputs)
+    """Physically prune several MLPs of `model`: {mlp name: kept neuron indices}.
+    `example_inputs` run `model` once to give each MLP's graph its real input."""
     views = find_mlps(model)
-    for name, idxs in keep.items():
+    for name in keep:
         if name not in views:
             raise KeyError(f"no MLP named {name!r}; found {list(views)[:4]}...")
-        prune_mlp(dg, views[name], idxs)
+    inputs = mlp_inputs(model, example_inputs, {n: views[n] for n in keep})
+    for name, idxs in keep.items():
+        prune_mlp(mlp_graph(views[name], inputs[name]), views[name], idxs)
     return {n: v.hidden for n, v in find_mlps(model).items()}

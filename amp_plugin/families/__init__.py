@@ -2,4 +2,14 @@
 matchers, builder, checkpoint converters, tokenizer). Importing this package registers
 them all; a new family is one module here plus one line below."""
 
-from . import open_clip, timm_eva, timm_vit  # noqa: F401  (each module registers itself)
+from . import (  # noqa: F401  (each module registers itself)
+    open_clip,
+    timm_beit,
+    timm_cait,
+    timm_eva,
+    timm_naflex,
+    timm_parallel,
+    timm_relpos,
+    timm_vit,
+    timm_vitamin,
+)

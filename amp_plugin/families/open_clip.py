@@ -124,6 +124,9 @@ class OpenClipTimm(Adapter):
     def head(self, tower, state):
         return self._inner(tower).head(tower.trunk, state)
 
+    def head_modules(self, tower):
+        return self._inner(tower).head_modules(tower.trunk)
+
     def features(self, tower, x):
         return self._inner(tower).features(tower.trunk, x)
 
@@ -266,11 +269,20 @@ def build_open_clip(spec: ModelSpec) -> nn.Module:
         cls = open_clip.CoCa if "multimodal_cfg" in cfg else open_clip.CustomTextCLIP
     else:
         cls = open_clip.CLIP
-    model = cls(**cfg)
+    if spec.kwargs.get("image_only", False) and cls is not open_clip.CoCa:
+        # the vision tower alone, built as CLIP / CustomTextCLIP build it first (same
+        # random init); no text tower, so Hugging Face text configs need no hub
+        from open_clip.model import _build_vision_tower
+
+        model = _build_vision_tower(cfg["embed_dim"], cfg["vision_cfg"],
+                                    cfg.get("quick_gelu", False))
+    else:
+        model = cls(**cfg)
     pp = merge_preprocess_dict(asdict(PreprocessCfg()), preprocess)
-    pp["size"] = getattr(model.visual, "image_size", pp["size"])
+    visual = getattr(model, "visual", model)
+    pp["size"] = getattr(visual, "image_size", pp["size"])
     open_clip.set_model_preprocess_cfg(model, pp)
-    return model.visual if spec.kwargs.get("image_only", False) else model
+    return visual if spec.kwargs.get("image_only", False) else model
 
 
 # ---- checkpoint converter ------------------------------------------------------------------

@@ -35,6 +35,10 @@ class TimmTower(Adapter):
     def head(self, tower, state):
         return tower.forward_head(tower.norm(state[0]), pre_logits=True)
 
+    def head_modules(self, tower):
+        pool = getattr(tower, "attn_pool", None)
+        return [pool] if pool is not None else []
+
     def features(self, tower, x):
         # The model's own path (honours grad checkpointing); equal to the block-wise one.
         return tower.forward_head(tower.forward_features(x), pre_logits=True)
@@ -72,6 +76,40 @@ class TimmViT(TimmTower):
 
 
 register_adapter(TimmViT(), first=False)
+
+
+class TimmSharedBiasTower(TimmTower):
+    """timm towers whose blocks take one position bias computed once per forward
+    (`block(x, **{bias_arg: bias})`): BEiT's shared relative position bias, the shared
+    relative position MLP of relpos ViTs. The state carries the bias."""
+
+    bias_arg = ""
+
+    def _bias(self, tower):
+        raise NotImplementedError
+
+    def embed(self, tower, x):
+        x = tower.patch_embed(x)
+        x = torch.cat((tower.cls_token.expand(x.shape[0], -1, -1), x), dim=1) \
+            if tower.cls_token is not None else x
+        if getattr(tower, "pos_embed", None) is not None:
+            x = x + tower.pos_embed
+        x = tower.pos_drop(x) if hasattr(tower, "pos_drop") else x
+        return (x, self._bias(tower))
+
+    def run_block(self, tower, i, state):
+        x, bias = state
+        return (tower.blocks[i](x, **{self.bias_arg: bias}), bias)
+
+    def final_tokens(self, tower, x):
+        from timm.models._manipulate import checkpoint
+
+        state = self.embed(tower, x)
+        ckpt = tower.grad_checkpointing and torch.is_grad_enabled()
+        for i in range(len(tower.blocks)):
+            state = (checkpoint(self.run_block, tower, i, state) if ckpt
+                     else self.run_block(tower, i, state))
+        return timm_split_tokens(tower, state[0])
 
 
 # ---- MLP layouts of timm.layers ------------------------------------------------------------

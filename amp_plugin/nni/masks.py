@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..core.mlp import MLPView, find_mlps
-from ..core.tp import build_dependency_graph, check_group, mlp_group, prune_mlp
+from ..core.tp import check_group, mlp_graph, mlp_group, mlp_inputs, prune_mlp
 
 
 class MaskError(ValueError):
@@ -65,7 +65,9 @@ def _hidden_activation(view: MLPView, masks: Mapping[nn.Linear, tuple]) -> torch
 def check_maskable(name: str, view: MLPView) -> None:
     """Raise MaskError unless zeroing the input rows of a neuron removes it exactly."""
     if view.hidden_norm is not None:
-        raise MaskError(f"{name}: a norm over the hidden dim sits between its input and "
+        norm = next(n for n, m in view.module.named_modules() if m is view.hidden_norm)
+        raise MaskError(f"{name}: its norm over the hidden dim ({name}.{norm}, "
+                        f"{type(view.hidden_norm).__name__}) sits between its input and "
                         "output linears, so zeroed neurons still change the others; use "
                         "amp_plugin.AMPPruner for it")
     off = {lin: (torch.zeros_like(lin.weight), None if lin.bias is None
@@ -170,6 +172,12 @@ def plan_from_masks(model: nn.Module,
     for mname in [m for m in mlps if m in inputs or m in by_column]:
         view = mlps[mname]
         h = view.hidden
+        if view.hidden_norm is not None:
+            raise MaskError(f"{mname}: its norm over the hidden dim "
+                            f"({names[id(view.hidden_norm)]}, "
+                            f"{type(view.hidden_norm).__name__}) sits between the input and "
+                            "output linears, so masked neurons still change the others and "
+                            "removing them does not give the masked output")
         off = by_column.get(mname, torch.zeros(h, dtype=torch.bool)).clone()
         via_rows = torch.zeros(h, dtype=torch.bool)
         probe = {}
@@ -198,9 +206,6 @@ def plan_from_masks(model: nn.Module,
         off |= via_rows
         if not bool(off.any()):
             continue
-        if view.hidden_norm is not None:
-            raise MaskError(f"{mname}: a norm over the hidden dim sits before the output "
-                            "linear, so removing neurons does not give the masked output")
         if bool(off.all()):
             raise MaskError(f"{mname}: masks switch off all {h} hidden neurons; an MLP keeps "
                             "at least one")
@@ -220,16 +225,17 @@ def apply_nni_masks(model: nn.Module, masks: Mapping[str, Mapping[str, Any]],
     """
     plan = plan_from_masks(model, masks)
     if plan:
-        dg = build_dependency_graph(model, example_inputs)
         views = find_mlps(model)
+        inputs = mlp_inputs(model, example_inputs, {n: views[n] for n in plan})
+        graphs = {n: mlp_graph(views[n], inputs[n]) for n in plan}
         for name, keep in plan.items():
             kept = set(keep.tolist())
-            group = mlp_group(dg, views[name], [j for j in range(views[name].hidden)
-                                                 if j not in kept])
-            if not check_group(dg, group):
+            group = mlp_group(graphs[name], views[name], [j for j in range(views[name].hidden)
+                                                           if j not in kept])
+            if not check_group(graphs[name], group):
                 raise MaskError(f"{name}: Torch-Pruning refuses to remove these neurons")
         for name, keep in plan.items():
-            prune_mlp(dg, views[name], keep)
+            prune_mlp(graphs[name], views[name], keep)
     return {n: v.hidden for n, v in find_mlps(model).items()}
 
 

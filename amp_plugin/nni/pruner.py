@@ -25,7 +25,15 @@ from ..core.adapter import vision_tower
 from ..core.cache import StateCache
 from ..core.importance import AMPImportance
 from ..core.mlp import MLPView, find_mlps
-from ..core.search import EntropyEval, PruneResult, adaptive_search, check_search_args
+from ..core.search import (
+    HEAD_KEPT,
+    NOT_SELECTED,
+    EntropyEval,
+    PruneResult,
+    adaptive_search,
+    check_search_args,
+    head_mlps,
+)
 from ..core.tp import PackedGateLinear, mark_packed_gates
 from .masks import check_maskable, module_names
 
@@ -137,6 +145,7 @@ class AMPNNIPruner(Pruner):
         cache_host_bytes: int = 8 << 30,
         cache_dir: str | None = None,
         show_progress: bool = True,
+        search_head: bool = False,
         evaluator: Evaluator | None = None,
         existed_wrappers: dict[str, ModuleWrapper] | None = None,
     ):
@@ -155,14 +164,22 @@ class AMPNNIPruner(Pruner):
         self.cache_limits = (cache_device_bytes, cache_host_bytes, cache_dir)
         self.show_progress = show_progress
 
+        tower, _ = vision_tower(model)  # refuses a model AMP cannot prune before any work
         mark_packed_gates(model)  # before NNI reads the module types it wraps
         mlps = _model_mlps(model)
-        self.mlp_names = select_mlps(model, config_list)
+        tower_names = module_names(tower)
+        head = {n for n, v in mlps.items() if tower_names[id(v.module)] in head_mlps(model)}
+        selected = select_mlps(model, config_list)
+        # a pooling head's MLP is searched only when asked for (as in AMPPruner)
+        self.mlp_names = [n for n in selected if search_head or n not in head]
+        if not self.mlp_names:
+            raise ValueError("config_list selects only the pooling head's MLP; pass "
+                             "search_head=True to search it")
+        self.kept_whole = {n: HEAD_KEPT if n in head and n in selected else NOT_SELECTED
+                           for n in mlps if n not in self.mlp_names}
         for name in self.mlp_names:
             check_maskable(name, mlps[name])
         self.views = {n: mlps[n] for n in self.mlp_names}
-        tower, _ = vision_tower(model)
-        tower_names = module_names(tower)
         self.score_names = {n: tower_names[id(v.module)] for n, v in self.views.items()}
         names = module_names(model)
         self.input_names = {n: [names[id(lin)] for lin in v.inputs] for n, v in self.views.items()}
@@ -271,4 +288,5 @@ class AMPNNIPruner(Pruner):
             evaluations=out.evaluations,
             cache=evaluate.mode,
             seconds=time.perf_counter() - t0,
+            kept_whole=dict(self.kept_whole),
         )

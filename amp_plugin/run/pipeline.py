@@ -373,7 +373,7 @@ class Run:
             cache_host_bytes=int(c.host_gib * 2**30), cache_dir=c.dir,
             cache_disk_bytes=None if c.disk_gib is None else int(c.disk_gib * 2**30),
             show_progress=self.show_progress, log=self.log, resume=resume,
-            on_decided=on_decided)
+            on_decided=on_decided, search_head=r.amp.search_head)
         try:
             result = pruner.step().to_dict()
         except NonFiniteError as e:

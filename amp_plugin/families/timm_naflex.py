@@ -1,0 +1,44 @@
+"""timm's NaFlexViT (`naflexvit_*`) fed plain image batches (fixed resolution): its
+embedding returns the patch tokens with optional RoPE embeddings and attention mask that
+every block takes; some variants pool with an attention-pool (MAP) head.
+
+Registered here: adapter `timm_naflex`. Batches of variable-size patch sequences
+(`patch_coord`, `patch_valid`) are not what AMP feeds; it measures image batches.
+"""
+
+from __future__ import annotations
+
+from ..core.adapter import register_adapter
+from .timm_vit import TimmTower, timm_split_tokens
+
+
+class TimmNaFlex(TimmTower):
+    family = "timm_naflex"
+    example = {"library": "timm", "name": "naflexvit_base_patch16_gap", "kwargs": {
+        "img_size": 32, "patch_size": 8, "embed_dim": 64, "depth": 2, "num_heads": 4,
+        "num_classes": 0}}
+
+    def matches(self, model):
+        from timm.models.naflexvit import NaFlexVit
+
+        return isinstance(model, NaFlexVit)
+
+    def embed(self, tower, x):
+        embeds = tower._forward_embeds(x, patch_coord=None, patch_valid=None, attn_mask=None)
+        return (embeds["patches"], embeds.get("rope_embeds"), embeds.get("attn_mask"))
+
+    def run_block(self, tower, i, state):
+        x, rope, mask = state
+        kwargs = {"attn_mask": mask}
+        if rope is not None:
+            kwargs["rope"] = rope[i] if tower.rope_is_mixed else rope
+        return (tower.blocks[i](x, **kwargs), rope, mask)
+
+    def final_tokens(self, tower, x):
+        state = self.embed(tower, x)
+        for i in range(len(tower.blocks)):
+            state = self.run_block(tower, i, state)
+        return timm_split_tokens(tower, state[0])
+
+
+register_adapter(TimmNaFlex(), first=False)
