@@ -45,6 +45,28 @@ class CacheConfig(Strict):
     dir: str | None = Field(default=None, description="then on disk here (default: tmp)")
 
 
+class TargetConfig(Strict):
+    """Budget mode: search the threshold until the pruned model keeps this much."""
+
+    mlp_params: float | None = Field(default=None, gt=0, description=(
+        "MLP parameters to keep: a fraction of the original (<= 1) or a number"))
+    params: float | None = Field(default=None, gt=0, description="vision-tower parameters")
+    flops: float | None = Field(default=None, gt=0, description="FLOPs per image")
+    tolerance: float = Field(default=0.01, gt=0, lt=1, description="relative to the target")
+    max_searches: int = Field(default=12, ge=1, description="AMP searches at most")
+
+    @model_validator(mode="after")
+    def _exactly_one(self):
+        given = [k for k in ("mlp_params", "params", "flops") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"exactly one of mlp_params, params, flops, got {given or 'none'}")
+        return self
+
+    def spec(self) -> dict:
+        """The dict `core.budget.Target.parse` reads."""
+        return self.model_dump(exclude_none=True)
+
+
 class AMPConfig(Strict):
     criterion: str = Field(default="entropy", description="a registered criterion")
     inv_temperature: float = Field(default=20.0, gt=0)
@@ -56,6 +78,8 @@ class AMPConfig(Strict):
     dtype: Literal["float32", "bf16", "fp16"] = "float32"
     device: str = "auto"
     cache: CacheConfig = Field(default_factory=CacheConfig)
+    target: TargetConfig | None = Field(default=None, description=(
+        "budget mode: the threshold is searched (starting at `threshold`) to meet this"))
 
     @field_validator("criterion")
     @classmethod

@@ -222,13 +222,14 @@ class Run:
             model, split_batch(val[0])[0][:1], imp, val, r.amp.threshold, r.amp.max_steps,
             r.amp.round_to, cache_device_bytes=int(c.device_gib * 2**30),
             cache_host_bytes=int(c.host_gib * 2**30), cache_dir=c.dir,
-            show_progress=self.show_progress, log=self.log)
+            show_progress=self.show_progress, log=self.log,
+            target=r.amp.target.spec() if r.amp.target else None)
         result = pruner.step().to_dict()
         self.seconds["prune"] = result["seconds"]
         model = model.float()
         if ddp.is_main():
             save_pruned(model, self.dir.pruned,
-                        meta={"threshold": r.amp.threshold, "source": self.original_source()})
+                        meta={"threshold": result["threshold"], "source": self.original_source()})
             write_json(self.dir.prune_meta, {"fingerprint": fp, "result": result})
         ddp.barrier()
         self._models["pruned"] = model

@@ -53,6 +53,8 @@ def build_report(recipe: Recipe, run_dir: str | Path | RunDir,
         "inv_temperature": recipe.amp.inv_temperature,
     }
     report.update({k: prune[k] for k in PRUNE_KEYS if k in prune})
+    if "budget" in prune.get("extra", {}):  # budget mode: target, every outer iteration
+        report["budget"] = prune["extra"]["budget"]
     report.update({k: ev[k] for k in _eval_sections() if k in ev})
     distill = rd.stage_meta("distill")
     if distill is not None:
