@@ -149,7 +149,11 @@ class Run:
         if r.train is None:
             raise ValueError("stage 'train' needs a `train:` section in the recipe")
         ckpt = Path(r.train.checkpoint)
-        fp = fingerprint(r.model, r.train, r.data, r.seed)
+        # only what the teacher depends on: other data fields (calibration and validation
+        # sizes) must not retrain, and so overwrite, a committed teacher
+        d = r.data
+        fp = fingerprint(r.model, r.train, d.kind, d.image_size, d.mean, d.std,
+                         d.test_fraction, r.seed)
         if is_pruned_dir(ckpt) and read_manifest(ckpt)["meta"].get("fingerprint") == fp:
             self.log(f"teacher: cached at {ckpt}")
             return
