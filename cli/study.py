@@ -18,6 +18,11 @@ def study_cmd(
     deep_epochs: int = typer.Option(30, help="SimCLR epochs of the deeper teacher"),
     distill_epochs: int = typer.Option(4, help="distillation epochs per pruned model"),
     cache: Path = typer.Option(Path(".cache/study"), help="where deeper teachers are cached"),
+    teachers: str = typer.Option("demo,deep", help="demo and/or deep"),
+    budgets: str = typer.Option("0.35,0.5,0.65,0.8", help="MLP-parameter fractions kept"),
+    val_sizes: str = typer.Option("64,128,256,512,768", help="validation images tried"),
+    max_searches: int = typer.Option(8, help="budget mode: AMP searches at most"),
+    tolerance: float = typer.Option(0.02, help="budget mode: relative tolerance"),
     set_: list[str] = SetOpt,
 ) -> None:
     """Criterion, adaptive vs uniform, distillation and validation-set size, over seeds
@@ -27,7 +32,11 @@ def study_cmd(
     console = Console()
     cfg = StudyConfig(out=out, recipe=load("demo_digits", set_), seeds=tuple(range(seeds)),
                       deep_depth=deep_depth, deep_epochs=deep_epochs,
-                      distill_epochs=distill_epochs, cache=cache, log=console.log)
+                      distill_epochs=distill_epochs, cache=cache,
+                      teachers=tuple(t.strip() for t in teachers.split(",")),
+                      budgets=tuple(float(b) for b in budgets.split(",")),
+                      val_sizes=tuple(int(n) for n in val_sizes.split(",")),
+                      max_searches=max_searches, tolerance=tolerance, log=console.log)
     result = run_study(cfg)
     console.print((out / "study.md").read_text())
     console.log(f"study: {out / 'study.json'} ({result['seconds']['total'] / 60:.1f} min)")

@@ -152,8 +152,8 @@ class Run:
         # only what the teacher depends on: other data fields (calibration and validation
         # sizes) must not retrain, and so overwrite, a committed teacher
         d = r.data
-        fp = fingerprint(r.model, r.train, d.kind, d.image_size, d.mean, d.std,
-                         d.test_fraction, r.seed)
+        fp = fingerprint(r.model, r.train.model_dump(exclude={"checkpoint"}), d.kind,
+                         d.image_size, d.mean, d.std, d.test_fraction, r.seed)
         if is_pruned_dir(ckpt) and read_manifest(ckpt)["meta"].get("fingerprint") == fp:
             self.log(f"teacher: cached at {ckpt}")
             return

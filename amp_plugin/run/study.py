@@ -69,6 +69,7 @@ class StudyConfig:
     max_searches: int = 8
     distill_epochs: int = 4
     cache: Path = Path(".cache/study")
+    teachers: tuple[str, ...] = ("demo", "deep")
     log: Callable[[str], None] = field(default=lambda msg: None)
 
 
@@ -89,7 +90,12 @@ def _train_teacher(recipe: Recipe, depth: int, epochs: int, seed: int, path: str
 def teachers(cfg: StudyConfig) -> dict[str, dict[int, nn.Module]]:
     """{"demo": {seed: model}, "deep": {seed: model}}; deeper ones trained once, cached."""
     r = cfg.recipe
-    demo = load_pruned(r.train.checkpoint).eval()
+    out = {}
+    if "demo" in cfg.teachers:
+        demo = load_pruned(r.train.checkpoint).eval()
+        out["demo"] = {s: demo for s in cfg.seeds}
+    if "deep" not in cfg.teachers:
+        return out
     paths = {s: cfg.cache / f"deep{cfg.deep_depth}_e{cfg.deep_epochs}_seed{s}"
              for s in cfg.seeds}
     todo = [s for s, p in paths.items() if not is_pruned_dir(p)]
@@ -99,8 +105,8 @@ def teachers(cfg: StudyConfig) -> dict[str, dict[int, nn.Module]]:
         with ProcessPoolExecutor(2, mp_context=get_context("spawn")) as pool:
             list(pool.map(_train_teacher, [r] * len(todo), [cfg.deep_depth] * len(todo),
                           [cfg.deep_epochs] * len(todo), todo, [str(paths[s]) for s in todo]))
-    return {"demo": {s: demo for s in cfg.seeds},
-            "deep": {s: load_pruned(p).eval() for s, p in paths.items()}}
+    out["deep"] = {s: load_pruned(p).eval() for s, p in paths.items()}
+    return out
 
 
 # ---- data and evaluation -------------------------------------------------------------------
@@ -236,8 +242,10 @@ def distill(cfg: StudyConfig, teacher: nn.Module, student: nn.Module, work: Path
 
 # ---- the experiments -----------------------------------------------------------------------
 def run_study(cfg: StudyConfig) -> dict:
+    unknown = set(cfg.teachers) - {"demo", "deep"}
+    if unknown or not cfg.teachers:
+        raise ValueError(f"teachers: expected demo and/or deep, got {sorted(unknown)}")
     t0 = time.perf_counter()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     cfg.out.mkdir(parents=True, exist_ok=True)
     work = cfg.out / "work"
     models = teachers(cfg)
@@ -264,11 +272,14 @@ def run_study(cfg: StudyConfig) -> dict:
                       "one_hot": timed("scores", one_hot_scores, cfg, teacher, d),
                       "magnitude": timed("scores", magnitude_scores, teacher, d)}
             # 1 + 3: criteria at equal kept MLP parameters, before and after distillation
+            at_budget = {}  # the entropy run at the criterion budget is also a curve point
             for crit in CRITERIA:
                 cfg.log(f"seed {seed}, {name} teacher: {crit} at {cfg.criterion_budget:.0%}")
                 pruned, res = timed("search", amp_prune, cfg, teacher, scores[crit], val,
                                     cfg.criterion_budget)
                 acc = timed("evaluation", probe, pruned)
+                if crit == "entropy":
+                    at_budget = {cfg.criterion_budget: (pruned, res)}
                 student = timed("distillation", distill, cfg, teacher, pruned,
                                 work / f"{name}_{seed}_{crit}", seed)
                 after = timed("evaluation", probe, student)
@@ -280,8 +291,8 @@ def run_study(cfg: StudyConfig) -> dict:
             # 2: adaptive vs uniform across budgets (entropy scores)
             for keep in cfg.budgets:
                 cfg.log(f"seed {seed}, {name} teacher: adaptive vs uniform at {keep:.0%}")
-                pruned, res = timed("search", amp_prune, cfg, teacher, scores["entropy"], val,
-                                    keep)
+                pruned, res = at_budget.get(keep) or timed(
+                    "search", amp_prune, cfg, teacher, scores["entropy"], val, keep)
                 before = res["mlp_params"]["before"]
                 uni, ures = uniform_prune(teacher, scores["entropy"], res["mlp_params"]["after"],
                                           val[0][:1])
@@ -318,6 +329,7 @@ def _config_dict(cfg: StudyConfig) -> dict:
                 max_searches=cfg.max_searches, distill_epochs=cfg.distill_epochs,
                 threshold=a.threshold, inv_temperature=a.inv_temperature,
                 max_steps=a.max_steps, calib_images=cfg.recipe.data.calib_images,
+                teachers=list(cfg.teachers),
                 demo_depth=cfg.recipe.model.kwargs.get("depth"))
 
 
@@ -335,7 +347,7 @@ def summarize(rows: list[dict], cfg: StudyConfig) -> dict:
         sel = [r for r in rows if pred(r)]
         return {k: mean_sd([r[k] for r in sel]) for k in keys} if sel else None
 
-    for t in ("demo", "deep"):
+    for t in cfg.teachers:
         s = out[t] = {}
         s["original"] = group(lambda r: r["teacher"] == t and r["experiment"] == "original",
                               ("knn", "linear"))

@@ -37,10 +37,12 @@ def plot_study(result: dict, out: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    s, teachers = result["summary"], ["demo", "deep"]
+    s, teachers = result["summary"], result["config"]["teachers"]
     paths = []
     # adaptive vs uniform: accuracy against MLP parameters kept
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    fig, axes = plt.subplots(1, len(teachers), figsize=(5.5 * len(teachers), 4), sharey=True,
+                             squeeze=False)
+    axes = axes[0]
     for ax, t in zip(axes, teachers, strict=True):
         orig = s[t]["original"]["knn"]["mean"]
         ax.axhline(orig, color="gray", linestyle=":", label=f"original kNN {orig:.1f}")
@@ -55,13 +57,15 @@ def plot_study(result: dict, out: Path) -> list[Path]:
         ax.set_xlabel("MLP parameters kept (%)")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("top-1 on the digits test split (%)")
-    axes[1].legend(fontsize=8, loc="lower right")
+    axes[-1].legend(fontsize=8, loc="lower right")
     fig.suptitle(f"AMP's per-block sizes vs uniform sizes at equal MLP parameters "
                  f"(no distillation; mean ± sd over {len(result['config']['seeds'])} seeds)")
     paths.append(_save(fig, out / "adaptive_vs_uniform.png"))
 
     # criteria: pruned and distilled kNN at equal parameters
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    fig, axes = plt.subplots(1, len(teachers), figsize=(5.5 * len(teachers), 4), sharey=True,
+                             squeeze=False)
+    axes = axes[0]
     crits = list(CRITERION_TITLES)
     for ax, t in zip(axes, teachers, strict=True):
         c = s[t]["criterion"]
@@ -79,12 +83,13 @@ def plot_study(result: dict, out: Path) -> list[Path]:
                      f"{100 * result['config']['criterion_budget']:.0f}% of MLP params")
         ax.grid(alpha=0.3, axis="y")
     axes[0].set_ylabel("kNN top-1 (%)")
-    axes[1].legend(fontsize=8, loc="lower right")
+    axes[-1].legend(fontsize=8, loc="lower right")
     paths.append(_save(fig, out / "criteria.png"))
 
     # validation-set size
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for t, color in zip(teachers, ("tab:green", "tab:purple"), strict=True):
+    for t in teachers:
+        color = "tab:green" if t == "demo" else "tab:purple"
         vs = s[t]["val_size"]
         n = [v["val_images"] for v in vs]
         axes[0].errorbar(n, [100 * v["size_change"]["mean"] for v in vs],
@@ -133,7 +138,7 @@ def study_markdown(result: dict, plots: list[Path]) -> str:
         f"split. Took {result['seconds']['total'] / 60:.1f} min on {result['threads']} threads.",
         "",
     ]
-    for t in ("demo", "deep"):
+    for t in c["teachers"]:
         st = s[t]
         o = st["original"]
         lines += [f"## {_title(result, t)}", "",
