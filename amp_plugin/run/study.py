@@ -24,7 +24,7 @@ import statistics
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -241,17 +241,18 @@ def distill(cfg: StudyConfig, teacher: nn.Module, student: nn.Module, work: Path
 
 
 # ---- the experiments -----------------------------------------------------------------------
-def run_study(cfg: StudyConfig) -> dict:
-    unknown = set(cfg.teachers) - {"demo", "deep"}
-    if unknown or not cfg.teachers:
-        raise ValueError(f"teachers: expected demo and/or deep, got {sorted(unknown)}")
-    t0 = time.perf_counter()
-    cfg.out.mkdir(parents=True, exist_ok=True)
-    work = cfg.out / "work"
-    models = teachers(cfg)
+def _print(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def _seed_rows(cfg: StudyConfig, seed: int) -> tuple[list[dict], dict[str, float]]:
+    """Every experiment of one seed (a worker process: seeds run side by side)."""
+    torch.set_num_threads(1)
+    models = teachers(cfg)  # cached by now: loads only
     probe = Probe(cfg.recipe)
+    work = cfg.out / "work"
     rows: list[dict] = []
-    seconds: dict[str, float] = {"teachers": time.perf_counter() - t0}
+    seconds: dict[str, float] = {}
 
     def timed(part: str, fn, *args):
         s = time.perf_counter()
@@ -259,62 +260,80 @@ def run_study(cfg: StudyConfig) -> dict:
         seconds[part] = seconds.get(part, 0.0) + time.perf_counter() - s
         return out
 
-    for seed in cfg.seeds:
-        d = draw(cfg, seed)
-        val = d.val()
-        for name, by_seed in models.items():
-            teacher = by_seed[seed]
-            base = dict(teacher=name, seed=seed)
-            cfg.log(f"seed {seed}, {name} teacher: scores")
-            original = timed("evaluation", probe, teacher)
-            rows.append(dict(base, experiment="original", **original))
-            scores = {"entropy": timed("scores", entropy_scores, cfg, teacher, d),
-                      "one_hot": timed("scores", one_hot_scores, cfg, teacher, d),
-                      "magnitude": timed("scores", magnitude_scores, teacher, d)}
-            # 1 + 3: criteria at equal kept MLP parameters, before and after distillation
-            at_budget = {}  # the entropy run at the criterion budget is also a curve point
-            for crit in CRITERIA:
-                cfg.log(f"seed {seed}, {name} teacher: {crit} at {cfg.criterion_budget:.0%}")
-                pruned, res = timed("search", amp_prune, cfg, teacher, scores[crit], val,
-                                    cfg.criterion_budget)
-                acc = timed("evaluation", probe, pruned)
-                if crit == "entropy":
-                    at_budget = {cfg.criterion_budget: (pruned, res)}
-                student = timed("distillation", distill, cfg, teacher, pruned,
-                                work / f"{name}_{seed}_{crit}", seed)
-                after = timed("evaluation", probe, student)
-                rows.append(dict(base, experiment="criterion", criterion=crit,
-                                 kept=res["mlp_params"]["after"] / res["mlp_params"]["before"],
-                                 hidden_sizes=res["hidden_sizes"], threshold=res["threshold"],
-                                 reached=res["extra"]["budget"]["reached"], **acc,
-                                 knn_distilled=after["knn"], linear_distilled=after["linear"]))
-            # 2: adaptive vs uniform across budgets (entropy scores)
-            for keep in cfg.budgets:
-                cfg.log(f"seed {seed}, {name} teacher: adaptive vs uniform at {keep:.0%}")
-                pruned, res = at_budget.get(keep) or timed(
-                    "search", amp_prune, cfg, teacher, scores["entropy"], val, keep)
-                before = res["mlp_params"]["before"]
-                uni, ures = uniform_prune(teacher, scores["entropy"], res["mlp_params"]["after"],
-                                          val[0][:1])
-                for how, model, r in (("adaptive", pruned, res), ("uniform", uni, ures)):
-                    after = r["mlp_params"]["after"] if how == "adaptive" else r["mlp_params"]
-                    rows.append(dict(base, experiment="budget", how=how, budget=keep,
-                                     kept=after / before, hidden_sizes=r["hidden_sizes"],
-                                     **timed("evaluation", probe, model)))
-            # 4: validation-set size, at the recipe's threshold
-            for n in cfg.val_sizes:
-                cfg.log(f"seed {seed}, {name} teacher: {n} validation images")
-                pruned, res = timed("search", amp_prune, cfg, teacher, scores["entropy"],
-                                    d.val(n))
-                rows.append(dict(base, experiment="val_size", val_images=n,
-                                 kept=res["mlp_params"]["after"] / res["mlp_params"]["before"],
-                                 hidden_sizes=res["hidden_sizes"],
-                                 original_sizes=res["original_sizes"],
-                                 **timed("evaluation", probe, pruned)))
-    shutil.rmtree(work, ignore_errors=True)
+    d = draw(cfg, seed)
+    val = d.val()
+    for name, by_seed in models.items():
+        teacher = by_seed[seed]
+        base = dict(teacher=name, seed=seed)
+        cfg.log(f"seed {seed}, {name} teacher: scores")
+        original = timed("evaluation", probe, teacher)
+        rows.append(dict(base, experiment="original", **original))
+        scores = {"entropy": timed("scores", entropy_scores, cfg, teacher, d),
+                  "one_hot": timed("scores", one_hot_scores, cfg, teacher, d),
+                  "magnitude": timed("scores", magnitude_scores, teacher, d)}
+        # 1 + 3: criteria at equal kept MLP parameters, before and after distillation
+        at_budget = {}  # the entropy run at the criterion budget is also a curve point
+        for crit in CRITERIA:
+            cfg.log(f"seed {seed}, {name} teacher: {crit} at {cfg.criterion_budget:.0%}")
+            pruned, res = timed("search", amp_prune, cfg, teacher, scores[crit], val,
+                                cfg.criterion_budget)
+            acc = timed("evaluation", probe, pruned)
+            if crit == "entropy":
+                at_budget = {cfg.criterion_budget: (pruned, res)}
+            student = timed("distillation", distill, cfg, teacher, pruned,
+                            work / f"{name}_{seed}_{crit}", seed)
+            after = timed("evaluation", probe, student)
+            rows.append(dict(base, experiment="criterion", criterion=crit,
+                             kept=res["mlp_params"]["after"] / res["mlp_params"]["before"],
+                             hidden_sizes=res["hidden_sizes"], threshold=res["threshold"],
+                             reached=res["extra"]["budget"]["reached"], **acc,
+                             knn_distilled=after["knn"], linear_distilled=after["linear"]))
+        # 2: adaptive vs uniform across budgets (entropy scores)
+        for keep in cfg.budgets:
+            cfg.log(f"seed {seed}, {name} teacher: adaptive vs uniform at {keep:.0%}")
+            pruned, res = at_budget.get(keep) or timed(
+                "search", amp_prune, cfg, teacher, scores["entropy"], val, keep)
+            before = res["mlp_params"]["before"]
+            uni, ures = uniform_prune(teacher, scores["entropy"], res["mlp_params"]["after"],
+                                      val[0][:1])
+            for how, model, r in (("adaptive", pruned, res), ("uniform", uni, ures)):
+                after = r["mlp_params"]["after"] if how == "adaptive" else r["mlp_params"]
+                rows.append(dict(base, experiment="budget", how=how, budget=keep,
+                                 kept=after / before, hidden_sizes=r["hidden_sizes"],
+                                 **timed("evaluation", probe, model)))
+        # 4: validation-set size, at the recipe's threshold
+        for n in cfg.val_sizes:
+            cfg.log(f"seed {seed}, {name} teacher: {n} validation images")
+            pruned, res = timed("search", amp_prune, cfg, teacher, scores["entropy"],
+                                d.val(n))
+            rows.append(dict(base, experiment="val_size", val_images=n,
+                             kept=res["mlp_params"]["after"] / res["mlp_params"]["before"],
+                             hidden_sizes=res["hidden_sizes"],
+                             original_sizes=res["original_sizes"],
+                             **timed("evaluation", probe, pruned)))
+    return rows, seconds
+
+
+def run_study(cfg: StudyConfig) -> dict:
+    unknown = set(cfg.teachers) - {"demo", "deep"}
+    if unknown or not cfg.teachers:
+        raise ValueError(f"teachers: expected demo and/or deep, got {sorted(unknown)}")
+    t0 = time.perf_counter()
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    teachers(cfg)  # train the deeper teachers once, here
+    seconds: dict[str, float] = {"teachers": time.perf_counter() - t0}
+    rows: list[dict] = []
+    # one process per seed: each single-threaded, so seeds use the cores side by side
+    worker_cfg = replace(cfg, log=_print)
+    with ProcessPoolExecutor(len(cfg.seeds), mp_context=get_context("spawn")) as pool:
+        for seed_rows, secs in pool.map(_seed_rows, [worker_cfg] * len(cfg.seeds), cfg.seeds):
+            rows += seed_rows
+            for k, v in secs.items():
+                seconds[k] = seconds.get(k, 0.0) + v
+    shutil.rmtree(cfg.out / "work", ignore_errors=True)
     seconds["total"] = time.perf_counter() - t0
     result = {"config": _config_dict(cfg), "rows": rows, "summary": summarize(rows, cfg),
-              "seconds": seconds, "threads": torch.get_num_threads()}
+              "seconds": seconds, "processes": len(cfg.seeds)}
     write_json(cfg.out / "study.json", result)
     plots = plot_study(result, cfg.out)
     atomic_write(cfg.out / "study.md", study_markdown(result, plots))

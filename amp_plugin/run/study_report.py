@@ -135,7 +135,8 @@ def study_markdown(result: dict, plots: list[Path]) -> str:
         f"images; the deeper teacher is trained once per seed). 1/T {c['inv_temperature']:g}, "
         f"max_steps {c['max_steps']}, budget tolerance {c['tolerance']:.0%}, distillation "
         f"{c['distill_epochs']} epochs. Mean ± sd over seeds; accuracy on the digits test "
-        f"split. Took {result['seconds']['total'] / 60:.1f} min on {result['threads']} threads.",
+        f"split. Took {result['seconds']['total'] / 60:.1f} min (one single-threaded process per "
+        f"seed; the seconds below add up the processes).",
         "",
     ]
     for t in c["teachers"]:
