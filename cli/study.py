@@ -19,6 +19,8 @@ def study_cmd(
     distill_epochs: int = typer.Option(4, help="distillation epochs per pruned model"),
     cache: Path = typer.Option(Path(".cache/study"), help="where deeper teachers are cached"),
     teachers: str = typer.Option("demo,deep", help="demo and/or deep"),
+    deep_teacher_seed: int = typer.Option(None, help="one deeper teacher (this seed) for "
+                                                     "every seed, instead of one per seed"),
     budgets: str = typer.Option("0.35,0.5,0.65,0.8", help="MLP-parameter fractions kept"),
     val_sizes: str = typer.Option("64,128,256,512,768", help="validation images tried"),
     max_searches: int = typer.Option(8, help="budget mode: AMP searches at most"),
@@ -36,7 +38,8 @@ def study_cmd(
                       teachers=tuple(t.strip() for t in teachers.split(",")),
                       budgets=tuple(float(b) for b in budgets.split(",")),
                       val_sizes=tuple(int(n) for n in val_sizes.split(",")),
-                      max_searches=max_searches, tolerance=tolerance, log=console.log)
+                      max_searches=max_searches, tolerance=tolerance,
+                      deep_teacher_seed=deep_teacher_seed, log=console.log)
     result = run_study(cfg)
     console.print((out / "study.md").read_text())
     console.log(f"study: {out / 'study.json'} ({result['seconds']['total'] / 60:.1f} min)")

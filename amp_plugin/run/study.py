@@ -70,6 +70,7 @@ class StudyConfig:
     distill_epochs: int = 4
     cache: Path = Path(".cache/study")
     teachers: tuple[str, ...] = ("demo", "deep")
+    deep_teacher_seed: int | None = None  # one deeper teacher for every seed (draws still vary)
     log: Callable[[str], None] = field(default=lambda msg: None)
 
 
@@ -96,15 +97,19 @@ def teachers(cfg: StudyConfig) -> dict[str, dict[int, nn.Module]]:
         out["demo"] = {s: demo for s in cfg.seeds}
     if "deep" not in cfg.teachers:
         return out
-    paths = {s: cfg.cache / f"deep{cfg.deep_depth}_e{cfg.deep_epochs}_seed{s}"
-             for s in cfg.seeds}
-    todo = [s for s, p in paths.items() if not is_pruned_dir(p)]
+    fixed = cfg.deep_teacher_seed
+    paths = {s: cfg.cache / f"deep{cfg.deep_depth}_e{cfg.deep_epochs}_seed"
+                            f"{s if fixed is None else fixed}" for s in cfg.seeds}
+    todo = sorted({s if fixed is None else fixed for s, p in paths.items()
+                   if not is_pruned_dir(p)})
     if todo:
         cfg.log(f"training {len(todo)} teachers of {cfg.deep_depth} blocks "
                 f"({cfg.deep_epochs} epochs each, 2 processes)")
         with ProcessPoolExecutor(2, mp_context=get_context("spawn")) as pool:
             list(pool.map(_train_teacher, [r] * len(todo), [cfg.deep_depth] * len(todo),
-                          [cfg.deep_epochs] * len(todo), todo, [str(paths[s]) for s in todo]))
+                          [cfg.deep_epochs] * len(todo), todo,
+                          [str(cfg.cache / f"deep{cfg.deep_depth}_e{cfg.deep_epochs}_seed{s}")
+                           for s in todo]))
     out["deep"] = {s: load_pruned(p).eval() for s, p in paths.items()}
     return out
 
@@ -348,7 +353,7 @@ def _config_dict(cfg: StudyConfig) -> dict:
                 max_searches=cfg.max_searches, distill_epochs=cfg.distill_epochs,
                 threshold=a.threshold, inv_temperature=a.inv_temperature,
                 max_steps=a.max_steps, calib_images=cfg.recipe.data.calib_images,
-                teachers=list(cfg.teachers),
+                teachers=list(cfg.teachers), deep_teacher_seed=cfg.deep_teacher_seed,
                 demo_depth=cfg.recipe.model.kwargs.get("depth"))
 
 
