@@ -110,6 +110,28 @@ class CacheConfig(Strict):
                                    "beyond the three, the cache is checkpointed (sqrt(L) blocks)")
 
 
+class TargetConfig(Strict):
+    """Budget mode: search the threshold until the pruned model keeps this much."""
+
+    mlp_params: float | None = Field(default=None, gt=0, description=(
+        "MLP parameters to keep: a fraction of the original (<= 1) or a number"))
+    params: float | None = Field(default=None, gt=0, description="vision-tower parameters")
+    flops: float | None = Field(default=None, gt=0, description="FLOPs per image")
+    tolerance: float = Field(default=0.01, gt=0, lt=1, description="relative to the target")
+    max_searches: int = Field(default=12, ge=1, description="AMP searches at most")
+
+    @model_validator(mode="after")
+    def _exactly_one(self):
+        given = [k for k in ("mlp_params", "params", "flops") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"exactly one of mlp_params, params, flops, got {given or 'none'}")
+        return self
+
+    def spec(self) -> dict:
+        """The dict `core.budget.Target.parse` reads."""
+        return self.model_dump(exclude_none=True)
+
+
 class AMPConfig(Strict):
     criterion: str = Field(default="entropy", description="a registered criterion")
     inv_temperature: float = Field(default=20.0, gt=0)
@@ -128,6 +150,8 @@ class AMPConfig(Strict):
     cache: CacheConfig = Field(default_factory=CacheConfig)
     checkpoint_every: int = Field(default=50, gt=0, description="calibration batches between "
                                   "checkpoints of the score stage (a killed run resumes)")
+    target: TargetConfig | None = Field(default=None, description=(
+        "budget mode: the threshold is searched (starting at `threshold`) to meet this"))
 
     @field_validator("criterion")
     @classmethod

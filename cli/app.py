@@ -10,6 +10,7 @@ from .bench import bench
 from .evaluate import eval_cmd, report_cmd
 from .plan import plan_cmd
 from .run import distill, prune, run_cmd, score, validate
+from .study import study_cmd
 
 app = typer.Typer(
     name="amp",
@@ -36,6 +37,7 @@ app.command()(distill)
 app.command("eval")(eval_cmd)
 app.command("report")(report_cmd)
 app.command("plan")(plan_cmd)
+app.command("study")(study_cmd)
 app.add_typer(bench, name="bench")
 
 

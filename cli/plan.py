@@ -59,6 +59,12 @@ def show(p: dict) -> None:
     cost.add_row("prune, with state cache",
                  f"{v['full_forward_equivalents_cached']} full-pass equivalents = "
                  f"{v['image_forwards_cached']:,} images")
+    if "budget" in s:
+        b = s["budget"]
+        cost.add_row(f"prune, budget mode (<= {b['max_searches']} searches)",
+                     f"<= {b['full_forward_equivalents_at_most']} full-pass equivalents = "
+                     f"{b['image_forwards_at_most']:,} images "
+                     f"({b['full_forward_equivalents_per_search']} per search)")
     cost.add_row("state cache", f"{v['state_cache_bytes'] / 2**30:.2f} GiB ({p['dtype']})")
     console.print(cost)
 

@@ -36,15 +36,14 @@ def _amp(*args, cwd=None):
 
 def test_demo_recipe_end_to_end(tmp_path):
     run = tmp_path / "run"
-    overrides = {"train.epochs": 2, "train.checkpoint": str(tmp_path / "teacher"),
-                 "data.calib_images": 256, "data.val_images": 256,
+    overrides = {"data.calib_images": 256, "data.val_images": 256,
                  "eval.tasks": ["knn", "linear_probe"], "distill.max_steps": 4}
     out = subprocess.run([sys.executable, "-c", COUNTING_RUN, str(run), json.dumps(overrides)],
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-3000:]
-    # one process builds the original once (the trained teacher itself), the student that
-    # DeepSpeed trains and the model the ZeRO shards are consolidated into; the pruned and
-    # distilled models are evaluated from memory
+    # one process builds the original once (the committed teacher, loaded: no training), the
+    # student that DeepSpeed trains and the model the ZeRO shards are consolidated into; the
+    # pruned and distilled models are evaluated from memory
     assert "BUILDS 3" in out.stdout, out.stdout[-2000:]
     report = json.loads((run / "report.json").read_text())
     for key in ("hidden_sizes", "params", "mlp_params", "flops", "accuracy", "threshold",

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -18,6 +18,7 @@ from torch import nn
 
 from ..utils.tensors import device_of
 from .adapter import vision_tower
+from .budget import SizeModel, Target, budget_search
 from .cache import StateCache
 from .cost import count_flops, count_mlp_params, count_params
 from .importance import AMPImportance
@@ -75,6 +76,10 @@ class AMPPruner:
         imp = AMPImportance(inv_temperature=20)
         imp.accumulate(model, calib_batches)
         result = AMPPruner(model, example_inputs, imp, val_batches, threshold=5e-3).step()
+
+    With `target` (a `Target` or e.g. {"mlp_params": 0.6}) the threshold is searched instead
+    (budget mode, `core.budget`): every search runs on masks over the same cached states,
+    `threshold` is where the bisection starts, and only the final sizes are pruned.
     """
 
     def __init__(
@@ -97,8 +102,12 @@ class AMPPruner:
         resume: SearchState | None = None,
         on_decided: Callable[[SearchState], None] | None = None,
         search_head: bool = False,
+        target: Target | Mapping | None = None,
     ):
         check_search_args(threshold, max_steps, round_to)
+        self.target = Target.parse(target) if target is not None else None
+        if target is not None and resume is not None:
+            raise ValueError("a budget search (target) is not resumable: resume=None")
         if not len(val_batches):
             raise ValueError("val_batches is empty")
         self.model = model
@@ -163,14 +172,28 @@ class AMPPruner:
             if keep is not None:
                 prune_mlp(mlp_graph(view, inputs[name]), view, keep)
 
+        def candidate(name, view, keep):
+            return masked_or_sliced(tower, view, keep)
+        index_of = {n: i for i, n in enumerate(original)}
+        threshold, extra = self.threshold, {}
         try:
-            out = adaptive_search(
-                views, scores, evaluate,
-                candidate=lambda name, view, keep: masked_or_sliced(tower, view, keep),
-                commit=commit, threshold=self.threshold, max_steps=self.max_steps,
-                round_to=self.round_to, index_of={n: i for i, n in enumerate(original)},
-                show_progress=self.show_progress,
-                resume=copy.deepcopy(self.resume), on_decided=self.on_decided)
+            if self.target is None:
+                out = adaptive_search(
+                    views, scores, evaluate, candidate, commit, threshold=self.threshold,
+                    max_steps=self.max_steps, round_to=self.round_to, index_of=index_of,
+                    show_progress=self.show_progress, resume=copy.deepcopy(self.resume),
+                    on_decided=self.on_decided)
+                evaluations = out.evaluations
+            else:
+                budget = budget_search(
+                    views, scores, evaluate, candidate, self.target,
+                    SizeModel(tower, views, example), self.threshold, self.max_steps,
+                    self.round_to, index_of, self.show_progress, self.log)
+                for name in list(views)[::-1]:  # only the sizes found are pruned
+                    commit(name, views[name], budget.keep[name])
+                out, threshold = budget.outcome, budget.threshold
+                evaluations = sum(it.evaluations for it in budget.iterations)
+                extra = {"budget": budget.to_dict()}
         finally:
             evaluate.close()
             self.model.train(was_training)
@@ -182,13 +205,14 @@ class AMPPruner:
             mlp_params=dict(before=before["mlp"], after=count_mlp_params(tower)),
             flops=dict(before=before["flops"], after=count_flops(tower, example)),
             entropy=out.entropy,
-            threshold=self.threshold,
+            threshold=threshold,
             max_steps=self.max_steps,
             round_to=self.round_to,
-            evaluations=out.evaluations,
+            evaluations=evaluations,
             cache=evaluate.mode,
             seconds=time.perf_counter() - t0,
-            extra=dict(cache_bytes=dict(full=self.cache.full_bytes, peak=self.cache.peak_bytes),
-                       recomputed_blocks=self.cache.recomputed_blocks),
+            extra={**extra, "cache_bytes": dict(full=self.cache.full_bytes,
+                                                peak=self.cache.peak_bytes),
+                   "recomputed_blocks": self.cache.recomputed_blocks},
             kept_whole=kept_whole,
         )

@@ -165,6 +165,7 @@ class EntropyEval:
                                         starts=sorted(set(self.block_of.values())),
                                         show_progress=show_progress)
         self._pending = dict(self.block_of or {})
+        self.keep_states = False  # budget mode searches several times over the same states
 
     @property
     def nbytes(self) -> int:
@@ -204,8 +205,15 @@ class EntropyEval:
     def done(self, name: str) -> None:
         """MLP `name` is decided: free the states of its block once no MLP needs them."""
         start = self._pending.pop(name, None)
-        if start is not None and self.cache is not None and start not in self._pending.values():
+        if (start is not None and self.cache is not None and not self.keep_states
+                and start not in self._pending.values()):
             self.cache.drop(start)
+
+    def rewind(self) -> None:
+        """Before another search over the same states (needs `keep_states`)."""
+        if not self.keep_states:
+            raise RuntimeError("rewind() needs keep_states = True before the first search")
+        self._pending = dict(self.block_of or {})
 
     def close(self) -> None:
         if self.cache is not None:

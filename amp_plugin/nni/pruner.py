@@ -22,6 +22,7 @@ from nni.compression.utils import Evaluator
 from torch import nn
 
 from ..core.adapter import vision_tower
+from ..core.budget import SizeModel, Target, budget_search
 from ..core.cache import StateCache
 from ..core.importance import AMPImportance
 from ..core.mlp import MLPView, find_mlps
@@ -35,6 +36,7 @@ from ..core.search import (
     head_mlps,
 )
 from ..core.tp import PackedGateLinear, mark_packed_gates
+from ..utils.tensors import split_batch
 from .masks import check_maskable, module_names
 
 # NNI wraps only the module types it has a pruning setting for; the packed gate linear of a
@@ -125,7 +127,8 @@ class AMPNNIPruner(Pruner):
     entropy (ALGORITHM.md 3), candidates evaluated through NNI's own masks on the MLPs' input
     linears. Scores come from `importance` (an `AMPImportance` with scores) or are computed on
     `calib_batches`. `compress()` returns `(model, masks)`; the model keeps its shape (NNI
-    masks it); `apply_nni_masks` makes it smaller.
+    masks it); `apply_nni_masks` makes it smaller. With `target` (e.g. {"mlp_params": 0.6})
+    the threshold is searched instead (budget mode, `core.budget`), starting at `threshold`.
     """
 
     def __init__(
@@ -148,8 +151,10 @@ class AMPNNIPruner(Pruner):
         search_head: bool = False,
         evaluator: Evaluator | None = None,
         existed_wrappers: dict[str, ModuleWrapper] | None = None,
+        target: Target | Mapping | None = None,
     ):
         check_search_args(threshold, max_steps, round_to)
+        self.target = Target.parse(target) if target is not None else None
         self.val_batches = list(val_batches)
         if not self.val_batches:
             raise ValueError("val_batches is empty")
@@ -188,6 +193,11 @@ class AMPNNIPruner(Pruner):
         # parameter counts before NNI wraps the linears (wrapping hides their parameters)
         self._counts = {n: v.param_counts() for n, v in self.views.items()}
         self._mlp_params = sum(v.num_params() for v in find_mlps(tower).values())
+        self._size_model = None
+        if self.target is not None:
+            images, _ = split_batch(self.val_batches[0])
+            with torch.no_grad():
+                self._size_model = SizeModel(tower, self.views, images[:1])
         wrapped = [lin for n in self.mlp_names for lin in self.input_names[n]]
         super().__init__(model, [{"op_names": wrapped}], evaluator, existed_wrappers)
 
@@ -258,13 +268,26 @@ class AMPNNIPruner(Pruner):
         model.eval()
         evaluate = EntropyEval(model, self.importance, self.val_batches, self.views,
                                StateCache(*self.cache_limits), self.show_progress)
+        index_of = {n: all_mlps.index(n) for n in self.views}
+        threshold, extra, budget = self.threshold, {}, None
         try:
-            out = adaptive_search(
-                self.views, scores, evaluate, candidate=self._candidate,
-                commit=lambda name, view, keep: self.keep_neurons(name, keep),
-                threshold=self.threshold, max_steps=self.max_steps, round_to=self.round_to,
-                index_of={n: all_mlps.index(n) for n in self.views},
-                show_progress=self.show_progress, description="AMP search (NNI masks)")
+            if self.target is None:
+                out = adaptive_search(
+                    self.views, scores, evaluate, candidate=self._candidate,
+                    commit=lambda name, view, keep: self.keep_neurons(name, keep),
+                    threshold=self.threshold, max_steps=self.max_steps, round_to=self.round_to,
+                    index_of=index_of, show_progress=self.show_progress,
+                    description="AMP search (NNI masks)")
+            else:
+                budget = budget_search(
+                    self.views, scores, evaluate, self._candidate, self.target,
+                    self._size_model, self.threshold, self.max_steps, self.round_to, index_of,
+                    self.show_progress, reset=lambda: [self.keep_neurons(n, None)
+                                                       for n in self.mlp_names])
+                for name in self.mlp_names:
+                    self.keep_neurons(name, budget.keep[name])
+                out, threshold = budget.outcome, budget.threshold
+                extra = {"budget": budget.to_dict()}
         finally:
             evaluate.close()
             model.train(was_training)
@@ -282,11 +305,13 @@ class AMPNNIPruner(Pruner):
             mlp_params=dict(before=before, after=before - removed),
             flops=None,
             entropy=out.entropy,
-            threshold=self.threshold,
+            threshold=threshold,
             max_steps=self.max_steps,
             round_to=self.round_to,
-            evaluations=out.evaluations,
+            evaluations=(out.evaluations if budget is None
+                         else sum(it.evaluations for it in budget.iterations)),
             cache=evaluate.mode,
             seconds=time.perf_counter() - t0,
             kept_whole=dict(self.kept_whole),
+            extra=extra,
         )

@@ -234,7 +234,11 @@ class Run:
         if r.train is None:
             raise ValueError("stage 'train' needs a `train:` section in the recipe")
         ckpt = Path(r.train.checkpoint)
-        fp = fingerprint(r.model, r.train, r.data, r.seed)
+        # only what the teacher depends on: other data fields (calibration and validation
+        # sizes) must not retrain, and so overwrite, a committed teacher
+        d = r.data
+        fp = fingerprint(r.model, r.train.model_dump(exclude={"checkpoint"}), d.kind,
+                         d.image_size, d.mean, d.std, d.test_fraction, r.seed)
         if is_pruned_dir(ckpt) and read_manifest(ckpt)["meta"].get("fingerprint") == fp and (
                 self._teacher_intact(ckpt)):
             self.log(f"teacher: cached at {ckpt}")
@@ -373,7 +377,8 @@ class Run:
             cache_host_bytes=int(c.host_gib * 2**30), cache_dir=c.dir,
             cache_disk_bytes=None if c.disk_gib is None else int(c.disk_gib * 2**30),
             show_progress=self.show_progress, log=self.log, resume=resume,
-            on_decided=on_decided, search_head=r.amp.search_head)
+            on_decided=None if r.amp.target else on_decided, search_head=r.amp.search_head,
+            target=r.amp.target.spec() if r.amp.target else None)
         try:
             result = pruner.step().to_dict()
         except NonFiniteError as e:
@@ -383,7 +388,7 @@ class Run:
         model = model.float()
         if ddp.is_main():
             save_pruned(model, self.dir.pruned,
-                        meta={"threshold": r.amp.threshold, "source": self.original_source()})
+                        meta={"threshold": result["threshold"], "source": self.original_source()})
             write_json(self.dir.prune_meta, {
                 "fingerprint": fp,
                 "output_sha256": content_fingerprint(self.dir.pruned, self._hashes()),

@@ -146,6 +146,21 @@ def data_cost(n_blocks: int, flops: int, state_bytes: int, calib_images: int, va
     }
 
 
+def budget_cost(cost: dict[str, Any], max_searches: int) -> dict[str, Any]:
+    """Budget mode (`amp.target`): up to `max_searches` AMP searches, each over the same
+    cached states, so the caching pass is paid once and each search costs its trials."""
+    v = cost["validation"]
+    per_search = v["full_forward_equivalents_cached"] - 1  # minus the one caching pass
+    at_most = 1 + max_searches * per_search
+    return {
+        "max_searches": max_searches,
+        "full_forward_equivalents_per_search": round(per_search, 1),
+        "full_forward_equivalents_at_most": round(at_most, 1),
+        "image_forwards_at_most": round(at_most * v["images"]),
+        "entropy_evaluations_at_most": max_searches * v["entropy_evaluations"]["at_most"],
+    }
+
+
 def plan(recipe: Recipe, ranks: int = 1) -> dict[str, Any]:
     t0 = time.perf_counter()
     spec = recipe.model
@@ -171,6 +186,8 @@ def plan(recipe: Recipe, ranks: int = 1) -> dict[str, Any]:
     cost = search_cost(len(views), recipe.amp.max_steps, calib_images, val_images,
                        d.batch_size)
     cost["assumed"] = assumed
+    if recipe.amp.target is not None:
+        cost["budget"] = budget_cost(cost, recipe.amp.target.max_searches)
     val_imgs = cost["validation"]["images"]
     cost["validation"]["state_cache_bytes"] = val_imgs * tokens * width * bytes_per * len(views)
     cost["at_data_size"] = data_cost(len(views), flops, tokens * width * bytes_per,

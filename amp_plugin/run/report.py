@@ -58,6 +58,8 @@ def build_report(recipe: Recipe, run_dir: str | Path | RunDir,
             "validation": (rd.stage_meta("prune") or {}).get("data")}
     if any(data.values()):
         report["data"] = data
+    if "budget" in prune.get("extra", {}):  # budget mode: target, every outer iteration
+        report["budget"] = prune["extra"]["budget"]
     report.update({k: ev[k] for k in _eval_sections() if k in ev})
     distill = rd.stage_meta("distill")
     if distill is not None:

@@ -1,0 +1,396 @@
+"""`amp study`: the paper's claims measured on label-free ViTs trained on the digits.
+
+    criterion     entropy Taylor vs one-hot cross-entropy Taylor (digit labels, through a
+                  logistic-regression head) vs Torch-Pruning's MagnitudeImportance, each at
+                  the same kept MLP parameters (budget mode), kNN / linear probe before and
+                  after distillation
+    adaptive      AMP's per-block sizes vs the same MLP parameters kept uniformly (top-scored
+                  neurons in every block), at several budgets
+    distillation  original vs pruned vs distilled (from the criterion runs)
+    val_size      sizes and accuracy vs the number of validation images of the search
+
+Teachers: the demo's (committed) and a deeper one trained the same way (SimCLR, cached), one
+per seed. A seed draws the calibration / validation images (and the deeper teacher);
+evaluation always uses the demo's fixed train/test split. Every search ranks neurons by the
+criterion being compared and tests candidates on the validation entropy, so the criterion
+comparison isolates the neuron ranking.
+"""
+
+from __future__ import annotations
+
+import copy
+import shutil
+import statistics
+import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field, replace
+from multiprocessing import get_context
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import torch_pruning as tp
+from torch import nn
+
+from ..config import Recipe
+from ..core.adapter import vision_tower
+from ..core.importance import AMPImportance
+from ..core.mlp import find_mlps
+from ..core.models import create_model
+from ..core.pruner import AMPPruner
+from ..core.search import keep_order
+from ..core.serialization import is_pruned_dir, load_pruned, save_pruned
+from ..core.tp import build_dependency_graph, mlp_group, prune_mlps
+from ..data.base import choose_disjoint, get_source
+from ..data.digits import digits_splits
+from ..data.transforms import batches
+from ..distill import Distiller, TrainImages
+from ..evaluate.features import extract_features, knn_top1, linear_probe
+from ..pretrain import train_simclr
+from ..utils.io import atomic_write, write_json
+from .layout import RunDir
+from .study_report import plot_study, study_markdown
+
+CRITERIA = ("entropy", "one_hot", "magnitude")
+
+
+@dataclass
+class StudyConfig:
+    out: Path
+    recipe: Recipe  # the demo recipe: model, data, teacher training, AMP and distill settings
+    seeds: tuple[int, ...] = (0, 1, 2)
+    deep_depth: int = 8
+    deep_epochs: int = 30
+    budgets: tuple[float, ...] = (0.35, 0.5, 0.65, 0.8)
+    criterion_budget: float = 0.5
+    val_sizes: tuple[int, ...] = (64, 128, 256, 512, 768)
+    tolerance: float = 0.02
+    max_searches: int = 8
+    distill_epochs: int = 4
+    cache: Path = Path(".cache/study")
+    teachers: tuple[str, ...] = ("demo", "deep")
+    deep_teacher_seed: int | None = None  # one deeper teacher for every seed (draws still vary)
+    log: Callable[[str], None] = field(default=lambda msg: None)
+
+
+# ---- teachers ------------------------------------------------------------------------------
+def _train_teacher(recipe: Recipe, depth: int, epochs: int, seed: int, path: str) -> str:
+    """One deeper SimCLR teacher (run in a worker process: training is single-threaded)."""
+    spec = recipe.model.model_copy(update={"kwargs": {**recipe.model.kwargs, "depth": depth}})
+    torch.manual_seed(seed)
+    model = create_model(spec)
+    d, t = recipe.data, recipe.train
+    raw = digits_splits(d, 0, raw=True)["train"].images
+    history = train_simclr(model, raw, d.image_size, d.mean, d.std, epochs, t.batch_size, t.lr,
+                           t.temperature, seed, show_progress=False)
+    save_pruned(model, path, meta={"simclr_loss": history, "seed": seed})
+    return path
+
+
+def teachers(cfg: StudyConfig) -> dict[str, dict[int, nn.Module]]:
+    """{"demo": {seed: model}, "deep": {seed: model}}; deeper ones trained once, cached."""
+    r = cfg.recipe
+    out = {}
+    if "demo" in cfg.teachers:
+        demo = load_pruned(r.train.checkpoint).eval()
+        out["demo"] = {s: demo for s in cfg.seeds}
+    if "deep" not in cfg.teachers:
+        return out
+    fixed = cfg.deep_teacher_seed
+    paths = {s: cfg.cache / f"deep{cfg.deep_depth}_e{cfg.deep_epochs}_seed"
+                            f"{s if fixed is None else fixed}" for s in cfg.seeds}
+    todo = sorted({s if fixed is None else fixed for s, p in paths.items()
+                   if not is_pruned_dir(p)})
+    if todo:
+        cfg.log(f"training {len(todo)} teachers of {cfg.deep_depth} blocks "
+                f"({cfg.deep_epochs} epochs each, 2 processes)")
+        with ProcessPoolExecutor(2, mp_context=get_context("spawn")) as pool:
+            list(pool.map(_train_teacher, [r] * len(todo), [cfg.deep_depth] * len(todo),
+                          [cfg.deep_epochs] * len(todo), todo,
+                          [str(cfg.cache / f"deep{cfg.deep_depth}_e{cfg.deep_epochs}_seed{s}")
+                           for s in todo]))
+    out["deep"] = {s: load_pruned(p).eval() for s, p in paths.items()}
+    return out
+
+
+# ---- data and evaluation -------------------------------------------------------------------
+@dataclass
+class Draw:
+    calib: list  # (images, labels) batches
+    val_images: torch.Tensor
+    batch_size: int
+
+    def val(self, n: int | None = None) -> list[torch.Tensor]:
+        x = self.val_images[:n] if n else self.val_images[:512]
+        return batches(x, min(self.batch_size, len(x)))
+
+
+def draw(cfg: StudyConfig, seed: int) -> Draw:
+    d = cfg.recipe.data
+    train = digits_splits(d, 0)["train"]
+    order = choose_disjoint(len(train.images), d.calib_images, max(cfg.val_sizes), seed,
+                            "the digits training split")
+    calib, val = order[:d.calib_images], order[d.calib_images:]
+    return Draw(batches(train.images[calib], d.batch_size, False, train.labels[calib]),
+                train.images[val], d.batch_size)
+
+
+class Probe:
+    """kNN top-1 and linear-probe accuracy on the demo's fixed digits split."""
+
+    def __init__(self, recipe: Recipe):
+        self.split = digits_splits(recipe.data, 0)
+        self.k, self.t = 20, 0.07
+
+    def __call__(self, model: nn.Module) -> dict[str, float]:
+        tr, te = self.split["train"], self.split["test"]
+        ftr = extract_features(model, tr.images, show_progress=False)
+        fte = extract_features(model, te.images, show_progress=False)
+        return {"knn": knn_top1(ftr, tr.labels, fte, te.labels, self.k, self.t),
+                "linear": linear_probe(ftr, tr.labels, fte, te.labels)}
+
+
+# ---- the three criteria's neuron scores ----------------------------------------------------
+def entropy_scores(cfg: StudyConfig, teacher: nn.Module, d: Draw) -> dict[str, torch.Tensor]:
+    imp = AMPImportance(cfg.recipe.amp.inv_temperature, show_progress=False)
+    return imp.accumulate(teacher, [x for x, _ in d.calib])
+
+
+def one_hot_scores(cfg: StudyConfig, teacher: nn.Module, d: Draw) -> dict[str, torch.Tensor]:
+    """Taylor scores of the cross-entropy of the digit labels through a linear head fitted
+    (scikit-learn logistic regression) on the calibration images' features."""
+    from sklearn.linear_model import LogisticRegression
+
+    tower, adapter = vision_tower(teacher)
+    images = torch.cat([x for x, _ in d.calib])
+    labels = torch.cat([y for _, y in d.calib])
+    feats = F.normalize(extract_features(teacher, images, show_progress=False), dim=1)
+    clf = LogisticRegression(max_iter=1000, random_state=0).fit(feats.numpy(), labels.numpy())
+    head = nn.Linear(feats.shape[1], len(clf.classes_))
+    with torch.no_grad():
+        head.weight.copy_(torch.from_numpy(clf.coef_).float())
+        head.bias.copy_(torch.from_numpy(clf.intercept_).float())
+    head.requires_grad_(False)
+
+    def logits(model, x):
+        t, a = vision_tower(model)
+        return head(F.normalize(a.features(t, x), dim=1))
+
+    imp = AMPImportance(cfg.recipe.amp.inv_temperature, "one_hot", feature_fn=logits,
+                        show_progress=False)
+    return imp.accumulate(teacher, d.calib)
+
+
+def magnitude_scores(teacher: nn.Module, d: Draw) -> dict[str, torch.Tensor]:
+    """Torch-Pruning's MagnitudeImportance (L2 over the group: fc1 rows and fc2 columns)."""
+    model = copy.deepcopy(teacher)
+    tower, _ = vision_tower(model)
+    dg = build_dependency_graph(tower, d.calib[0][0][:1])
+    imp = tp.importance.MagnitudeImportance(p=2)
+    return {n: imp(mlp_group(dg, v, range(v.hidden))).float().cpu()
+            for n, v in find_mlps(tower).items()}
+
+
+# ---- pruning -------------------------------------------------------------------------------
+def amp_prune(cfg: StudyConfig, teacher: nn.Module, scores: dict, val: list,
+              keep: float | None = None) -> tuple[nn.Module, dict]:
+    """AMP on a copy of `teacher` with `scores` ranking the neurons: budget mode keeping
+    `keep` of the MLP parameters, or the recipe's threshold when `keep` is None."""
+    a = cfg.recipe.amp
+    model = copy.deepcopy(teacher)
+    imp = AMPImportance(a.inv_temperature, show_progress=False).load_scores(scores, model)
+    target = None if keep is None else {"mlp_params": keep, "tolerance": cfg.tolerance,
+                                        "max_searches": cfg.max_searches}
+    result = AMPPruner(model, val[0][:1], imp, val, a.threshold, a.max_steps,
+                       show_progress=False, target=target).step()
+    return model, result.to_dict()
+
+
+def uniform_prune(teacher: nn.Module, scores: dict, mlp_params: int,
+                  example: torch.Tensor) -> tuple[nn.Module, dict]:
+    """The same MLP parameters kept in every block (top-scored neurons of each)."""
+    model = copy.deepcopy(teacher)
+    tower, _ = vision_tower(model)
+    views = find_mlps(tower)
+    fixed = sum(v.param_counts()[0] for v in views.values())
+    per = sum(v.param_counts()[1] for v in views.values())
+    size = max(1, round((mlp_params - fixed) / per))
+    keep = {n: keep_order(scores[n])[:size].sort().values for n in views}
+    sizes = prune_mlps(tower, example, keep)
+    return model, {"hidden_sizes": sizes,
+                   "mlp_params": sum(v.num_params() for v in find_mlps(tower).values())}
+
+
+def distill(cfg: StudyConfig, teacher: nn.Module, student: nn.Module, work: Path,
+            seed: int) -> nn.Module:
+    """The recipe's distillation (DeepSpeed) of `student` from `teacher`, shortened."""
+    r = cfg.recipe
+    rd = RunDir(work)
+    if rd.root.exists():
+        shutil.rmtree(rd.root)
+    save_pruned(student, rd.pruned)
+    dcfg = r.distill.model_copy(update={"epochs": cfg.distill_epochs,
+                                        "checkpoint_every": 10**6})
+    images, tensor_input = get_source("digits").train_images(r.data, 0)
+    # a copy: the Distiller freezes its teacher's parameters (requires_grad False), and
+    # Torch-Pruning's dependency graph of a frozen model is empty
+    distiller = Distiller(dcfg, copy.deepcopy(teacher), rd.pruned,
+                          TrainImages(images, tensor_input, r.data.image_size, r.data.mean,
+                                      r.data.std), rd.distill, seed=seed,
+                          identity={"study": str(work)}, progress_bar=False)
+    distiller.run()
+    out = getattr(distiller, "distilled_model", None) or load_pruned(rd.distilled)
+    shutil.rmtree(rd.distill.checkpoints, ignore_errors=True)
+    return out.eval()
+
+
+# ---- the experiments -----------------------------------------------------------------------
+def _print(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def _seed_rows(cfg: StudyConfig, seed: int) -> tuple[list[dict], dict[str, float]]:
+    """Every experiment of one seed (a worker process: seeds run side by side)."""
+    torch.set_num_threads(1)
+    models = teachers(cfg)  # cached by now: loads only
+    probe = Probe(cfg.recipe)
+    work = cfg.out / "work"
+    rows: list[dict] = []
+    seconds: dict[str, float] = {}
+
+    def timed(part: str, fn, *args):
+        s = time.perf_counter()
+        out = fn(*args)
+        seconds[part] = seconds.get(part, 0.0) + time.perf_counter() - s
+        return out
+
+    d = draw(cfg, seed)
+    val = d.val()
+    for name, by_seed in models.items():
+        teacher = by_seed[seed]
+        base = dict(teacher=name, seed=seed)
+        cfg.log(f"seed {seed}, {name} teacher: scores")
+        original = timed("evaluation", probe, teacher)
+        rows.append(dict(base, experiment="original", **original))
+        scores = {"entropy": timed("scores", entropy_scores, cfg, teacher, d),
+                  "one_hot": timed("scores", one_hot_scores, cfg, teacher, d),
+                  "magnitude": timed("scores", magnitude_scores, teacher, d)}
+        # 1 + 3: criteria at equal kept MLP parameters, before and after distillation
+        at_budget = {}  # the entropy run at the criterion budget is also a curve point
+        for crit in CRITERIA:
+            cfg.log(f"seed {seed}, {name} teacher: {crit} at {cfg.criterion_budget:.0%}")
+            pruned, res = timed("search", amp_prune, cfg, teacher, scores[crit], val,
+                                cfg.criterion_budget)
+            acc = timed("evaluation", probe, pruned)
+            if crit == "entropy":
+                at_budget = {cfg.criterion_budget: (pruned, res)}
+            student = timed("distillation", distill, cfg, teacher, pruned,
+                            work / f"{name}_{seed}_{crit}", seed)
+            after = timed("evaluation", probe, student)
+            rows.append(dict(base, experiment="criterion", criterion=crit,
+                             kept=res["mlp_params"]["after"] / res["mlp_params"]["before"],
+                             hidden_sizes=res["hidden_sizes"], threshold=res["threshold"],
+                             reached=res["extra"]["budget"]["reached"], **acc,
+                             knn_distilled=after["knn"], linear_distilled=after["linear"]))
+        # 2: adaptive vs uniform across budgets (entropy scores)
+        for keep in cfg.budgets:
+            cfg.log(f"seed {seed}, {name} teacher: adaptive vs uniform at {keep:.0%}")
+            pruned, res = at_budget.get(keep) or timed(
+                "search", amp_prune, cfg, teacher, scores["entropy"], val, keep)
+            before = res["mlp_params"]["before"]
+            uni, ures = uniform_prune(teacher, scores["entropy"], res["mlp_params"]["after"],
+                                      val[0][:1])
+            for how, model, r in (("adaptive", pruned, res), ("uniform", uni, ures)):
+                after = r["mlp_params"]["after"] if how == "adaptive" else r["mlp_params"]
+                rows.append(dict(base, experiment="budget", how=how, budget=keep,
+                                 kept=after / before, hidden_sizes=r["hidden_sizes"],
+                                 **timed("evaluation", probe, model)))
+        # 4: validation-set size, at the recipe's threshold
+        for n in cfg.val_sizes:
+            cfg.log(f"seed {seed}, {name} teacher: {n} validation images")
+            pruned, res = timed("search", amp_prune, cfg, teacher, scores["entropy"],
+                                d.val(n))
+            rows.append(dict(base, experiment="val_size", val_images=n,
+                             kept=res["mlp_params"]["after"] / res["mlp_params"]["before"],
+                             hidden_sizes=res["hidden_sizes"],
+                             original_sizes=res["original_sizes"],
+                             **timed("evaluation", probe, pruned)))
+    return rows, seconds
+
+
+def run_study(cfg: StudyConfig) -> dict:
+    unknown = set(cfg.teachers) - {"demo", "deep"}
+    if unknown or not cfg.teachers:
+        raise ValueError(f"teachers: expected demo and/or deep, got {sorted(unknown)}")
+    t0 = time.perf_counter()
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    teachers(cfg)  # train the deeper teachers once, here
+    seconds: dict[str, float] = {"teachers": time.perf_counter() - t0}
+    rows: list[dict] = []
+    # one process per seed: each single-threaded, so seeds use the cores side by side
+    worker_cfg = replace(cfg, log=_print)
+    with ProcessPoolExecutor(len(cfg.seeds), mp_context=get_context("spawn")) as pool:
+        for seed_rows, secs in pool.map(_seed_rows, [worker_cfg] * len(cfg.seeds), cfg.seeds):
+            rows += seed_rows
+            for k, v in secs.items():
+                seconds[k] = seconds.get(k, 0.0) + v
+    shutil.rmtree(cfg.out / "work", ignore_errors=True)
+    seconds["total"] = time.perf_counter() - t0
+    result = {"config": _config_dict(cfg), "rows": rows, "summary": summarize(rows, cfg),
+              "seconds": seconds, "processes": len(cfg.seeds)}
+    write_json(cfg.out / "study.json", result)
+    plots = plot_study(result, cfg.out)
+    atomic_write(cfg.out / "study.md", study_markdown(result, plots))
+    return result
+
+
+def _config_dict(cfg: StudyConfig) -> dict:
+    a = cfg.recipe.amp
+    return dict(seeds=list(cfg.seeds), deep_depth=cfg.deep_depth, deep_epochs=cfg.deep_epochs,
+                budgets=list(cfg.budgets), criterion_budget=cfg.criterion_budget,
+                val_sizes=list(cfg.val_sizes), tolerance=cfg.tolerance,
+                max_searches=cfg.max_searches, distill_epochs=cfg.distill_epochs,
+                threshold=a.threshold, inv_temperature=a.inv_temperature,
+                max_steps=a.max_steps, calib_images=cfg.recipe.data.calib_images,
+                teachers=list(cfg.teachers), deep_teacher_seed=cfg.deep_teacher_seed,
+                demo_depth=cfg.recipe.model.kwargs.get("depth"))
+
+
+# ---- aggregation -------------------------------------------------------------------------
+def mean_sd(values: list[float]) -> dict[str, float]:
+    return {"mean": statistics.fmean(values),
+            "sd": statistics.stdev(values) if len(values) > 1 else 0.0, "n": len(values)}
+
+
+def summarize(rows: list[dict], cfg: StudyConfig) -> dict:
+    """Mean and standard deviation over seeds of every measured number."""
+    out: dict = {}
+
+    def group(pred, keys):
+        sel = [r for r in rows if pred(r)]
+        return {k: mean_sd([r[k] for r in sel]) for k in keys} if sel else None
+
+    for t in cfg.teachers:
+        s = out[t] = {}
+        s["original"] = group(lambda r: r["teacher"] == t and r["experiment"] == "original",
+                              ("knn", "linear"))
+        s["criterion"] = {c: group(lambda r, c=c: r["teacher"] == t and r.get("criterion") == c,
+                                   ("kept", "knn", "linear", "knn_distilled",
+                                    "linear_distilled")) for c in CRITERIA}
+        s["budget"] = {how: [dict(budget=b, **group(
+            lambda r, b=b, how=how: r["teacher"] == t and r["experiment"] == "budget"
+            and r["how"] == how and r["budget"] == b, ("kept", "knn", "linear")))
+            for b in cfg.budgets] for how in ("adaptive", "uniform")}
+        vs = []
+        for n in cfg.val_sizes:
+            sel = [r for r in rows if r["teacher"] == t and r.get("val_images") == n]
+            ref = {r["seed"]: r for r in rows if r["teacher"] == t
+                   and r.get("val_images") == max(cfg.val_sizes)}
+            change = [statistics.fmean(abs(r["hidden_sizes"][b] - ref[r["seed"]]["hidden_sizes"][b])
+                                       / r["original_sizes"][b] for b in r["hidden_sizes"])
+                      for r in sel]
+            vs.append(dict(val_images=n, size_change=mean_sd(change),
+                           **{k: mean_sd([r[k] for r in sel]) for k in ("kept", "knn", "linear")}))
+        s["val_size"] = vs
+    return out

@@ -1,0 +1,173 @@
+"""study.md and the PNG plots of `amp study`, from study.json's content."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..utils.io import atomic_write
+
+TEACHER_TITLES = {"demo": "demo teacher ({d} blocks)", "deep": "deeper teacher ({d} blocks)"}
+CRITERION_TITLES = {"entropy": "entropy Taylor (AMP)", "one_hot": "one-hot CE Taylor (labels)",
+                    "magnitude": "weight magnitude (Torch-Pruning)"}
+
+
+def _title(result: dict, teacher: str) -> str:
+    c = result["config"]
+    return TEACHER_TITLES[teacher].format(d=c["demo_depth"] if teacher == "demo"
+                                          else c["deep_depth"])
+
+
+def _pm(s: dict | None, scale: float = 1.0, digits: int = 1) -> str:
+    if not s:
+        return "-"
+    return f"{s['mean'] * scale:.{digits}f} ± {s['sd'] * scale:.{digits}f}"
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120, bbox_inches="tight"))
+    plt.close(fig)
+    return path
+
+
+def plot_study(result: dict, out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    s, teachers = result["summary"], result["config"]["teachers"]
+    paths = []
+    # adaptive vs uniform: accuracy against MLP parameters kept
+    fig, axes = plt.subplots(1, len(teachers), figsize=(5.5 * len(teachers), 4), sharey=True,
+                             squeeze=False)
+    axes = axes[0]
+    for ax, t in zip(axes, teachers, strict=True):
+        orig = s[t]["original"]["knn"]["mean"]
+        ax.axhline(orig, color="gray", linestyle=":", label=f"original kNN {orig:.1f}")
+        for how, color in (("adaptive", "tab:blue"), ("uniform", "tab:orange")):
+            pts = s[t]["budget"][how]
+            x = [100 * p["kept"]["mean"] for p in pts]
+            for metric, style in (("knn", "-o"), ("linear", "--s")):
+                ax.errorbar(x, [p[metric]["mean"] for p in pts],
+                            yerr=[p[metric]["sd"] for p in pts], fmt=style, color=color,
+                            capsize=3, label=f"{how}, {'kNN' if metric == 'knn' else 'probe'}")
+        ax.set_title(_title(result, t))
+        ax.set_xlabel("MLP parameters kept (%)")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("top-1 on the digits test split (%)")
+    axes[-1].legend(fontsize=8, loc="lower right")
+    fig.suptitle(f"AMP's per-block sizes vs uniform sizes at equal MLP parameters "
+                 f"(no distillation; mean ± sd over {len(result['config']['seeds'])} seeds)")
+    paths.append(_save(fig, out / "adaptive_vs_uniform.png"))
+
+    # criteria: pruned and distilled kNN at equal parameters
+    fig, axes = plt.subplots(1, len(teachers), figsize=(5.5 * len(teachers), 4), sharey=True,
+                             squeeze=False)
+    axes = axes[0]
+    crits = list(CRITERION_TITLES)
+    for ax, t in zip(axes, teachers, strict=True):
+        c = s[t]["criterion"]
+        xs = range(len(crits))
+        for off, key, label in ((-0.2, "knn", "pruned"), (0.2, "knn_distilled", "distilled")):
+            ax.bar([x + off for x in xs], [c[k][key]["mean"] for k in crits], 0.4,
+                   yerr=[c[k][key]["sd"] for k in crits], capsize=3, label=label)
+        ax.axhline(s[t]["original"]["knn"]["mean"], color="gray", linestyle=":",
+                   label="original")
+        ax.set_xticks(list(xs), [CRITERION_TITLES[k].replace(" (", "\n(") for k in crits],
+                      fontsize=8)
+        low = min(c[k]["knn"]["mean"] - c[k]["knn"]["sd"] for k in crits)
+        ax.set_ylim(max(0, low - 10), 100)
+        ax.set_title(f"{_title(result, t)}: "
+                     f"{100 * result['config']['criterion_budget']:.0f}% of MLP params")
+        ax.grid(alpha=0.3, axis="y")
+    axes[0].set_ylabel("kNN top-1 (%)")
+    axes[-1].legend(fontsize=8, loc="lower right")
+    paths.append(_save(fig, out / "criteria.png"))
+
+    # validation-set size
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for t in teachers:
+        color = "tab:green" if t == "demo" else "tab:purple"
+        vs = s[t]["val_size"]
+        n = [v["val_images"] for v in vs]
+        axes[0].errorbar(n, [100 * v["size_change"]["mean"] for v in vs],
+                         yerr=[100 * v["size_change"]["sd"] for v in vs], fmt="-o",
+                         color=color, capsize=3, label=_title(result, t))
+        axes[1].errorbar(n, [v["knn"]["mean"] for v in vs], yerr=[v["knn"]["sd"] for v in vs],
+                         fmt="-o", color=color, capsize=3, label=_title(result, t))
+    axes[0].set_ylabel(f"mean |size - size at {max(n)} images| (% of hidden)")
+    axes[1].set_ylabel("kNN top-1 after pruning (%)")
+    for ax in axes:
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("validation images of the search")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"threshold {result['config']['threshold']:g}")
+    paths.append(_save(fig, out / "val_size.png"))
+
+    # per-block sizes of the deeper teacher at the criterion budget, one line per seed
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    for r in result["rows"]:
+        if r["experiment"] == "criterion" and r["criterion"] == "entropy":
+            sizes = list(r["hidden_sizes"].values())
+            ax.plot(range(len(sizes)), sizes, "-o",
+                    label=f"{r['teacher']} teacher, seed {r['seed']}",
+                    color="tab:purple" if r["teacher"] == "deep" else "tab:green",
+                    alpha=0.5 + 0.15 * r["seed"])
+    ax.set_xlabel("block")
+    ax.set_ylabel("MLP neurons kept")
+    ax.set_title(f"AMP sizes per block at {100 * result['config']['criterion_budget']:.0f}% "
+                 "of MLP params")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    paths.append(_save(fig, out / "block_sizes.png"))
+    return paths
+
+
+def study_markdown(result: dict, plots: list[Path]) -> str:
+    c, s = result["config"], result["summary"]
+    lines = [
+        "# amp study",
+        "",
+        f"Seeds {c['seeds']} (each draws {c['calib_images']} calibration and the validation "
+        f"images; the deeper teacher is trained once per seed). 1/T {c['inv_temperature']:g}, "
+        f"max_steps {c['max_steps']}, budget tolerance {c['tolerance']:.0%}, distillation "
+        f"{c['distill_epochs']} epochs. Mean ± sd over seeds; accuracy on the digits test "
+        f"split. Took {result['seconds']['total'] / 60:.1f} min (one single-threaded process per "
+        f"seed; the seconds below add up the processes).",
+        "",
+    ]
+    for t in c["teachers"]:
+        st = s[t]
+        o = st["original"]
+        lines += [f"## {_title(result, t)}", "",
+                  f"Original: kNN {_pm(o['knn'])}, linear probe {_pm(o['linear'])}.", "",
+                  f"### Criterion at {100 * c['criterion_budget']:.0f}% of MLP parameters "
+                  "(budget mode)", "",
+                  "| criterion | MLP params kept (%) | kNN pruned | probe pruned | "
+                  "kNN distilled | probe distilled |", "|---|---|---|---|---|---|"]
+        for k, title in CRITERION_TITLES.items():
+            r = st["criterion"][k]
+            lines.append(f"| {title} | {_pm(r['kept'], 100)} | {_pm(r['knn'])} | "
+                         f"{_pm(r['linear'])} | {_pm(r['knn_distilled'])} | "
+                         f"{_pm(r['linear_distilled'])} |")
+        lines += ["", "### Adaptive vs uniform (no distillation)", "",
+                  "| budget | kept adaptive (%) | kept uniform (%) | kNN adaptive | kNN uniform "
+                  "| probe adaptive | probe uniform |", "|---|---|---|---|---|---|---|"]
+        for a, u in zip(st["budget"]["adaptive"], st["budget"]["uniform"], strict=True):
+            lines.append(f"| {100 * a['budget']:.0f}% | {_pm(a['kept'], 100)} | "
+                         f"{_pm(u['kept'], 100)} | {_pm(a['knn'])} | {_pm(u['knn'])} | "
+                         f"{_pm(a['linear'])} | {_pm(u['linear'])} |")
+        lines += ["", f"### Validation-set size (threshold {c['threshold']:g})", "",
+                  "| val images | size change vs largest (% of hidden) | MLP params kept (%) "
+                  "| kNN pruned |", "|---|---|---|---|"]
+        for v in st["val_size"]:
+            lines.append(f"| {v['val_images']} | {_pm(v['size_change'], 100)} | "
+                         f"{_pm(v['kept'], 100)} | {_pm(v['knn'])} |")
+        lines.append("")
+    lines += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
+    secs = ", ".join(f"{k} {v:.0f} s" for k, v in result["seconds"].items())
+    lines += ["", f"Seconds: {secs}.", ""]
+    return "\n".join(lines)
