@@ -168,4 +168,5 @@ def test_cost_at_imagenet_scale() -> None:
     out = CliRunner().invoke(app, ["plan", "open_clip_g", "--val-images", "50000",
                                    "--ranks", "8"], env={"COLUMNS": "200"})
     assert out.exit_code == 0, out.output
-    assert "checkpointed / 29.44 GiB" in out.output
+    # 49,152 validation images (whole batches of 1024) over 8 ranks, 7 blocks of states
+    assert "checkpointed / 28.99 GiB" in out.output
