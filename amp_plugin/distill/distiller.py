@@ -350,7 +350,8 @@ class Distiller:
         p = next(t_tower.parameters())
         if p.device != torch.device(self.device) or p.dtype != self.dtype:
             t_tower = copy.deepcopy(t_tower)  # the caller's model stays as it is
-        t_tower.eval().requires_grad_(False)
+        # frozen by running it without gradient (`_targets`); its flags are left as they are
+        t_tower.eval()
         self.teacher = TokenModel(t_tower, t_adapter).to(self.device, self.dtype).eval()
         probe = self.data.dataset[(0, self.seed)].unsqueeze(0)
         frozen = untrained_parameters(t_tower, t_adapter, probe.to(self.device, self.dtype))
