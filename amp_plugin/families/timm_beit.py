@@ -7,15 +7,13 @@ Registered here: adapter `timm_beit`.
 from __future__ import annotations
 
 from ..core.adapter import register_adapter
-from .timm_vit import TimmSharedBiasTower
+from .timm_vit import TimmSharedBiasTower, tiny_timm
 
 
 class TimmBeit(TimmSharedBiasTower):
     family = "timm_beit"
     bias_arg = "shared_rel_pos_bias"
-    example = {"library": "timm", "name": "beitv2_base_patch16_224", "kwargs": {
-        "img_size": 32, "patch_size": 8, "embed_dim": 64, "depth": 2, "num_heads": 4,
-        "num_classes": 0}}
+    example = tiny_timm("beitv2_base_patch16_224")
 
     def matches(self, model):
         from timm.models.beit import Beit

@@ -10,14 +10,12 @@ from __future__ import annotations
 import torch
 
 from ..core.adapter import register_adapter
-from .timm_vit import TimmTower
+from .timm_vit import TimmTower, tiny_timm
 
 
 class TimmCait(TimmTower):
     family = "timm_cait"
-    example = {"library": "timm", "name": "cait_xxs24_224", "kwargs": {
-        "img_size": 32, "patch_size": 8, "embed_dim": 64, "depth": 2, "num_heads": 4,
-        "depth_token_only": 1, "num_classes": 0}}
+    example = tiny_timm("cait_xxs24_224", depth_token_only=1)
 
     def matches(self, model):
         from timm.models.cait import Cait

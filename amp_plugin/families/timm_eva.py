@@ -16,14 +16,12 @@ from torch import nn
 
 from ..core.adapter import register_adapter
 from ..core.models import register_converter
-from .timm_vit import TimmTower, strip_wrappers, timm_split_tokens
+from .timm_vit import TimmTower, strip_wrappers, timm_split_tokens, tiny_timm
 
 
 class TimmEva(TimmTower):
     family = "timm_eva"
-    example = {"library": "timm", "name": "eva02_tiny_patch14_224", "kwargs": {
-        "img_size": 32, "patch_size": 8, "embed_dim": 64, "depth": 2, "num_heads": 4,
-        "num_classes": 0}}
+    example = tiny_timm("eva02_tiny_patch14_224")
 
     def matches(self, model):
         from timm.models.eva import Eva

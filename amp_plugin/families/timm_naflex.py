@@ -9,14 +9,12 @@ Registered here: adapter `timm_naflex`. Batches of variable-size patch sequences
 from __future__ import annotations
 
 from ..core.adapter import register_adapter
-from .timm_vit import TimmTower, timm_split_tokens
+from .timm_vit import TimmTower, timm_split_tokens, tiny_timm
 
 
 class TimmNaFlex(TimmTower):
     family = "timm_naflex"
-    example = {"library": "timm", "name": "naflexvit_base_patch16_gap", "kwargs": {
-        "img_size": 32, "patch_size": 8, "embed_dim": 64, "depth": 2, "num_heads": 4,
-        "num_classes": 0}}
+    example = tiny_timm("naflexvit_base_patch16_gap")
 
     def matches(self, model):
         from timm.models.naflexvit import NaFlexVit

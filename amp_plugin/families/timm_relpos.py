@@ -10,15 +10,13 @@ from __future__ import annotations
 
 from ..core.adapter import register_adapter
 from ..core.mlp import register_not_mlp
-from .timm_vit import TimmSharedBiasTower
+from .timm_vit import TimmSharedBiasTower, tiny_timm
 
 
 class TimmRelPos(TimmSharedBiasTower):
     family = "timm_relpos"
     bias_arg = "shared_rel_pos"
-    example = {"library": "timm", "name": "vit_relpos_small_patch16_224", "kwargs": {
-        "img_size": 32, "patch_size": 8, "embed_dim": 64, "depth": 2, "num_heads": 4,
-        "num_classes": 0}}
+    example = tiny_timm("vit_relpos_small_patch16_224")
 
     def matches(self, model):
         from timm.models.vision_transformer_relpos import VisionTransformerRelPos

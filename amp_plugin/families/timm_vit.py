@@ -18,6 +18,13 @@ from ..core.mlp import MLPView, norm_or_none, register_mlp_kind
 from ..core.models import ModelSpec, register_builder, register_converter
 
 
+def tiny_timm(name: str, **kwargs) -> dict:
+    """A family's example spec: timm model `name` at 32x32, width 64, 2 blocks."""
+    return {"library": "timm", "name": name, "kwargs": {
+        "img_size": 32, "patch_size": 8, "embed_dim": 64, "depth": 2, "num_heads": 4,
+        "num_classes": 0, **kwargs}}
+
+
 # ---- adapter -------------------------------------------------------------------------------
 def timm_split_tokens(tower: nn.Module, t: torch.Tensor):
     """(pooled, patch tokens) of timm block outputs, before the final norm."""
@@ -48,9 +55,7 @@ class TimmViT(TimmTower):
     """timm VisionTransformer (also DINOv2 checkpoints converted to the timm layout)."""
 
     family = "timm_vit"
-    example = {"library": "timm", "name": "vit_small_patch16_224", "kwargs": {
-        "img_size": 32, "patch_size": 8, "embed_dim": 64, "depth": 2, "num_heads": 4,
-        "num_classes": 0}}
+    example = tiny_timm("vit_small_patch16_224")
 
     def matches(self, model):
         from timm.models.vision_transformer import VisionTransformer
