@@ -25,7 +25,8 @@ from amp_plugin.run.sweep import FAST, small_spec, sweep_one
 torch.set_num_threads(2)
 
 REFUSED = {"vit_base_patch16_xp_224": "ParallelScalingBlock", "xcit_tiny_12_p16_224": "Xcit",
-           "RN50": "ModifiedResNet", "convnext_base": "ConvNeXt"}
+           "RN50": "ModifiedResNet", "convnext_base": "ConvNeXt",
+           "gemma4_vit_167m": "Gemma4VitClassifier"}
 
 
 @pytest.mark.parametrize("library,name", FAST, ids=[n for _, n in FAST])

@@ -10,6 +10,8 @@ from . import (  # noqa: F401  (each module registers itself)
     timm_naflex,
     timm_parallel,
     timm_relpos,
+    timm_sam,
     timm_vit,
     timm_vitamin,
+    timm_vlm_vit,
 )

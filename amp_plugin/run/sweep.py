@@ -24,14 +24,20 @@ from ..core.serialization import load_pruned, save_pruned
 from ..data import digits_raw, to_model_input
 from ..utils.progress import progress
 
-# timm model-name prefixes of transformer families (CNNs, hybrids with conv stages, MLP-Mixers
-# and hierarchical windowed models are refused by name class, see `refusal_examples`)
-TIMM_VIT_PREFIXES = ("vit_", "deit", "eva", "beit", "cait", "xcit", "naflexvit", "vitamin",
-                     "flexivit", "aimv2", "test_vit")
+# timm's model modules of transformer families with one token sequence through a stack of
+# blocks (timm registers every model under its module). A module without an adapter is
+# swept too: its models must be refused clearly. CNNs, MLP-Mixers and hierarchical windowed
+# transformers are left out (the families tests check their refusal on a few).
+TIMM_VIT_MODULES = ("vision_transformer", "vision_transformer_hybrid",
+                    "vision_transformer_relpos", "vision_transformer_sam", "deit", "eva",
+                    "timm_eva", "beit", "cait", "xcit", "naflexvit", "vitamin", "pit", "levit",
+                    "convit", "crossvit", "tnt", "volo", "qwen3_vit", "gemma4_vit",
+                    "deepseek_vit")
 # architecture arguments that shrink a model; a model that refuses one is built without it
 SMALL = {"img_size": 32, "depth": 2, "embed_dim": 64, "num_heads": 2}
 # per-name extras some families need to build small (GQA head counts per block, ...)
-EXTRA = {"sapiens2": {"num_kv_heads": 2}, "cait": {"depth_token_only": 1}}
+EXTRA = {"sapiens2": {"num_kv_heads": 2}, "cait": {"depth_token_only": 1},
+         "deepseek_vit": {"patch_size": 8}}
 SIZE = 32
 
 
@@ -46,9 +52,12 @@ class SweepRow:
 
 
 def timm_vit_names() -> list[str]:
+    """Every model timm registers under one of TIMM_VIT_MODULES (those this timm has)."""
     import timm
+    from timm.models import list_modules
 
-    return [n for n in timm.list_models() if n.startswith(TIMM_VIT_PREFIXES)]
+    have = set(list_modules())
+    return sorted({n for m in TIMM_VIT_MODULES if m in have for n in timm.list_models(module=m)})
 
 
 def open_clip_names() -> list[str]:
@@ -166,7 +175,9 @@ FAST = (("timm", "vit_small_patch16_224"), ("timm", "vit_base_patch16_siglip_224
         ("timm", "beitv2_base_patch16_224"), ("timm", "cait_xxs24_224"),
         ("timm", "vit_relpos_small_patch16_224"), ("timm", "eva02_tiny_patch14_224"),
         ("timm", "vit_small_patch14_dinov2"), ("timm", "xcit_tiny_12_p16_224"),
-        ("timm", "naflexvit_base_patch16_map"),
+        ("timm", "naflexvit_base_patch16_map"), ("timm", "samvit_base_patch16"),
+        ("timm", "qwen3_vit_88m_merge"), ("timm", "deepseek_vit_412m_enc"),
+        ("timm", "gemma4_vit_167m"),
         ("open_clip", "ViT-B-16-SigLIP2"), ("open_clip", "PE-Core-T-16-384"),
         ("open_clip", "ViTamin-S"), ("open_clip", "ViT-B-32"), ("open_clip", "RN50"),
         ("open_clip", "convnext_base"))
