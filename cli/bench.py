@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import typer
@@ -170,12 +171,14 @@ def models_cmd(
 ) -> None:
     """Every ViT-like timm model and every open_clip model, built small with random
     weights: pruned end to end (score, search, prune, save/load) or refused clearly."""
-    from amp_plugin.run.sweep import FAST, all_models, summary, sweep
+    from amp_plugin.run.sweep import FAST, all_models, summary, sweep, sweep_markdown
 
     names = list(FAST) if fast else all_models()
     if match:
         names = [(lib, n) for lib, n in names if match in n]
+    start = time.perf_counter()
     rows = sweep(names)
+    seconds = time.perf_counter() - start
     groups = summary(rows)
     t = Table(title=f"model sweep: {len(rows)} models")
     for col in ("library", "family", "MLP kind", "status", "models", "example"):
@@ -190,12 +193,7 @@ def models_cmd(
     if markdown is not None:
         from amp_plugin.utils.io import atomic_write
 
-        lines = ["| library | family | MLP kind | status | models | example | detail |",
-                 "|---|---|---|---|---|---|---|"]
-        lines += [f"| {g['library']} | {g['family']} | {g['mlp_kinds']} | {g['status']} | "
-                  f"{g['models']} | `{g['example']}` | {g['detail'].replace('|', '/')} |"
-                  for g in groups]
-        atomic_write(Path(markdown), "\n".join(lines) + "\n")
+        atomic_write(Path(markdown), sweep_markdown(rows, groups, seconds))
     _write(json_out, {"rows": rows, "summary": groups})
     if any(r["status"] == "error" for r in rows):
         raise typer.Exit(1)

@@ -15,7 +15,7 @@ def study_cmd(
     out: Path = typer.Argument(Path("runs/study"), help="STUDY_DIR: study.md, study.json, PNGs"),
     seeds: int = typer.Option(3, help="seeds (data draws and deeper teachers)"),
     deep_depth: int = typer.Option(8, help="blocks of the deeper teacher"),
-    deep_epochs: int = typer.Option(30, help="SimCLR epochs of the deeper teacher"),
+    deep_epochs: int = typer.Option(60, help="SimCLR epochs of the deeper teacher"),
     distill_epochs: int = typer.Option(4, help="distillation epochs per pruned model"),
     cache: Path = typer.Option(Path(".cache/study"), help="where deeper teachers are cached"),
     teachers: str = typer.Option("demo,deep", help="demo and/or deep"),
@@ -25,13 +25,19 @@ def study_cmd(
     val_sizes: str = typer.Option("64,128,256,512,768", help="validation images tried"),
     max_searches: int = typer.Option(8, help="budget mode: AMP searches at most"),
     tolerance: float = typer.Option(0.02, help="budget mode: relative tolerance"),
+    report_only: bool = typer.Option(False, "--report-only",
+                                     help="redo study.md and the plots from STUDY_DIR/study.json"),
     set_: list[str] = SetOpt,
 ) -> None:
     """Criterion, adaptive vs uniform, distillation and validation-set size, over seeds
     (a benchmark: about 20-30 minutes on 2 CPU cores)."""
-    from amp_plugin.run.study import StudyConfig, run_study
+    from amp_plugin.run.study import StudyConfig, rerender, run_study
 
     console = Console()
+    if report_only:
+        rerender(out)
+        console.print((out / "study.md").read_text())
+        return
     cfg = StudyConfig(out=out, recipe=load("demo_digits", set_), seeds=tuple(range(seeds)),
                       deep_depth=deep_depth, deep_epochs=deep_epochs,
                       distill_epochs=distill_epochs, cache=cache,

@@ -251,9 +251,12 @@ def build_open_clip(spec: ModelSpec) -> nn.Module:
     from open_clip.transform import PreprocessCfg, merge_preprocess_dict
 
     cfg = model_config(spec.name, spec.kwargs)
-    if cfg.get("text_cfg", {}).get("hf_model_name"):
+    image_only = spec.kwargs.get("image_only", False)
+    hf_text = bool(cfg.get("text_cfg", {}).get("hf_model_name"))
+    if hf_text and not image_only:
         raise ValueError(f"{spec.name}: its text tower is a Hugging Face model, which needs "
-                         "the hub; only open_clip's own text towers are supported")
+                         "the hub; only open_clip's own text towers are supported (or "
+                         "kwargs.image_only: true, the vision tower alone)")
     vision = cfg["vision_cfg"]
     trunk_kwargs = vision.pop("timm_model_kwargs", None)
     if trunk_kwargs:
@@ -269,9 +272,10 @@ def build_open_clip(spec: ModelSpec) -> nn.Module:
         cls = open_clip.CoCa if "multimodal_cfg" in cfg else open_clip.CustomTextCLIP
     else:
         cls = open_clip.CLIP
-    if spec.kwargs.get("image_only", False) and cls is not open_clip.CoCa:
+    if image_only and (cls is not open_clip.CoCa or hf_text):
         # the vision tower alone, built as CLIP / CustomTextCLIP build it first (same
-        # random init); no text tower, so Hugging Face text configs need no hub
+        # random init; a CoCa builds its text tower first); no text tower, so Hugging Face
+        # text configs need no hub
         from open_clip.model import _build_vision_tower
 
         model = _build_vision_tower(cfg["embed_dim"], cfg["vision_cfg"],
@@ -282,7 +286,7 @@ def build_open_clip(spec: ModelSpec) -> nn.Module:
     visual = getattr(model, "visual", model)
     pp["size"] = getattr(visual, "image_size", pp["size"])
     open_clip.set_model_preprocess_cfg(model, pp)
-    return visual if spec.kwargs.get("image_only", False) else model
+    return visual if image_only else model
 
 
 # ---- checkpoint converter ------------------------------------------------------------------

@@ -19,6 +19,7 @@ comparison isolates the neuron ranking.
 from __future__ import annotations
 
 import copy
+import json
 import shutil
 import statistics
 import time
@@ -27,6 +28,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
 from multiprocessing import get_context
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -61,7 +63,7 @@ class StudyConfig:
     recipe: Recipe  # the demo recipe: model, data, teacher training, AMP and distill settings
     seeds: tuple[int, ...] = (0, 1, 2)
     deep_depth: int = 8
-    deep_epochs: int = 30
+    deep_epochs: int = 60
     budgets: tuple[float, ...] = (0.35, 0.5, 0.65, 0.8)
     criterion_budget: float = 0.5
     val_sizes: tuple[int, ...] = (64, 128, 256, 512, 768)
@@ -305,6 +307,7 @@ def _seed_rows(cfg: StudyConfig, seed: int) -> tuple[list[dict], dict[str, float
                 after = r["mlp_params"]["after"] if how == "adaptive" else r["mlp_params"]
                 rows.append(dict(base, experiment="budget", how=how, budget=keep,
                                  kept=after / before, hidden_sizes=r["hidden_sizes"],
+                                 reached=res["extra"]["budget"]["reached"],
                                  **timed("evaluation", probe, model)))
         # 4: validation-set size, at the recipe's threshold
         for n in cfg.val_sizes:
@@ -340,9 +343,27 @@ def run_study(cfg: StudyConfig) -> dict:
     result = {"config": _config_dict(cfg), "rows": rows, "summary": summarize(rows, cfg),
               "seconds": seconds, "processes": len(cfg.seeds)}
     write_json(cfg.out / "study.json", result)
-    plots = plot_study(result, cfg.out)
-    atomic_write(cfg.out / "study.md", study_markdown(result, plots))
+    return _render(result, cfg.out)
+
+
+def _render(result: dict, out: Path) -> dict:
+    plots = plot_study(result, out)
+    atomic_write(out / "study.md", study_markdown(result, plots))
     return result
+
+
+def rerender(out: Path) -> dict:
+    """Summary, study.md and plots again from the rows of `out/study.json` (no model runs)."""
+    path = Path(out) / "study.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no study.json (run `amp study {out}` first)")
+    result = json.loads(path.read_text())
+    c = result["config"]
+    cfg = SimpleNamespace(teachers=tuple(c["teachers"]), budgets=tuple(c["budgets"]),
+                          val_sizes=tuple(c["val_sizes"]))
+    result["summary"] = summarize(result["rows"], cfg)
+    write_json(path, result)
+    return _render(result, Path(out))
 
 
 def _config_dict(cfg: StudyConfig) -> dict:
@@ -363,7 +384,7 @@ def mean_sd(values: list[float]) -> dict[str, float]:
             "sd": statistics.stdev(values) if len(values) > 1 else 0.0, "n": len(values)}
 
 
-def summarize(rows: list[dict], cfg: StudyConfig) -> dict:
+def summarize(rows: list[dict], cfg: StudyConfig | SimpleNamespace) -> dict:
     """Mean and standard deviation over seeds of every measured number."""
     out: dict = {}
 
@@ -371,16 +392,25 @@ def summarize(rows: list[dict], cfg: StudyConfig) -> dict:
         sel = [r for r in rows if pred(r)]
         return {k: mean_sd([r[k] for r in sel]) for k in keys} if sel else None
 
+    def reached(pred) -> dict[str, int]:
+        """In how many seeds budget mode met its target (rows that record it)."""
+        sel = [r for r in rows if pred(r) and "reached" in r]
+        return {"seeds": len(sel), "reached": sum(bool(r["reached"]) for r in sel)}
+
     for t in cfg.teachers:
         s = out[t] = {}
         s["original"] = group(lambda r: r["teacher"] == t and r["experiment"] == "original",
                               ("knn", "linear"))
-        s["criterion"] = {c: group(lambda r, c=c: r["teacher"] == t and r.get("criterion") == c,
-                                   ("kept", "knn", "linear", "knn_distilled",
-                                    "linear_distilled")) for c in CRITERIA}
+        s["criterion"] = {c: dict(group(
+            lambda r, c=c: r["teacher"] == t and r.get("criterion") == c,
+            ("kept", "knn", "linear", "knn_distilled", "linear_distilled")),
+            **reached(lambda r, c=c: r["teacher"] == t and r.get("criterion") == c))
+            for c in CRITERIA}
         s["budget"] = {how: [dict(budget=b, **group(
             lambda r, b=b, how=how: r["teacher"] == t and r["experiment"] == "budget"
-            and r["how"] == how and r["budget"] == b, ("kept", "knn", "linear")))
+            and r["how"] == how and r["budget"] == b, ("kept", "knn", "linear")),
+            **reached(lambda r, b=b: r["teacher"] == t and r["experiment"] == "budget"
+                      and r["how"] == "adaptive" and r["budget"] == b))
             for b in cfg.budgets] for how in ("adaptive", "uniform")}
         vs = []
         for n in cfg.val_sizes:

@@ -40,7 +40,7 @@ def plot_study(result: dict, out: Path) -> list[Path]:
     s, teachers = result["summary"], result["config"]["teachers"]
     paths = []
     # adaptive vs uniform: accuracy against MLP parameters kept
-    fig, axes = plt.subplots(1, len(teachers), figsize=(5.5 * len(teachers), 4), sharey=True,
+    fig, axes = plt.subplots(1, len(teachers), figsize=(5.5 * len(teachers), 4),
                              squeeze=False)
     axes = axes[0]
     for ax, t in zip(axes, teachers, strict=True):
@@ -63,7 +63,7 @@ def plot_study(result: dict, out: Path) -> list[Path]:
     paths.append(_save(fig, out / "adaptive_vs_uniform.png"))
 
     # criteria: pruned and distilled kNN at equal parameters
-    fig, axes = plt.subplots(1, len(teachers), figsize=(5.5 * len(teachers), 4), sharey=True,
+    fig, axes = plt.subplots(1, len(teachers), figsize=(5.5 * len(teachers), 4),
                              squeeze=False)
     axes = axes[0]
     crits = list(CRITERION_TITLES)
@@ -101,6 +101,8 @@ def plot_study(result: dict, out: Path) -> list[Path]:
     axes[1].set_ylabel("kNN top-1 after pruning (%)")
     for ax in axes:
         ax.set_xscale("log", base=2)
+        ax.set_xticks(n, [str(v) for v in n])
+        ax.minorticks_off()
         ax.set_xlabel("validation images of the search")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
@@ -117,6 +119,7 @@ def plot_study(result: dict, out: Path) -> list[Path]:
                     color="tab:purple" if r["teacher"] == "deep" else "tab:green",
                     alpha=0.5 + 0.15 * r["seed"])
     ax.set_xlabel("block")
+    ax.set_xticks(range(max((len(line.get_xdata()) for line in ax.get_lines()), default=0)))
     ax.set_ylabel("MLP neurons kept")
     ax.set_title(f"AMP sizes per block at {100 * result['config']['criterion_budget']:.0f}% "
                  "of MLP params")
@@ -126,13 +129,28 @@ def plot_study(result: dict, out: Path) -> list[Path]:
     return paths
 
 
+def _deep_note(c: dict) -> str:
+    if "deep" not in c["teachers"]:
+        return ""
+    if c["deep_teacher_seed"] is None:
+        return (f"; the deeper teacher, {c['deep_epochs']} SimCLR epochs, is trained once per "
+                "seed")
+    return f"; one deeper teacher ({c['deep_epochs']} epochs, seed {c['deep_teacher_seed']})"
+
+
+def _unreached(r: dict) -> str:
+    """A note when budget mode missed the target in some seeds."""
+    missed = r["seeds"] - r["reached"] if r and "reached" in r else 0
+    return f" (target missed in {missed} of {r['seeds']} seeds)" if missed else ""
+
+
 def study_markdown(result: dict, plots: list[Path]) -> str:
     c, s = result["config"], result["summary"]
     lines = [
         "# amp study",
         "",
         f"Seeds {c['seeds']} (each draws {c['calib_images']} calibration and the validation "
-        f"images; the deeper teacher is trained once per seed). 1/T {c['inv_temperature']:g}, "
+        f"images{_deep_note(c)}). 1/T {c['inv_temperature']:g}, "
         f"max_steps {c['max_steps']}, budget tolerance {c['tolerance']:.0%}, distillation "
         f"{c['distill_epochs']} epochs. Mean ± sd over seeds; accuracy on the digits test "
         f"split. Took {result['seconds']['total'] / 60:.1f} min (one single-threaded process per "
@@ -150,14 +168,14 @@ def study_markdown(result: dict, plots: list[Path]) -> str:
                   "kNN distilled | probe distilled |", "|---|---|---|---|---|---|"]
         for k, title in CRITERION_TITLES.items():
             r = st["criterion"][k]
-            lines.append(f"| {title} | {_pm(r['kept'], 100)} | {_pm(r['knn'])} | "
+            lines.append(f"| {title} | {_pm(r['kept'], 100)}{_unreached(r)} | {_pm(r['knn'])} | "
                          f"{_pm(r['linear'])} | {_pm(r['knn_distilled'])} | "
                          f"{_pm(r['linear_distilled'])} |")
         lines += ["", "### Adaptive vs uniform (no distillation)", "",
                   "| budget | kept adaptive (%) | kept uniform (%) | kNN adaptive | kNN uniform "
                   "| probe adaptive | probe uniform |", "|---|---|---|---|---|---|---|"]
         for a, u in zip(st["budget"]["adaptive"], st["budget"]["uniform"], strict=True):
-            lines.append(f"| {100 * a['budget']:.0f}% | {_pm(a['kept'], 100)} | "
+            lines.append(f"| {100 * a['budget']:.0f}% | {_pm(a['kept'], 100)}{_unreached(a)} | "
                          f"{_pm(u['kept'], 100)} | {_pm(a['knn'])} | {_pm(u['knn'])} | "
                          f"{_pm(a['linear'])} | {_pm(u['linear'])} |")
         lines += ["", f"### Validation-set size (threshold {c['threshold']:g})", "",

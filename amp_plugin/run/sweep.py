@@ -37,7 +37,7 @@ TIMM_VIT_MODULES = ("vision_transformer", "vision_transformer_hybrid",
 SMALL = {"img_size": 32, "depth": 2, "embed_dim": 64, "num_heads": 2}
 # per-name extras some families need to build small (GQA head counts per block, ...)
 EXTRA = {"sapiens2": {"num_kv_heads": 2}, "cait": {"depth_token_only": 1},
-         "deepseek_vit": {"patch_size": 8}}
+         "deepseek_vit": {"patch_size": 8}, "intern300m": {"patch_size": 8}}
 SIZE = 32
 
 
@@ -196,4 +196,34 @@ def summary(rows: list[dict]) -> list[dict]:
                                     "mlp_kinds": r["mlp_kinds"], "status": r["status"],
                                     "models": 0, "example": r["name"], "detail": r["detail"]})
         g["models"] += 1
-    return list(groups.values())
+    order = {"ok": 0, "refused": 1, "not built": 2, "error": 3}
+    return sorted(groups.values(), key=lambda g: (g["library"] != "timm", order[g["status"]],
+                                                  -g["models"], g["family"]))
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "/").replace("\n", " ")
+
+
+def sweep_markdown(rows: list[dict], groups: list[dict], seconds: float) -> str:
+    """The summary table (one row per family, MLP kinds and status), then every model."""
+    import open_clip
+    import timm
+
+    lines = ["# Every ViT of timm and open_clip through AMP", "",
+             f"`amp bench models`: {len(rows)} models (timm {timm.__version__}, open_clip "
+             f"{open_clip.__version__}, torch {torch.__version__}) in {seconds / 60:.1f} min. "
+             "Each is built at 32x32 input, 2 blocks and width 64 where it accepts them, with "
+             "random weights, then scored, searched (threshold 5e-3, 2 steps), physically "
+             "pruned, saved and loaded (outputs equal to 1e-5), or refused with "
+             "`amp.UnsupportedModel` before any work. The share of MLP parameters removed "
+             "only shows the mechanics (random weights).", "",
+             "| library | family | MLP kind | status | models | example | detail |",
+             "|---|---|---|---|---|---|---|"]
+    lines += [f"| {g['library']} | {g['family']} | {g['mlp_kinds']} | {g['status']} | "
+              f"{g['models']} | `{g['example']}` | {_cell(g['detail'])} |" for g in groups]
+    lines += ["", "## Every model", "", "| library | model | family | MLP kind | status | detail |",
+              "|---|---|---|---|---|---|"]
+    lines += [f"| {r['library']} | `{r['name']}` | {r['family']} | {r['mlp_kinds']} | "
+              f"{r['status']} | {_cell(r['detail'])} |" for r in rows]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,103 @@
+"""`amp study`'s parts checked against direct computations (the study itself is a
+benchmark: `amp study`, about 30 minutes)."""
+
+from __future__ import annotations
+
+import json
+import statistics
+
+import pytest
+import torch
+from conftest import digit_images, small_vit
+
+import amp_plugin as amp
+from amp_plugin.run.study import (
+    Draw,
+    magnitude_scores,
+    rerender,
+    summarize,
+    uniform_prune,
+)
+
+
+def test_uniform_prune_keeps_the_same_top_scored_neurons_in_every_block():
+    model = small_vit(depth=3)
+    x = digit_images(8)
+    views = amp.find_mlps(model)
+    scores = {n: torch.rand(v.hidden, generator=torch.Generator().manual_seed(i))
+              for i, (n, v) in enumerate(views.items())}
+    want_fc1 = {n: v.inputs[0].weight.detach().clone() for n, v in views.items()}
+    per_neuron = sum(v.param_counts()[1] for v in views.values())
+    fixed = sum(v.param_counts()[0] for v in views.values())
+    target = fixed + 100 * per_neuron
+    with torch.no_grad():
+        before = model(x)
+    pruned, res = uniform_prune(model, scores, target, x[:1])
+    assert set(res["hidden_sizes"].values()) == {100}
+    assert res["mlp_params"] == target
+    for n, v in amp.find_mlps(pruned).items():
+        top = scores[n].argsort(descending=True)[:100].sort().values
+        torch.testing.assert_close(v.inputs[0].weight, want_fc1[n][top])
+    with torch.no_grad():  # the teacher is left as it was
+        torch.testing.assert_close(model(x), before)
+
+
+def test_magnitude_scores_rank_neurons_by_their_weights():
+    """Torch-Pruning's L2 MagnitudeImportance over an MLP's group ranks neurons as the
+    squared norms of their fc1 row and fc2 column do."""
+    model = small_vit(depth=2)
+    d = Draw(calib=[(digit_images(4), torch.zeros(4, dtype=torch.long))],
+             val_images=digit_images(4), batch_size=4)
+    scores = magnitude_scores(model, d)
+    for n, v in amp.find_mlps(model).items():
+        fc1, fc2 = v.inputs[0], v.output
+        direct = fc1.weight.detach().pow(2).sum(1) + fc2.weight.detach().pow(2).sum(0)
+        assert torch.equal(scores[n].argsort(), direct.argsort()), n
+
+
+def _rows():
+    rows = []
+    for seed, (knn, kept) in enumerate(((90.0, 0.5), (92.0, 0.52), (94.0, 0.48))):
+        base = dict(teacher="demo", seed=seed)
+        rows.append(dict(base, experiment="original", knn=95.0, linear=94.0))
+        for crit in ("entropy", "one_hot", "magnitude"):
+            rows.append(dict(base, experiment="criterion", criterion=crit, kept=kept,
+                             hidden_sizes={"a": 10}, threshold=1e-3, reached=seed != 2,
+                             knn=knn, linear=knn - 1, knn_distilled=knn + 1,
+                             linear_distilled=knn))
+        for how in ("adaptive", "uniform"):
+            rows.append(dict(base, experiment="budget", how=how, budget=0.5, kept=kept,
+                             hidden_sizes={"a": 10}, reached=True, knn=knn, linear=knn))
+        for n, size in ((64, 8 + seed), (128, 10)):
+            rows.append(dict(base, experiment="val_size", val_images=n, kept=kept,
+                             hidden_sizes={"a": size}, original_sizes={"a": 20},
+                             knn=knn, linear=knn))
+    return rows
+
+
+def test_summary_and_report_from_rows(tmp_path):
+    config = dict(seeds=[0, 1, 2], deep_depth=8, deep_epochs=30, budgets=[0.5],
+                  criterion_budget=0.5, val_sizes=[64, 128], tolerance=0.02, max_searches=8,
+                  distill_epochs=1, threshold=2e-3, inv_temperature=20.0, max_steps=6,
+                  calib_images=512, teachers=["demo"], deep_teacher_seed=None, demo_depth=4)
+    (tmp_path / "study.json").write_text(json.dumps(
+        {"config": config, "rows": _rows(), "seconds": {"total": 60.0}, "processes": 3}))
+    result = rerender(tmp_path)
+    s = result["summary"]["demo"]
+    entropy = s["criterion"]["entropy"]
+    assert entropy["knn"]["mean"] == pytest.approx(92.0)
+    assert entropy["knn"]["sd"] == pytest.approx(statistics.stdev([90.0, 92.0, 94.0]))
+    assert entropy["knn_distilled"]["mean"] == pytest.approx(93.0)
+    assert (entropy["seeds"], entropy["reached"]) == (3, 2)
+    # size change vs the largest validation set: |8-10|, |9-10|, 0 of 20 neurons
+    v64 = s["val_size"][0]
+    assert v64["size_change"]["mean"] == pytest.approx(statistics.fmean([0.1, 0.05, 0.0]))
+    md = (tmp_path / "study.md").read_text()
+    assert "target missed in 1 of 3 seeds" in md and "| 50% |" in md
+    for png in ("adaptive_vs_uniform", "criteria", "val_size", "block_sizes"):
+        assert (tmp_path / f"{png}.png").read_bytes()[:4] == b"\x89PNG"
+        assert f"![{png}]({png}.png)" in md
+    assert json.loads((tmp_path / "study.json").read_text())["summary"] == \
+        json.loads(json.dumps(result["summary"]))
+    assert summarize(result["rows"], type("C", (), dict(
+        teachers=("demo",), budgets=(0.5,), val_sizes=(64, 128)))) == result["summary"]
