@@ -201,6 +201,17 @@ def test_fused_parallel_block_refused_with_the_layout():
         amp.AMPImportance(show_progress=False).accumulate(model, [digit_images(4)])
 
 
+def test_hugging_face_text_configs_build_their_vision_tower_alone():
+    """nllb / roberta / mt5 CLIPs: the image tower needs no hub; the whole model is refused
+    before any download is tried, naming the way out."""
+    spec = small_spec("open_clip", "nllb-clip-base-siglip")
+    tower = amp.create_model(spec)
+    assert type(tower).__name__ == "TimmModel" and "attn_pool" in str(amp.find_mlps(tower))
+    whole = {"library": "open_clip", "name": "nllb-clip-base-siglip"}
+    with pytest.raises(ValueError, match="Hugging Face model.*image_only"):
+        amp.create_model(whole)
+
+
 def test_relpos_position_mlp_is_not_a_block_mlp():
     model = _small("vit_relpos_small_patch16_224")
     assert any(type(m).__name__ == "RelPosMlp" for m in model.modules())

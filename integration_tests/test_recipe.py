@@ -108,3 +108,12 @@ def test_labels_criterion_is_fed_by_labelled_data(tmp_path):
     data = _demo()
     data["amp"]["criterion"] = "one_hot"
     assert load_recipe(_write(tmp_path, data)).amp.criterion == "one_hot"
+
+
+def test_shipped_demo_finds_its_committed_teacher_from_any_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    recipe = load_recipe("demo_digits")
+    assert recipe.train.checkpoint == str(RECIPES_DIR.parent / "recipes/teachers/demo_digits")
+    # a recipe of the user's own keeps its relative path as written
+    (tmp_path / "mine.yaml").write_text((RECIPES_DIR / "demo_digits.yaml").read_text())
+    assert load_recipe("mine.yaml").train.checkpoint == "recipes/teachers/demo_digits"

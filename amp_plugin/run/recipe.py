@@ -44,6 +44,18 @@ def resolve_recipe_path(recipe: str | Path | None) -> Path:
     raise RecipeError(f"recipe file not found: {recipe}")
 
 
+def _anchor_shipped_teacher(r: Recipe, path: Path) -> None:
+    """A shipped recipe's relative `train.checkpoint` names a file committed next to it
+    (the demo's teacher): read from the repository wherever the command runs, so the demo
+    gives its numbers without training from any working directory."""
+    if r.train is None or Path(r.train.checkpoint).is_absolute():
+        return
+    shipped = RECIPES_DIR.parent / r.train.checkpoint
+    if path.resolve().parent == RECIPES_DIR and not Path(r.train.checkpoint).exists() \
+            and shipped.exists():
+        r.train.checkpoint = str(shipped)
+
+
 def registry_errors(r: Recipe) -> list[str]:
     """What the schema cannot see: registered names and what they need of each other."""
     errors = []
@@ -127,6 +139,7 @@ def load_recipe(recipe: str | Path | None = None, overrides: dict | None = None,
             lines.append(f"  {_key_path(err['loc'])}: {err['msg']}"
                          + (f" (got {err['input']!r})" if err["type"] != "missing" else ""))
         raise RecipeError("\n".join(lines)) from None
+    _anchor_shipped_teacher(parsed, path)
     errors = registry_errors(parsed)
     if errors:
         raise RecipeError(f"{path}: invalid recipe\n" + "\n".join(f"  {e}" for e in errors))
