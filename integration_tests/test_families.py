@@ -201,6 +201,17 @@ def test_fused_parallel_block_refused_with_the_layout():
         amp.AMPImportance(show_progress=False).accumulate(model, [digit_images(4)])
 
 
+@pytest.mark.parametrize("name,reason", [
+    ("levit_128", "LevitDistilled: LeViT's stages shrink the token grid"),  # a subclass
+    ("pit_ti_224", "PoolingVisionTransformer: PiT pools the token grid"),
+    ("tnt_s_patch16_224", "TNT: TNT nests an inner transformer"),
+    ("gemma4_vit_167m_enc", "Gemma4VitEncoder: Gemma 4's blocks take RoPE cos/sin"),
+])
+def test_transformers_without_an_adapter_are_refused_with_their_layout(name, reason, tmp_path):
+    row = sweep_one("timm", name, tmp_path)
+    assert row.status == "refused" and reason in row.detail, row
+
+
 def test_hugging_face_text_configs_build_their_vision_tower_alone():
     """nllb / roberta / mt5 CLIPs: the image tower needs no hub; the whole model is refused
     before any download is tried, naming the way out."""

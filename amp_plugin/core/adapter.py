@@ -126,7 +126,8 @@ def get_adapter(model: nn.Module) -> Adapter:
         if adapter.matches(model):
             return adapter
     cls = type(model)
-    reason = _UNSUPPORTED.get(f"{cls.__module__}.{cls.__qualname__}")
+    reason = next((r for c in cls.__mro__
+                   if (r := _UNSUPPORTED.get(f"{c.__module__}.{c.__qualname__}"))), None)
     raise UnsupportedModel(
         f"AMP cannot prune {cls.__module__}.{cls.__name__}: "
         + (reason if reason else "no adapter matches it")

@@ -9,6 +9,7 @@ from . import (  # noqa: F401  (each module registers itself)
     timm_eva,
     timm_naflex,
     timm_parallel,
+    timm_refused,
     timm_relpos,
     timm_sam,
     timm_vit,

@@ -7,10 +7,7 @@ any block MLP (two MLPs share one block's cached states).
 `ParallelScalingBlock` (`vit_*_xp_*`) and `DiffParallelScalingBlock` (`vit_dpwee_*`) fuse
 the MLP into the attention's linears; they are refused with the reason.
 
-XCiT (`xcit_*`) has no adapter: its blocks attend across channels and mix neighbouring
-patches with convolutions; it is refused with that reason.
-
-Registered here: the two fused layouts and XCiT as unsupported.
+Registered here: the two fused layouts as unsupported.
 """
 
 from __future__ import annotations
@@ -24,6 +21,3 @@ register_unsupported("timm.models.vision_transformer.ParallelScalingBlock",
                      f"timm's ParallelScalingBlock (vit_*_xp_*): {_FUSED}")
 register_unsupported("timm.models.vision_transformer.DiffParallelScalingBlock",
                      f"timm's DiffParallelScalingBlock (vit_dpwee_*): {_FUSED}")
-register_unsupported("timm.models.xcit.Xcit",
-                     "XCiT's blocks use cross-covariance attention with a convolutional local "
-                     "patch interaction and class-attention blocks; no adapter drives them")
