@@ -26,7 +26,7 @@ torch.set_num_threads(2)
 
 REFUSED = {"vit_base_patch16_xp_224": "ParallelScalingBlock", "xcit_tiny_12_p16_224": "Xcit",
            "RN50": "ModifiedResNet", "convnext_base": "ConvNeXt",
-           "gemma4_vit_167m": "Gemma4VitClassifier"}
+           "volo_d1_224": "VOLO: VOLO's first stage"}
 
 
 @pytest.mark.parametrize("library,name", FAST, ids=[n for _, n in FAST])
@@ -205,11 +205,28 @@ def test_fused_parallel_block_refused_with_the_layout():
     ("levit_128", "LevitDistilled: LeViT's stages shrink the token grid"),  # a subclass
     ("pit_ti_224", "PoolingVisionTransformer: PiT pools the token grid"),
     ("tnt_s_patch16_224", "TNT: TNT nests an inner transformer"),
-    ("gemma4_vit_167m_enc", "Gemma4VitEncoder: Gemma 4's blocks take RoPE cos/sin"),
+    ("convit_tiny", "ConVit: ConViT's first blocks use gated positional"),
 ])
 def test_transformers_without_an_adapter_are_refused_with_their_layout(name, reason, tmp_path):
     row = sweep_one("timm", name, tmp_path)
     assert row.status == "refused" and reason in row.detail, row
+
+
+@pytest.mark.parametrize("name", ["samvit_base_patch16", "qwen3_vit_88m_merge",
+                                  "deepseek_vit_412m_enc", "gemma4_vit_167m_enc"])
+def test_encoder_heads_blockwise_equal_the_models_forward(name):
+    """Adapters that rebuild an encoder's tail (SAM's neck, a VLM projector, Gemma 4's
+    soft-token pooler) give the model's own features when run block by block."""
+    torch.manual_seed(0)
+    model = amp.create_model(small_spec("timm", name)).eval()
+    tower, adapter = amp.vision_tower(model)
+    x = digit_images(4)
+    with torch.no_grad():
+        state = adapter.embed(tower, x)
+        for i in range(len(adapter.blocks(tower))):
+            state = adapter.run_block(tower, i, state)
+        torch.testing.assert_close(adapter.head(tower, state), adapter.features(tower, x),
+                                   rtol=1e-4, atol=1e-5)
 
 
 def test_hugging_face_text_configs_build_their_vision_tower_alone():

@@ -7,6 +7,7 @@ from . import (  # noqa: F401  (each module registers itself)
     timm_beit,
     timm_cait,
     timm_eva,
+    timm_gemma4,
     timm_naflex,
     timm_parallel,
     timm_refused,

@@ -2,8 +2,7 @@
 so a user learns why rather than only that (`amp.UnsupportedModel`). Adding an adapter for
 one of them is a family module of its own; its line here then goes.
 
-Registered here: reasons for XCiT, LeViT, PiT, CrossViT, ConViT, TNT, VOLO and Gemma 4's
-vision encoder.
+Registered here: reasons for XCiT, LeViT, PiT, CrossViT, ConViT, TNT and VOLO.
 """
 
 from __future__ import annotations
@@ -30,12 +29,6 @@ _REASONS = {
     "timm.models.volo.VOLO":
         "VOLO's first stage runs outlook attention on a (B, H, W, C) grid and downsamples "
         "before its transformer and class-attention stages",
-    "timm.models.gemma4_vit.Gemma4VitClassifier":
-        "Gemma 4's blocks take RoPE cos/sin tables and a padding mask, and its gated MLPs are "
-        "built from Gemma4ClippableLinear wrappers (no MLP kind matches them yet)",
-    "timm.models.gemma4_vit.Gemma4VitEncoder":
-        "Gemma 4's blocks take RoPE cos/sin tables and a padding mask, and its gated MLPs are "
-        "built from Gemma4ClippableLinear wrappers (no MLP kind matches them yet)",
 }
 for qualified_name, reason in _REASONS.items():
     register_unsupported(qualified_name, f"{reason}; no adapter drives it")
