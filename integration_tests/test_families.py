@@ -205,7 +205,7 @@ def test_fused_parallel_block_refused_with_the_layout():
     ("levit_128", "LevitDistilled: LeViT's stages shrink the token grid"),  # a subclass
     ("pit_ti_224", "PoolingVisionTransformer: PiT pools the token grid"),
     ("tnt_s_patch16_224", "TNT: TNT nests an inner transformer"),
-    ("convit_tiny", "ConVit: ConViT's first blocks use gated positional"),
+    ("crossvit_9_240", "CrossVit: CrossViT runs two token branches"),
 ])
 def test_transformers_without_an_adapter_are_refused_with_their_layout(name, reason, tmp_path):
     row = sweep_one("timm", name, tmp_path)
@@ -213,10 +213,11 @@ def test_transformers_without_an_adapter_are_refused_with_their_layout(name, rea
 
 
 @pytest.mark.parametrize("name", ["samvit_base_patch16", "qwen3_vit_88m_merge",
-                                  "deepseek_vit_412m_enc", "gemma4_vit_167m_enc"])
+                                  "deepseek_vit_412m_enc", "gemma4_vit_167m_enc", "convit_tiny"])
 def test_encoder_heads_blockwise_equal_the_models_forward(name):
     """Adapters that rebuild an encoder's tail (SAM's neck, a VLM projector, Gemma 4's
-    soft-token pooler) give the model's own features when run block by block."""
+    soft-token pooler) or its block loop (ConViT's class token joining midway) give the
+    model's own features when run block by block."""
     torch.manual_seed(0)
     model = amp.create_model(small_spec("timm", name)).eval()
     tower, adapter = amp.vision_tower(model)

@@ -6,6 +6,7 @@ from . import (  # noqa: F401  (each module registers itself)
     open_clip,
     timm_beit,
     timm_cait,
+    timm_convit,
     timm_eva,
     timm_gemma4,
     timm_naflex,

@@ -2,7 +2,7 @@
 so a user learns why rather than only that (`amp.UnsupportedModel`). Adding an adapter for
 one of them is a family module of its own; its line here then goes.
 
-Registered here: reasons for XCiT, LeViT, PiT, CrossViT, ConViT, TNT and VOLO.
+Registered here: reasons for XCiT, LeViT, PiT, CrossViT, TNT and VOLO.
 """
 
 from __future__ import annotations
@@ -20,9 +20,6 @@ _REASONS = {
         "PiT pools the token grid with a strided convolution between its transformer stages",
     "timm.models.crossvit.CrossVit":
         "CrossViT runs two token branches of different patch sizes joined by cross-attention",
-    "timm.models.convit.ConVit":
-        "ConViT's first blocks use gated positional self-attention and insert the class token "
-        "midway",
     "timm.models.tnt.TNT":
         "TNT nests an inner transformer over pixel tokens inside every block (two token sets, "
         "two MLPs per block)",

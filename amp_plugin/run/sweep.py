@@ -38,7 +38,8 @@ SMALL = {"img_size": 32, "depth": 2, "embed_dim": 64, "num_heads": 2}
 # per-name extras some families need to build small (GQA head counts per block, ...)
 EXTRA = {"sapiens2": {"num_kv_heads": 2}, "cait": {"depth_token_only": 1},
          "deepseek_vit": {"patch_size": 8}, "intern300m": {"patch_size": 8},
-         "gemma4_vit": {"patch_size": 8, "pooling_kernel_size": 2}}
+         "gemma4_vit": {"patch_size": 8, "pooling_kernel_size": 2},
+         "convit": {"local_up_to_layer": 1}}
 SIZE = 32
 
 
@@ -178,7 +179,7 @@ FAST = (("timm", "vit_small_patch16_224"), ("timm", "vit_base_patch16_siglip_224
         ("timm", "vit_small_patch14_dinov2"), ("timm", "xcit_tiny_12_p16_224"),
         ("timm", "naflexvit_base_patch16_map"), ("timm", "samvit_base_patch16"),
         ("timm", "qwen3_vit_88m_merge"), ("timm", "deepseek_vit_412m_enc"),
-        ("timm", "gemma4_vit_167m_enc"), ("timm", "volo_d1_224"),
+        ("timm", "gemma4_vit_167m_enc"), ("timm", "convit_tiny"), ("timm", "volo_d1_224"),
         ("open_clip", "ViT-B-16-SigLIP2"), ("open_clip", "PE-Core-T-16-384"),
         ("open_clip", "ViTamin-S"), ("open_clip", "ViT-B-32"), ("open_clip", "RN50"),
         ("open_clip", "convnext_base"))
