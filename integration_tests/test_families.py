@@ -230,6 +230,30 @@ def test_encoder_heads_blockwise_equal_the_models_forward(name):
                                    rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["eva02_tiny_patch14_224", "beitv2_base_patch16_224",
+                                  "cait_xxs24_224", "naflexvit_base_patch16_gap",
+                                  "qwen3_vit_88m_merge", "gemma4_vit_167m_enc"])
+def test_final_tokens_under_activation_checkpointing(name):
+    """The distiller's tokens (`final_tokens`) are the same with the tower's activation
+    checkpointing on, and each block really is recomputed in the backward pass."""
+    torch.manual_seed(0)
+    model = amp.create_model(small_spec("timm", name))
+    tower, adapter = amp.vision_tower(model)
+    x = digit_images(4)
+    plain = adapter.final_tokens(tower, x)
+    adapter.set_grad_checkpointing(tower, True)
+    ran = []
+    handles = [b.register_forward_pre_hook(lambda *_: ran.append(1))
+               for b in adapter.blocks(tower)]
+    ckpt = adapter.final_tokens(tower, x)
+    sum(t.sum() for t in ckpt).backward()
+    for h in handles:
+        h.remove()
+    assert len(ran) == 2 * len(adapter.blocks(tower))
+    for a, b in zip(plain, ckpt, strict=True):
+        torch.testing.assert_close(a, b)
+
+
 def test_hugging_face_text_configs_build_their_vision_tower_alone():
     """nllb / roberta / mt5 CLIPs: the image tower needs no hub; the whole model is refused
     before any download is tried, naming the way out."""

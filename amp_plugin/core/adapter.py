@@ -121,13 +121,18 @@ def _families() -> str:
     return ", ".join(a.family for a in _ADAPTERS)
 
 
+def _unsupported_reason(cls: type) -> str | None:
+    """Why AMP refuses `cls` or a class it derives from (None: not refused by name)."""
+    return next((r for c in cls.__mro__
+                 if (r := _UNSUPPORTED.get(f"{c.__module__}.{c.__qualname__}"))), None)
+
+
 def get_adapter(model: nn.Module) -> Adapter:
     for adapter in _ADAPTERS:
         if adapter.matches(model):
             return adapter
     cls = type(model)
-    reason = next((r for c in cls.__mro__
-                   if (r := _UNSUPPORTED.get(f"{c.__module__}.{c.__qualname__}"))), None)
+    reason = _unsupported_reason(cls)
     raise UnsupportedModel(
         f"AMP cannot prune {cls.__module__}.{cls.__name__}: "
         + (reason if reason else "no adapter matches it")
@@ -142,12 +147,11 @@ def _check_layout(tower: nn.Module, adapter: Adapter) -> None:
     if not _UNSUPPORTED:
         return
     for module in tower.modules():
-        for cls in type(module).__mro__:
-            reason = _UNSUPPORTED.get(f"{cls.__module__}.{cls.__qualname__}")
-            if reason is not None:
-                raise UnsupportedModel(
-                    f"{type(tower).__name__} ({adapter.family}) is built from "
-                    f"{type(module).__name__} modules, a layout AMP does not support: {reason}")
+        reason = _unsupported_reason(type(module))
+        if reason is not None:
+            raise UnsupportedModel(
+                f"{type(tower).__name__} ({adapter.family}) is built from "
+                f"{type(module).__name__} modules, a layout AMP does not support: {reason}")
 
 
 def vision_tower(model: nn.Module) -> tuple[nn.Module, Adapter]:

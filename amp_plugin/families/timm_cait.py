@@ -44,10 +44,7 @@ class TimmCait(TimmTower):
         return tower.forward_head(tower.norm(self._tokens(state)), pre_logits=True)
 
     def final_tokens(self, tower, x):
-        state = self.embed(tower, x)
-        for i in range(len(self.blocks(tower))):
-            state = self.run_block(tower, i, state)
-        x, cls = state
+        x, cls = self.last_state(tower, x)
         pooled = cls[:, 0] if tower.global_pool == "token" and cls is not None \
             else x.mean(dim=1)
         return pooled, x

@@ -38,10 +38,7 @@ class TimmConViT(TimmTower):
         return tower.forward_head(tower.norm(state[0]), pre_logits=True)
 
     def final_tokens(self, tower, x):
-        state = self.embed(tower, x)
-        for i in range(len(tower.blocks)):
-            state = self.run_block(tower, i, state)
-        t = state[0]
+        t = self.last_state(tower, x)[0]
         joined = tower.cls_token is not None and tower.local_up_to_layer < len(tower.blocks)
         patch = t[:, 1:] if joined else t
         return (t[:, 0] if joined and tower.global_pool == "token" else patch.mean(dim=1)), patch

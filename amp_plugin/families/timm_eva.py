@@ -40,14 +40,7 @@ class TimmEva(TimmTower):
         return (tower.blocks[i](x, rope=rope), rope)
 
     def final_tokens(self, tower, x):
-        from timm.models._manipulate import checkpoint
-
-        state = self.embed(tower, x)
-        ckpt = tower.grad_checkpointing and torch.is_grad_enabled()
-        for i in range(len(tower.blocks)):
-            state = (checkpoint(self.run_block, tower, i, state) if ckpt
-                     else self.run_block(tower, i, state))
-        return timm_split_tokens(tower, state[0])
+        return timm_split_tokens(tower, self.last_state(tower, x)[0])
 
 
 register_adapter(TimmEva(), first=False)

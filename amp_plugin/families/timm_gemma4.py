@@ -13,12 +13,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..core.adapter import Adapter, register_adapter
+from ..core.adapter import register_adapter
 from ..core.mlp import MLPView, register_mlp_kind
-from .timm_vit import tiny_timm
+from .timm_vit import TimmEncoderTower, tiny_timm
 
 
-class TimmGemma4(Adapter):
+class TimmGemma4(TimmEncoderTower):
     family = "timm_gemma4"
     example = tiny_timm("gemma4_vit_167m", patch_size=8, num_kv_heads=4, head_dim=16)
 
@@ -26,12 +26,6 @@ class TimmGemma4(Adapter):
         from timm.models.gemma4_vit import Gemma4VitClassifier, Gemma4VitEncoder
 
         return isinstance(model, (Gemma4VitClassifier, Gemma4VitEncoder))
-
-    def _encoder(self, tower):
-        return getattr(tower, "encoder", tower)
-
-    def blocks(self, tower):
-        return self._encoder(tower).blocks
 
     def head_modules(self, tower):
         pooler = getattr(self._encoder(tower), "pooler", None)
@@ -66,26 +60,6 @@ class TimmGemma4(Adapter):
         if enc is not tower:
             return tower.forward_head(x, pre_logits=True)
         return x if x.dim() == 2 else x.mean(dim=1)
-
-    def features(self, tower, x):
-        # the model's own forward (its block loop honours grad checkpointing)
-        if self._encoder(tower) is not tower:
-            return tower.forward_head(tower.forward_features(x), pre_logits=True)
-        y = tower(x)
-        return y if y.dim() == 2 else y.mean(dim=1)
-
-    def final_tokens(self, tower, x):
-        from timm.models._manipulate import checkpoint
-
-        state = self.embed(tower, x)
-        ckpt = self._encoder(tower).grad_checkpointing and torch.is_grad_enabled()
-        for i in range(len(self.blocks(tower))):
-            state = (checkpoint(self.run_block, tower, i, state) if ckpt
-                     else self.run_block(tower, i, state))
-        return state[0].mean(dim=1), state[0]
-
-    def set_grad_checkpointing(self, tower, enable=True):
-        self._encoder(tower).set_grad_checkpointing(enable)
 
 
 register_adapter(TimmGemma4(), first=False)

@@ -33,10 +33,7 @@ class TimmNaFlex(TimmTower):
         return (tower.blocks[i](x, **kwargs), rope, mask)
 
     def final_tokens(self, tower, x):
-        state = self.embed(tower, x)
-        for i in range(len(tower.blocks)):
-            state = self.run_block(tower, i, state)
-        return timm_split_tokens(tower, state[0])
+        return timm_split_tokens(tower, self.last_state(tower, x)[0])
 
 
 register_adapter(TimmNaFlex(), first=False)

@@ -50,6 +50,50 @@ class TimmTower(Adapter):
         # The model's own path (honours grad checkpointing); equal to the block-wise one.
         return tower.forward_head(tower.forward_features(x), pre_logits=True)
 
+    def checkpointing(self, tower) -> bool:
+        """Whether blocks run under activation checkpointing (asked for, and training)."""
+        return bool(getattr(tower, "grad_checkpointing", False)) and torch.is_grad_enabled()
+
+    def last_state(self, tower, x):
+        """The state after the last block, each block under timm's activation checkpoint
+        when the tower asked for it (as the model's own forward_features runs them)."""
+        from timm.models._manipulate import checkpoint
+
+        state, ckpt = self.embed(tower, x), self.checkpointing(tower)
+        for i in range(len(self.blocks(tower))):
+            state = (checkpoint(self.run_block, tower, i, state) if ckpt
+                     else self.run_block(tower, i, state))
+        return state
+
+
+class TimmEncoderTower(TimmTower):
+    """timm towers that are an `encoder`, bare or wrapped by a classifier (VLM vision
+    encoders): blocks and checkpointing live on the encoder; a bare encoder's embedding is
+    the mean of the tokens its own forward returns."""
+
+    def _encoder(self, tower):
+        return getattr(tower, "encoder", tower)
+
+    def blocks(self, tower):
+        return self._encoder(tower).blocks
+
+    def checkpointing(self, tower):
+        return super().checkpointing(self._encoder(tower))
+
+    def set_grad_checkpointing(self, tower, enable=True):
+        self._encoder(tower).set_grad_checkpointing(enable)
+
+    def features(self, tower, x):
+        # the model's own forward (its block loop honours grad checkpointing)
+        if self._encoder(tower) is not tower:
+            return super().features(tower, x)
+        y = tower(x)
+        return y if y.dim() == 2 else y.flatten(1, -2).mean(dim=1)
+
+    def final_tokens(self, tower, x):
+        tokens = self.last_state(tower, x)[0]
+        return tokens.mean(dim=1), tokens
+
 
 class TimmViT(TimmTower):
     """timm VisionTransformer (also DINOv2 checkpoints converted to the timm layout)."""
@@ -107,14 +151,7 @@ class TimmSharedBiasTower(TimmTower):
         return (tower.blocks[i](x, **{self.bias_arg: bias}), bias)
 
     def final_tokens(self, tower, x):
-        from timm.models._manipulate import checkpoint
-
-        state = self.embed(tower, x)
-        ckpt = tower.grad_checkpointing and torch.is_grad_enabled()
-        for i in range(len(tower.blocks)):
-            state = (checkpoint(self.run_block, tower, i, state) if ckpt
-                     else self.run_block(tower, i, state))
-        return timm_split_tokens(tower, state[0])
+        return timm_split_tokens(tower, self.last_state(tower, x)[0])
 
 
 # ---- MLP layouts of timm.layers ------------------------------------------------------------

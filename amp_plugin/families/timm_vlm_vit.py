@@ -13,13 +13,13 @@ from __future__ import annotations
 import torch
 
 from ..core.adapter import register_adapter
-from .timm_vit import TimmTower, tiny_timm
+from .timm_vit import TimmEncoderTower, tiny_timm
 
 # the projector after the blocks, by encoder attribute name
 PROJECTORS = ("merger", "aligner")
 
 
-class TimmVlmViT(TimmTower):
+class TimmVlmViT(TimmEncoderTower):
     family = "timm_vlm_vit"
     example = tiny_timm("qwen3_vit_88m", patch_size=8, pos_embed_grid_size=4)
 
@@ -29,12 +29,6 @@ class TimmVlmViT(TimmTower):
         return isinstance(model, (qwen3_vit.Qwen3VitClassifier, qwen3_vit.Qwen3VitEncoder,
                                   deepseek_vit.DeepseekVitClassifier,
                                   deepseek_vit.DeepseekVitEncoder))
-
-    def _encoder(self, tower):
-        return getattr(tower, "encoder", tower)
-
-    def blocks(self, tower):
-        return self._encoder(tower).blocks
 
     def _projector(self, tower):
         enc = self._encoder(tower)
@@ -62,26 +56,6 @@ class TimmVlmViT(TimmTower):
         x = projector(x) if projector is not None else x
         return tower.forward_head(x, pre_logits=True) if enc is not tower \
             else x.flatten(1, -2).mean(dim=1)
-
-    def features(self, tower, x):
-        # the model's own forward (its blocks loop honours grad checkpointing)
-        if self._encoder(tower) is not tower:
-            return super().features(tower, x)
-        y = tower(x)
-        return y if y.dim() == 2 else y.flatten(1, -2).mean(dim=1)
-
-    def set_grad_checkpointing(self, tower, enable=True):
-        self._encoder(tower).set_grad_checkpointing(enable)
-
-    def final_tokens(self, tower, x):
-        from timm.models._manipulate import checkpoint
-
-        state = self.embed(tower, x)
-        ckpt = self._encoder(tower).grad_checkpointing and torch.is_grad_enabled()
-        for i in range(len(self.blocks(tower))):
-            state = (checkpoint(self.run_block, tower, i, state) if ckpt
-                     else self.run_block(tower, i, state))
-        return state[0].mean(dim=1), state[0]
 
 
 register_adapter(TimmVlmViT(), first=False)
