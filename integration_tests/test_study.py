@@ -99,5 +99,4 @@ def test_summary_and_report_from_rows(tmp_path):
         assert f"![{png}]({png}.png)" in md
     assert json.loads((tmp_path / "study.json").read_text())["summary"] == \
         json.loads(json.dumps(result["summary"]))
-    assert summarize(result["rows"], type("C", (), dict(
-        teachers=("demo",), budgets=(0.5,), val_sizes=(64, 128)))) == result["summary"]
+    assert summarize(result["rows"], config) == result["summary"]

@@ -28,7 +28,6 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
 from multiprocessing import get_context
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -340,7 +339,8 @@ def run_study(cfg: StudyConfig) -> dict:
                 seconds[k] = seconds.get(k, 0.0) + v
     shutil.rmtree(cfg.out / "work", ignore_errors=True)
     seconds["total"] = time.perf_counter() - t0
-    result = {"config": _config_dict(cfg), "rows": rows, "summary": summarize(rows, cfg),
+    config = _config_dict(cfg)
+    result = {"config": config, "rows": rows, "summary": summarize(rows, config),
               "seconds": seconds, "processes": len(cfg.seeds)}
     write_json(cfg.out / "study.json", result)
     return _render(result, cfg.out)
@@ -358,10 +358,7 @@ def rerender(out: Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no study.json (run `amp study {out}` first)")
     result = json.loads(path.read_text())
-    c = result["config"]
-    cfg = SimpleNamespace(teachers=tuple(c["teachers"]), budgets=tuple(c["budgets"]),
-                          val_sizes=tuple(c["val_sizes"]))
-    result["summary"] = summarize(result["rows"], cfg)
+    result["summary"] = summarize(result["rows"], result["config"])
     write_json(path, result)
     return _render(result, Path(out))
 
@@ -384,8 +381,9 @@ def mean_sd(values: list[float]) -> dict[str, float]:
             "sd": statistics.stdev(values) if len(values) > 1 else 0.0, "n": len(values)}
 
 
-def summarize(rows: list[dict], cfg: StudyConfig | SimpleNamespace) -> dict:
-    """Mean and standard deviation over seeds of every measured number."""
+def summarize(rows: list[dict], config: dict) -> dict:
+    """Mean and standard deviation over seeds of every measured number (`config`: the
+    study's settings as study.json records them)."""
     out: dict = {}
 
     def group(pred, keys):
@@ -397,7 +395,7 @@ def summarize(rows: list[dict], cfg: StudyConfig | SimpleNamespace) -> dict:
         sel = [r for r in rows if pred(r) and "reached" in r]
         return {"seeds": len(sel), "reached": sum(bool(r["reached"]) for r in sel)}
 
-    for t in cfg.teachers:
+    for t in config["teachers"]:
         s = out[t] = {}
         s["original"] = group(lambda r: r["teacher"] == t and r["experiment"] == "original",
                               ("knn", "linear"))
@@ -411,12 +409,12 @@ def summarize(rows: list[dict], cfg: StudyConfig | SimpleNamespace) -> dict:
             and r["how"] == how and r["budget"] == b, ("kept", "knn", "linear")),
             **reached(lambda r, b=b: r["teacher"] == t and r["experiment"] == "budget"
                       and r["how"] == "adaptive" and r["budget"] == b))
-            for b in cfg.budgets] for how in ("adaptive", "uniform")}
+            for b in config["budgets"]] for how in ("adaptive", "uniform")}
         vs = []
-        for n in cfg.val_sizes:
+        for n in config["val_sizes"]:
             sel = [r for r in rows if r["teacher"] == t and r.get("val_images") == n]
             ref = {r["seed"]: r for r in rows if r["teacher"] == t
-                   and r.get("val_images") == max(cfg.val_sizes)}
+                   and r.get("val_images") == max(config["val_sizes"])}
             change = [statistics.fmean(abs(r["hidden_sizes"][b] - ref[r["seed"]]["hidden_sizes"][b])
                                        / r["original_sizes"][b] for b in r["hidden_sizes"])
                       for r in sel]
