@@ -50,7 +50,7 @@ def search_cmd(
     json_out: Path = typer.Option(None, "--json", help="also write the numbers here"),
 ) -> None:
     """Reference procedure vs AMPPruner on one model: same sizes, wall times, ratio."""
-    from amp_plugin.run.bench import bench_search
+    from amp_plugin.bench.search import bench_search
 
     r = bench_search(layers, width, val_images, image_size, patch_size, threshold, seed=seed,
                      batch_size=batch_size, cache_mib=cache_mib, repeats=repeats, device=device,
@@ -100,7 +100,7 @@ def throughput_cmd(
     json_out: Path = typer.Option(None, "--json", help="also write the numbers here"),
 ) -> None:
     """Throughput before vs after pruning, realised gain next to the FLOPs ratio."""
-    from amp_plugin.run.bench import bench_throughput
+    from amp_plugin.bench.throughput import bench_throughput
 
     r = bench_throughput(run=run, model_name=model, threshold=threshold,
                          round_to=round_to or None, search_images=search_images,
@@ -133,7 +133,7 @@ def passes_cmd(
 ) -> None:
     """Scoring and validation passes of a recipe's model: images/s, peak memory, and the
     hours they imply for one pass over ImageNet-1k train and E_val over ImageNet-1k val."""
-    from amp_plugin.run.bench import bench_passes
+    from amp_plugin.bench.passes import bench_passes
 
     from .common import load
 
@@ -171,7 +171,7 @@ def models_cmd(
 ) -> None:
     """Every ViT-like timm model and every open_clip model, built small with random
     weights: pruned end to end (score, search, prune, save/load) or refused clearly."""
-    from amp_plugin.run.sweep import FAST, all_models, summary, sweep, sweep_markdown
+    from amp_plugin.bench.models import FAST, all_models, summary, sweep, sweep_markdown
 
     names = list(FAST) if fast else all_models()
     if match:

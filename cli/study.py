@@ -31,7 +31,7 @@ def study_cmd(
 ) -> None:
     """Criterion, adaptive vs uniform, distillation and validation-set size, over seeds
     (a benchmark: about 20-30 minutes on 2 CPU cores)."""
-    from amp_plugin.run.study import StudyConfig, rerender, run_study
+    from amp_plugin.bench.study import StudyConfig, rerender, run_study
 
     console = Console()
     if report_only:

@@ -16,11 +16,11 @@ from conftest import digit_images, small_vit
 from nni.compression.pruning import L1NormPruner
 
 import amp_plugin as amp
+from amp_plugin.bench.models import FAST, small_spec, sweep_one
 from amp_plugin.core.adapter import UnsupportedModel
 from amp_plugin.families.open_clip import OpenClipCLIP
 from amp_plugin.nni import AMPNNIPruner, apply_nni_masks
 from amp_plugin.nni.masks import MaskError
-from amp_plugin.run.sweep import FAST, small_spec, sweep_one
 
 torch.set_num_threads(2)
 

@@ -11,7 +11,7 @@ import torch
 from conftest import digit_images, small_vit
 
 import amp_plugin as amp
-from amp_plugin.run.study import (
+from amp_plugin.bench.study import (
     Draw,
     magnitude_scores,
     rerender,

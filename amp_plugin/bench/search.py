@@ -1,9 +1,8 @@
-"""Benchmarks behind `amp bench`: the search's speed against the reference procedure,
-and the realised throughput gain of pruned models against their FLOPs ratio.
+"""`amp bench search`: the search's speed against the reference procedure.
 
-`reference_search` is the procedure of ALGORITHM.md section 3 written plainly (every
-trial runs the whole model over the whole validation set, neurons removed by masks).
-It lives here, not in the library's hot path, to measure AMPPruner against.
+`reference_search` is the adaptive search written plainly (every trial runs the whole
+model over the whole validation set, neurons removed by masks). It lives here, not in the
+library's hot path, to measure AMPPruner against.
 """
 
 from __future__ import annotations
@@ -23,8 +22,8 @@ from ..core.mlp import find_mlps
 from ..core.models import create_model
 from ..core.pruner import AMPPruner
 from ..core.search import keep_order
-from ..core.tp import prune_mlps
 from ..data import batches, digits_raw, to_model_input
+from ..evaluate.throughput import device_name
 from ..utils.progress import progress
 from ..utils.tensors import resolve_device
 
@@ -179,152 +178,6 @@ def bench_search(layers: int = 12, width: int = 384, val_images: int = 64,
         "peak_fraction_bound": (math.sqrt(layers) + 2) / layers,
         "recomputed_blocks": limited.extra["recomputed_blocks"],
         "mlp_params": full.mlp_params, "hidden_sizes": full.hidden_sizes,
-        "threads": torch.get_num_threads(), "repeats": repeats, "device": _device_label(dev),
+        "threads": torch.get_num_threads(), "repeats": repeats, "device": device_name(dev),
         "dtype": dtype,
     }
-
-
-def prune_like(model: nn.Module, sizes: dict[str, int], example: torch.Tensor) -> nn.Module:
-    """Prune `model` to the given hidden sizes keeping the first neurons (for timing only)."""
-    tower, _ = vision_tower(model)
-    prune_mlps(tower, example, {n: torch.arange(s) for n, s in sizes.items()})
-    return model
-
-
-def bench_throughput(run=None, model_name: str = "vit_base_patch16_224",
-                     threshold: float = 1e-3, round_to: int | None = 64,
-                     search_images: int = 32, batch_size: int = 32, image_size: int = 224,
-                     dtype: str = "float32", runs: int = 10, seed: int = 0,
-                     show_progress: bool = True) -> dict:
-    """Images/s of the original and the AMP-pruned vision tower, and gain / FLOPs ratio.
-
-    With `run`, the run directory's original and pruned models are timed. Otherwise a
-    random-weight `model_name` is scored and searched on digits images (with `round_to`)
-    and timed before and after.
-    """
-    from ..core.cost import count_flops, count_mlp_params
-    from ..core.serialization import load_pruned
-    from ..evaluate.throughput import measure_throughput
-    from .layout import RunDir
-    from .pipeline import Run
-    from .recipe import load_recipe
-
-    if run is not None:
-        rd = RunDir(run)
-        recipe = load_recipe(rd.recipe, check_paths=False)
-        original = Run(recipe, run, show_progress=False).original()
-        pruned = load_pruned(rd.pruned)
-        image_size = recipe.data.image_size
-        name = recipe.name
-    else:
-        torch.manual_seed(seed)
-        original = create_model({"library": "timm", "name": model_name,
-                                 "kwargs": {"num_classes": 0, "img_size": image_size}}).eval()
-        original.to(resolve_device())  # score and search where the model will be timed
-        raw, _ = digits_raw()
-        x = to_model_input(raw[:search_images], image_size, (0.5,) * 3, (0.5,) * 3)
-        x = x.to(resolve_device())
-        imp = AMPImportance(20.0, show_progress=show_progress)
-        imp.accumulate(original, [x])
-        pruned = copy.deepcopy(original)
-        AMPPruner(pruned, x[:1], imp, [x], threshold, round_to=round_to,
-                  show_progress=show_progress).step()
-        name = model_name
-    example = torch.randn(1, 3, image_size, image_size, device=next(pruned.parameters()).device)
-    original.to(example.device)
-    flops = {"before": count_flops(original, example), "after": count_flops(pruned, example)}
-    mlp = {"before": count_mlp_params(original), "after": count_mlp_params(pruned)}
-    timing = {}
-    for key, m in (("before", original), ("after", pruned)):
-        timing[key] = measure_throughput(m, batch_size, image_size, dtype, resolve_device(),
-                                         warmup=2, runs=runs, show_progress=show_progress)
-    gain = timing["after"]["images_per_s"] / timing["before"]["images_per_s"]
-    ratio = flops["before"] / flops["after"]
-    return {
-        "model": name, "device": timing["before"].get("device", ""), "dtype": dtype,
-        "batch_size": batch_size, "image_size": image_size, "round_to": round_to,
-        "hidden_sizes": {n: v.hidden for n, v in find_mlps(vision_tower(pruned)[0]).items()},
-        "mlp_reduction": 1 - mlp["after"] / mlp["before"], "mlp_params": mlp, "flops": flops,
-        "flops_ratio": ratio, "before": timing["before"], "after": timing["after"],
-        "gain": gain, "efficiency": gain / ratio,
-    }
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _peak(device: torch.device) -> int | None:
-    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-
-
-def bench_passes(spec: dict, image_size: int = 224, batch_size: int = 64, batches: int = 4,
-                 dtype: str = "bf16", device: str = "auto", grad_checkpointing: bool = True,
-                 inv_temperature: float = 15.0, calib_images: int = 1_281_167,
-                 val_images: int = 49_920, max_steps: int = 6) -> dict:
-    """Images/s and peak memory of the two passes AMP repeats at scale, on the full-size
-    architecture with random weights: a scoring pass (forward + backward of the entropy,
-    Taylor taps) and a validation pass (forward, no gradient); and what they imply for the
-    authors' data (one pass over ImageNet-1k train, E_val over ImageNet-1k val per trial)."""
-    from ..core.models import build_model
-    from ..utils.tensors import resolve_dtype
-
-    dev = resolve_device(device)
-    dt = resolve_dtype(dtype)
-    torch.manual_seed(0)
-    with torch.device(dev):
-        model = build_model(spec)
-    model = model.to(dt).eval()
-    tower, adapter = vision_tower(model)
-    if grad_checkpointing:
-        adapter.set_grad_checkpointing(tower, True)
-    x = torch.randn(batch_size, 3, image_size, image_size, device=dev, dtype=dt)
-    imp = AMPImportance(inv_temperature, show_progress=False)
-    imp.accumulate(model, [x])  # warm-up (kernels, allocator)
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(dev)
-    _sync(dev)
-    t0 = time.perf_counter()
-    imp.accumulate(model, [x] * batches)
-    _sync(dev)
-    score_s = time.perf_counter() - t0
-    score_peak = _peak(dev)
-    with torch.no_grad():
-        adapter.features(tower, x)
-        if dev.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(dev)
-        _sync(dev)
-        t0 = time.perf_counter()
-        for _ in range(batches):
-            adapter.features(tower, x)
-        _sync(dev)
-        val_s = time.perf_counter() - t0
-        state = adapter.embed(tower, x[:1])[0]
-    n_blocks = len(adapter.blocks(tower))
-    score_ips = batches * batch_size / score_s
-    val_ips = batches * batch_size / val_s
-    reference_passes = 1 + max_steps * n_blocks
-    cached_passes = 1 + max_steps * (n_blocks + 1) / 2  # a trial of block l runs L - l blocks
-    return {
-        "model": f"{spec['library']}:{spec['name']}", "device": _device_label(dev),
-        "dtype": dtype, "batch_size": batch_size, "batches": batches,
-        "image_size": image_size, "grad_checkpointing": grad_checkpointing,
-        "params": sum(p.numel() for p in tower.parameters()), "blocks": n_blocks,
-        "score_images_per_s": score_ips, "score_peak_bytes": score_peak,
-        "val_images_per_s": val_ips, "val_peak_bytes": _peak(dev),
-        "state_bytes_per_image_per_block": state[0].numel() * state.element_size(),
-        "imagenet": {
-            "calib_images": calib_images, "val_images": val_images,
-            "score_hours": calib_images / score_ips / 3600,
-            "val_pass_seconds": val_images / val_ips,
-            "search_hours_reference": reference_passes * val_images / val_ips / 3600,
-            "search_hours_cached": cached_passes * val_images / val_ips / 3600,
-        },
-    }
-
-
-def _device_label(device: torch.device) -> str:
-    from ..evaluate.throughput import device_name
-
-    return device_name(device)

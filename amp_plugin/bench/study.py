@@ -49,8 +49,8 @@ from ..data.transforms import batches
 from ..distill import Distiller, TrainImages
 from ..evaluate.features import extract_features, knn_top1, linear_probe
 from ..pretrain import train_simclr
+from ..run.layout import RunDir
 from ..utils.io import atomic_write, write_json
-from .layout import RunDir
 from .study_report import plot_study, study_markdown
 
 CRITERIA = ("entropy", "one_hot", "magnitude")
