@@ -316,6 +316,7 @@ class EvalConfig(Strict):
 
     tasks: list[str] | None = Field(
         default=None, description="registered eval tasks; default: knn, linear_probe, "
+                                  "prototype, original_knn, identification, cosine_to_original, "
                                   "throughput, plus the zero-shot tasks whose datasets are listed")
     device: str = Field(default="auto", description="auto: cuda if available, else cpu")
     batch_size: int = Field(default=64, gt=0)

@@ -27,7 +27,9 @@ def eval_cmd(
     target: str = typer.Argument(None, help="recipe file / shipped name, or a run directory"),
     tasks: list[str] = typer.Option(None, "--tasks", "-t", help="registered eval tasks "
                                     "(comma-separated or repeated), e.g. knn, linear_probe, "
-                                    "zeroshot_classification, zeroshot_retrieval, throughput"),
+                                    "prototype, original_knn, identification, "
+                                    "cosine_to_original, zeroshot_classification, "
+                                    "zeroshot_retrieval, throughput"),
     set_: list[str] = SetOpt,
     progress: bool = ProgressOpt,
 ) -> None:

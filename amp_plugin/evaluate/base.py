@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -20,13 +20,18 @@ from torch import nn
 from ..config import DataConfig, EvalConfig
 from ..data.base import DataSource
 
+if TYPE_CHECKING:
+    from .labelled import OriginalFeatures
+
 ROLES = ("teacher", "pruned", "distilled")
 
 
 @dataclass
 class EvalContext:
-    """What tasks may read: the data section and its source, where to cache, and a scratch
-    dict shared by the tasks of one evaluation (e.g. features used by kNN and the probe)."""
+    """What tasks may read: the data section and its source, where to cache, the original
+    model's features (`reference`: how to load the original, where its features are
+    cached), the roles being evaluated, and a scratch dict shared by the tasks of one
+    evaluation (e.g. features used by kNN and the probe)."""
 
     data: DataConfig
     source: DataSource
@@ -35,6 +40,8 @@ class EvalContext:
     cache_dir: Path | None = None  # e.g. cached zero-shot text classifiers
     show_progress: bool = True
     log: Callable[[str], None] = lambda msg: None
+    reference: OriginalFeatures | None = None
+    roles: tuple[str, ...] = ()  # set by evaluate_models
     scratch: dict = field(default_factory=dict)
 
     def once(self, key, make: Callable[[], Any]) -> Any:
@@ -50,9 +57,10 @@ class Row:
 
     label: str
     values: dict[str, float | None]
-    fmt: str = "pct"  # pct: two decimals; rate: images/s with one decimal
-    note: str = ""
+    fmt: str = "pct"  # pct: two decimals; ratio: three; rate: images/s with one decimal
+    note: str = ""  # rate rows: shown in the change column
     new_section: bool = False
+    footnote: str = ""  # said once under the table, the label marked
 
 
 class EvalTask:

@@ -1,55 +1,17 @@
-"""Features of a vision tower and the label-based tasks on them: DINO's weighted kNN and
-a logistic-regression linear probe (tasks `knn`, `linear_probe`)."""
+"""The label-based tasks on a model's own features: DINO's weighted kNN and a
+logistic-regression linear probe, both fitted on the evaluated model's train features
+(tasks `knn`, `linear_probe`)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from ..core.adapter import vision_tower
-from ..utils.progress import progress
-from ..utils.tensors import device_of
-from .base import EvalContext, EvalTask, Row, register_task
+from .base import Row, register_task
+from .extract import extract_features
+from .labelled import LabelTask
 
-
-def _image_batches(images_or_loader, batch_size: int) -> Iterable[torch.Tensor]:
-    if isinstance(images_or_loader, torch.Tensor):
-        return [images_or_loader[i:i + batch_size]
-                for i in range(0, len(images_or_loader), batch_size)]
-    return images_or_loader
-
-
-@torch.no_grad()
-def extract_features(model: nn.Module, images_or_loader: torch.Tensor | Iterable,
-                     batch_size: int = 256, feature_fn: Callable | None = None,
-                     description: str = "features", show_progress: bool = True) -> torch.Tensor:
-    """Pooled features (float32, on the CPU) of a (N, 3, H, W) tensor or of a loader of
-    image batches / (images, labels) pairs, in order.
-
-    Default features: `adapter.features` of the vision tower, i.e. what the AMP criterion
-    measures; `feature_fn(model, images)` replaces it.
-    """
-    was_training = model.training
-    model.eval()
-    device = device_of(model)
-    dtype = next(model.parameters()).dtype
-    tower, adapter = vision_tower(model)
-    out = []
-    try:
-        for batch in progress(_image_batches(images_or_loader, batch_size), description,
-                              enabled=show_progress):
-            images = batch[0] if isinstance(batch, (tuple, list)) else batch
-            images = images.to(device, dtype)
-            feats = feature_fn(model, images) if feature_fn else adapter.features(tower, images)
-            out.append(feats.float().cpu())
-    finally:
-        model.train(was_training)
-    if not out:
-        raise ValueError("extract_features: no images")
-    return torch.cat(out)
+__all__ = ["KNN", "LinearProbe", "extract_features", "knn_top1", "linear_probe"]
 
 
 @torch.no_grad()
@@ -95,32 +57,8 @@ def linear_probe(train_feats: torch.Tensor, train_labels: torch.Tensor, test_fea
 
 
 # ---- tasks ---------------------------------------------------------------------------------
-class _LabelTask(EvalTask):
-    needs_labels = True
-
-    def check(self, cfg, ctx, model):
-        if "labels" not in ctx.source.gives:
-            raise ValueError(f"eval task {self.name} needs labelled images: data.kind "
-                             f"{ctx.data.kind!r} gives none (use digits or imagefolder with "
-                             "data.val_root)")
-
-    def features(self, model: nn.Module, role: str, cfg, ctx: EvalContext):
-        """(train features, train labels, test features, test labels), once per role."""
-        splits = ctx.once("labelled_splits", lambda: ctx.source.labelled_splits(
-            ctx.data, ctx.seed, max_train=cfg.max_train))
-
-        def extract():
-            feats = {s: extract_features(model, splits[s].images, cfg.batch_size,
-                                         description=f"{role}: {s} features",
-                                         show_progress=ctx.show_progress)
-                     for s in ("train", "test")}
-            return (feats["train"], splits["train"].labels, feats["test"],
-                    splits["test"].labels)
-        return ctx.once(("features", role, id(model)), extract)
-
-
 @register_task
-class KNN(_LabelTask):
+class KNN(LabelTask):
     name = "knn"
     order = 10
     key = "accuracy"
@@ -136,7 +74,7 @@ class KNN(_LabelTask):
 
 
 @register_task
-class LinearProbe(_LabelTask):
+class LinearProbe(LabelTask):
     name = "linear_probe"
     order = 20
 

@@ -12,15 +12,19 @@ from ..config import EvalConfig
 from ..core.adapter import vision_tower
 from ..core.cost import count_flops, count_mlp_params, count_params
 from .base import EvalContext, get_task, resolved_tasks
+from .labelled import ORIGINAL
 
 
 def evaluate_models(cfg: EvalConfig, models: Mapping[str, Callable[[], nn.Module]],
                     ctx: EvalContext, tasks: Sequence[str] | None = None) -> dict:
     """{"models": sizes per role, <task section>: results per role, "tasks", "eval_seconds"}
-    for the models `models` ({role: loader}, the original first). Every task is checked
-    on the first model before any evaluation starts."""
+    for the models `models` ({role: loader}); the original ("teacher") is evaluated first,
+    so the tasks that compare with it find its features. Every task is checked on the
+    first model before any evaluation starts."""
     names = list(tasks) if tasks else resolved_tasks(cfg)
     chosen = [get_task(t) for t in names]
+    models = dict(sorted(models.items(), key=lambda item: item[0] != ORIGINAL))
+    ctx.roles = tuple(models)
     t0 = time.perf_counter()
     size = cfg.throughput.image_size or ctx.data.image_size
     results: dict = {"models": {}}

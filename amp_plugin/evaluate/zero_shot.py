@@ -222,6 +222,10 @@ def captions_collate(batch):
 
 
 # ---- tasks ---------------------------------------------------------------------------------
+FIXED_TEXT = ("zero-shot keeps the original's text tower: like prototype and identification, "
+              "it judges the pruned image tower against a side that stays the original's")
+
+
 class _ZeroShot(EvalTask):
     per_dataset = True
     needs_text_tower = True
@@ -276,7 +280,8 @@ class ZeroShotClassification(_ZeroShot):
             for metric in ("top1", "top5"):
                 vals = {r: (per_role.get(r) or {}).get(metric) for r in ROLES}
                 if any(v is not None for v in vals.values()):
-                    rows.append(Row(f"zero-shot {name} {metric} (%)", vals))
+                    rows.append(Row(f"zero-shot {name} {metric} (%)", vals,
+                                    footnote=FIXED_TEXT))
         return rows
 
 
@@ -315,5 +320,6 @@ class ZeroShotRetrieval(_ZeroShot):
                                                                             "text->image")
                 label = label.replace("text R@", "image->text R@")
                 rows.append(Row(f"{name} {label} (%)",
-                                {r: (per_role.get(r) or {}).get(metric) for r in ROLES}))
+                                {r: (per_role.get(r) or {}).get(metric) for r in ROLES},
+                                footnote=FIXED_TEXT))
         return rows

@@ -9,6 +9,9 @@
     distill/               DeepSpeed checkpoints, loss log, result, fingerprint
     distilled/             the distilled model (save_pruned)
     eval.json              evaluation of every model present
+    original_features.safetensors
+                           the original model's features of the labelled splits (the
+                           fixed side of prototype, original_knn, identification, cosine)
     classifiers/           cached zero-shot text classifiers
     report.json, plots/    the report (a reader of everything above)
     .lock                  held by the run using the directory (names it)
@@ -79,6 +82,10 @@ class RunDir:
     @property
     def eval_json(self) -> Path:
         return self.root / "eval.json"
+
+    @property
+    def original_features(self) -> Path:
+        return self.root / "original_features.safetensors"
 
     @property
     def classifiers(self) -> Path:

@@ -13,6 +13,7 @@ validation batches once, whatever the stages.
              (each decided block checkpointed; a killed run resumes at the next)
     distill  DeepSpeed distillation from the original model   -> distilled/
     eval     the recipe's eval tasks on every model            -> eval.json
+             (the original's features cached: original_features.safetensors)
     report   everything in one report.json, table and plots   -> report.json, plots/
 """
 
@@ -444,7 +445,7 @@ class Run:
 
     def stage_eval(self, tasks: list[str] | None = None) -> dict:
         from ..config import EvalConfig
-        from ..evaluate import EvalContext, evaluate_models, list_tasks
+        from ..evaluate import EvalContext, OriginalFeatures, evaluate_models, list_tasks
 
         t0 = time.perf_counter()
         out = {}
@@ -452,9 +453,13 @@ class Run:
             r = self.recipe
             cfg = r.eval or EvalConfig()
             roles = ["teacher", *self.dir.models_present()]
+            # the original's features, cached in the run directory, are the fixed side
+            # of the tasks that compare with it (and the teacher role's own features)
+            reference = OriginalFeatures(self.original, self.dir.original_features,
+                                         self.original_fingerprint())
             ctx = EvalContext(r.data, get_source(r.data.kind), r.seed,
                               resolve_device(cfg.device), self.dir.classifiers,
-                              self.show_progress, self.log)
+                              self.show_progress, self.log, reference=reference)
             results = evaluate_models(cfg, {role: self._model_loader(role) for role in roles},
                                       ctx, tasks)
             merged = deep_merge(read_json(self.dir.eval_json) or {}, results)

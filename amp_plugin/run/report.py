@@ -117,12 +117,16 @@ def _pct(x: float | None) -> str:
     return "-" if x is None else f"{x:.2f}"
 
 
-def _change(before: float | None, after: float | None, relative: bool = True) -> str:
+def _change(before: float | None, after: float | None, relative: bool = True,
+            digits: int = 2) -> str:
     if before is None or after is None:
         return ""
     if relative:
         return f"{100 * (after - before) / before:+.1f}%" if before else ""
-    return f"{after - before:+.2f}"
+    return f"{after - before:+.{digits}f}"
+
+
+ROW_DIGITS = {"pct": 2, "ratio": 3, "rate": 1}  # Row.fmt -> decimals shown
 
 
 def render_table(report: dict) -> Table:
@@ -168,6 +172,7 @@ def render_table(report: dict) -> Table:
                       *([""] if "distilled" in roles else []),
                       _change(ent.get("before"), ent.get("after"), False))
     table.add_section()
+    footnotes: dict[str, str] = {}  # footnote -> its mark
     for name in list_tasks():
         task = get_task(name)
         for r in task.rows(report.get(task.section()) or {}):
@@ -175,11 +180,16 @@ def render_table(report: dict) -> Table:
                 continue
             if r.new_section:
                 table.add_section()
-            fmt = _pct if r.fmt == "pct" else (lambda v: "-" if v is None else f"{v:.1f}")
-            cells = [fmt(r.values.get(role)) for role in roles]
-            note = r.note if r.fmt != "pct" else _change(r.values.get("teacher"),
-                                                         r.values.get("pruned"), False)
-            table.add_row(r.label, *cells, note)
+            digits = ROW_DIGITS[r.fmt]
+            cells = ["-" if r.values.get(role) is None else f"{r.values[role]:.{digits}f}"
+                     for role in roles]
+            note = r.note if r.fmt == "rate" else _change(r.values.get("teacher"),
+                                                          r.values.get("pruned"), False, digits)
+            label = r.label
+            if r.footnote:
+                mark = footnotes.setdefault(r.footnote, "*" * (len(footnotes) + 1))
+                label = f"{label} {mark}"
+            table.add_row(label, *cells, note)
     notes = [f"threshold {report['threshold']:g}"] if "threshold" in report else []
     if "inv_temperature" in report:
         notes.append(f"1/T {report['inv_temperature']:g}")
@@ -188,7 +198,9 @@ def render_table(report: dict) -> Table:
     secs = report.get("seconds") or {}
     if secs:
         notes.append("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in secs.items()))
-    table.caption = "search: " + ", ".join(notes) if notes else None
+    caption = ["search: " + ", ".join(notes)] if notes else []
+    caption += [f"{mark} {text}" for text, mark in footnotes.items()]
+    table.caption = "\n".join(caption) if caption else None
     table.caption_justify = "left"
     return table
 
