@@ -19,6 +19,7 @@ from . import (  # noqa: F401  (registration)
 from .base import (
     EvalContext,
     EvalTask,
+    OriginalFeatures,
     Row,
     get_task,
     list_tasks,
@@ -29,7 +30,7 @@ from .cosine import cosine_to_original
 from .extract import extract_features
 from .features import knn_top1, linear_probe
 from .identification import identification_rate
-from .labelled import LabelledFeatures, OriginalFeatures, original_features
+from .labelled import LabelledFeatures, original_features
 from .original_knn import original_knn_top1
 from .prototype import prototype_accuracy
 from .runner import evaluate_models

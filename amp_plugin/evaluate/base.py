@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
@@ -20,10 +20,19 @@ from torch import nn
 from ..config import DataConfig, EvalConfig
 from ..data.base import DataSource
 
-if TYPE_CHECKING:
-    from .labelled import OriginalFeatures
-
 ROLES = ("teacher", "pruned", "distilled")
+
+
+@dataclass
+class OriginalFeatures:
+    """Where an evaluation finds the original model when a task needs its features and
+    the original is not among the models evaluated: `load()` builds it; `cache` (a
+    safetensors file) keeps its features between evaluations, valid while `identity`
+    (what the original is made of) and the labelled splits stay the same."""
+
+    load: Callable[[], nn.Module] | None = None
+    cache: Path | None = None
+    identity: str = ""
 
 
 @dataclass

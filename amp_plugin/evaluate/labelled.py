@@ -3,13 +3,13 @@ original model's features that the fixed-side tasks compare every model with.
 
 The original's features are what a user keeps frozen when a pruned model replaces the
 original (a vector index, class prototypes, a classifier head built from it). They are
-computed once per run and cached in a safetensors file (`OriginalFeatures.cache`); the
-"teacher" role is the original, so its label tasks read the same features.
+computed once per run and cached in a safetensors file (`EvalContext.reference`, an
+`OriginalFeatures`, says where); the "teacher" role is the original, so its label tasks
+read the same features.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,8 +17,11 @@ import torch
 from torch import nn
 
 from ..utils.io import atomic_write, fingerprint
-from .base import EvalContext, EvalTask
+from .base import EvalContext, EvalTask, OriginalFeatures
 from .extract import extract_features
+
+__all__ = ["ORIGINAL", "FixedSideTask", "LabelTask", "LabelledFeatures", "OriginalFeatures",
+           "check_same_space", "labelled_splits", "model_features", "original_features"]
 
 ORIGINAL = "teacher"  # the role that names the original model
 _TENSORS = ("train", "train_labels", "test", "test_labels")
@@ -35,18 +38,6 @@ class LabelledFeatures:
 
     def as_tuple(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.train, self.train_labels, self.test, self.test_labels
-
-
-@dataclass
-class OriginalFeatures:
-    """Where an evaluation finds the original model when a task needs its features and
-    the original is not among the models evaluated: `load()` builds it; `cache` keeps its
-    features between evaluations, valid while `identity` (what the original is made of)
-    and the labelled splits stay the same."""
-
-    load: Callable[[], nn.Module] | None = None
-    cache: Path | None = None
-    identity: str = ""
 
 
 def labelled_splits(cfg, ctx: EvalContext) -> dict:
