@@ -21,7 +21,7 @@ def study_cmd(
     teachers: str = typer.Option("demo,deep", help="demo and/or deep"),
     deep_teacher_seed: int = typer.Option(None, help="one deeper teacher (this seed) for "
                                                      "every seed, instead of one per seed"),
-    budgets: str = typer.Option("0.35,0.5,0.65,0.8", help="MLP-parameter fractions kept"),
+    budgets: str = typer.Option("0.2,0.35,0.5,0.65", help="MLP-parameter fractions kept"),
     val_sizes: str = typer.Option("64,128,256,512,768", help="validation images tried"),
     max_searches: int = typer.Option(8, help="budget mode: AMP searches at most"),
     tolerance: float = typer.Option(0.02, help="budget mode: relative tolerance"),

@@ -4,7 +4,9 @@ benchmark: `amp study`, about 30 minutes)."""
 from __future__ import annotations
 
 import json
+import math
 import statistics
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,12 +14,27 @@ from conftest import digit_images, small_vit
 
 import amp_plugin as amp
 from amp_plugin.bench.study import (
+    FIXED_SIDE,
+    METRICS,
     Draw,
+    Probe,
+    StudyConfig,
     magnitude_scores,
     rerender,
     summarize,
     uniform_prune,
 )
+from amp_plugin.evaluate import (
+    cosine_to_original,
+    extract_features,
+    identification_rate,
+    knn_top1,
+    original_knn_top1,
+    prototype_accuracy,
+)
+from amp_plugin.run.recipe import load_recipe
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_uniform_prune_keeps_the_same_top_scored_neurons_in_every_block():
@@ -55,23 +72,68 @@ def test_magnitude_scores_rank_neurons_by_their_weights():
         assert torch.equal(scores[n].argsort(), direct.argsort()), n
 
 
+def test_study_budgets_are_fractions_of_mlp_parameters_from_a_fifth_to_two_thirds():
+    assert StudyConfig.budgets == (0.2, 0.35, 0.5, 0.65)
+
+
+def test_probe_judges_against_the_original_teacher_first(tmp_path):
+    """The study's metrics of the original and of a pruned model: the fixed-side ones
+    against the teacher's features, equal to the functions on directly extracted features;
+    the original gives the reference line (identification 100, cosine 1)."""
+    recipe = load_recipe("demo_digits")
+    teacher = amp.load_pruned(REPO / "recipes" / "teachers" / "demo_digits").eval()
+    probe = Probe(recipe)
+    original = probe(teacher, teacher)
+    assert list(original) == list(METRICS)  # fixed side first, then kNN and probe re-fit
+    assert all(math.isfinite(v) for v in original.values())
+    assert original["identification"] == 100.0
+    assert original["cosine_to_original"] == pytest.approx(1.0, abs=1e-6)
+    assert original["original_knn"] == original["knn"]  # its own index
+    x = digit_images(8)
+    views = amp.find_mlps(teacher)
+    scores = {n: torch.rand(v.hidden, generator=torch.Generator().manual_seed(i))
+              for i, (n, v) in enumerate(views.items())}
+    fixed = sum(v.param_counts()[0] for v in views.values())
+    per = sum(v.param_counts()[1] for v in views.values())
+    pruned, _ = uniform_prune(teacher, scores, fixed + 24 * per, x[:1])  # random 24 of 256
+    got = probe(pruned, teacher)
+    tr, te = probe.split["train"], probe.split["test"]
+    o = [extract_features(teacher, s.images, show_progress=False) for s in (tr, te)]
+    p = extract_features(pruned, te.images, show_progress=False)
+    assert got["prototype"] == pytest.approx(prototype_accuracy(o[0], tr.labels, p, te.labels))
+    assert got["original_knn"] == pytest.approx(original_knn_top1(o[0], tr.labels, p,
+                                                                  te.labels))
+    assert got["identification"] == pytest.approx(identification_rate(o[1], p))
+    assert got["cosine_to_original"] == pytest.approx(cosine_to_original(o[1], p), abs=1e-6)
+    p_train = extract_features(pruned, tr.images, show_progress=False)
+    assert got["knn"] == pytest.approx(knn_top1(p_train, tr.labels, p, te.labels))
+    assert got["identification"] < 100 and got["cosine_to_original"] < 1
+    assert all(math.isfinite(v) for v in got.values())
+
+
+def _metrics(knn: float, suffix: str = "") -> dict[str, float]:
+    values = dict(prototype=knn - 10, original_knn=knn - 5, identification=knn - 40,
+                  cosine_to_original=knn / 100, knn=knn, linear=knn - 1)
+    return {f"{k}{suffix}": v for k, v in values.items()}
+
+
 def _rows():
     rows = []
     for seed, (knn, kept) in enumerate(((90.0, 0.5), (92.0, 0.52), (94.0, 0.48))):
         base = dict(teacher="demo", seed=seed)
-        rows.append(dict(base, experiment="original", knn=95.0, linear=94.0))
+        rows.append(dict(base, experiment="original", **dict(
+            _metrics(95.0), identification=100.0, cosine_to_original=1.0)))
         for crit in ("entropy", "one_hot", "magnitude"):
             rows.append(dict(base, experiment="criterion", criterion=crit, kept=kept,
                              hidden_sizes={"a": 10}, threshold=1e-3, reached=seed != 2,
-                             knn=knn, linear=knn - 1, knn_distilled=knn + 1,
-                             linear_distilled=knn))
+                             **_metrics(knn), **_metrics(knn + 1, "_distilled")))
         for how in ("adaptive", "uniform"):
             rows.append(dict(base, experiment="budget", how=how, budget=0.5, kept=kept,
-                             hidden_sizes={"a": 10}, reached=True, knn=knn, linear=knn))
+                             hidden_sizes={"a": 10}, reached=True, **_metrics(knn)))
         for n, size in ((64, 8 + seed), (128, 10)):
             rows.append(dict(base, experiment="val_size", val_images=n, kept=kept,
                              hidden_sizes={"a": size}, original_sizes={"a": 20},
-                             knn=knn, linear=knn))
+                             **_metrics(knn)))
     return rows
 
 
@@ -88,12 +150,25 @@ def test_summary_and_report_from_rows(tmp_path):
     assert entropy["knn"]["mean"] == pytest.approx(92.0)
     assert entropy["knn"]["sd"] == pytest.approx(statistics.stdev([90.0, 92.0, 94.0]))
     assert entropy["knn_distilled"]["mean"] == pytest.approx(93.0)
+    assert entropy["prototype"]["mean"] == pytest.approx(82.0)
+    assert entropy["identification_distilled"]["mean"] == pytest.approx(53.0)
+    assert s["original"]["identification"] == {"mean": 100.0, "sd": 0.0, "n": 3}
+    assert all(m in s["budget"]["uniform"][0] for m in METRICS)
+    assert all(m in s["val_size"][0] for m in FIXED_SIDE)
     assert (entropy["seeds"], entropy["reached"]) == (3, 2)
     # size change vs the largest validation set: |8-10|, |9-10|, 0 of 20 neurons
     v64 = s["val_size"][0]
     assert v64["size_change"]["mean"] == pytest.approx(statistics.fmean([0.1, 0.05, 0.0]))
     md = (tmp_path / "study.md").read_text()
     assert "target missed in 1 of 3 seeds" in md and "| 50% |" in md
+    # every table shows the fixed-side metrics first, re-fit kNN and probe after them
+    header = ("| prototype | kNN, original's index | identification | cosine to original | "
+              "kNN re-fit | probe re-fit |")
+    assert md.count(header) == 4
+    assert "| original | 85.0 ± 0.0 | 90.0 ± 0.0 | 100.0 ± 0.0 | 1.000 ± 0.000 | 95.0 ± 0.0 " \
+           "| 94.0 ± 0.0 |" in md
+    assert "| 50% | uniform | 50.0 ± 2.0 | 82.0 ± 2.0 |" in md
+    assert "| entropy Taylor (AMP) | distilled |" in md
     for png in ("adaptive_vs_uniform", "criteria", "val_size", "block_sizes"):
         assert (tmp_path / f"{png}.png").read_bytes()[:4] == b"\x89PNG"
         assert f"![{png}]({png}.png)" in md

@@ -2,12 +2,18 @@
 
     criterion     entropy Taylor vs one-hot cross-entropy Taylor (digit labels, through a
                   logistic-regression head) vs Torch-Pruning's MagnitudeImportance, each at
-                  the same kept MLP parameters (budget mode), kNN / linear probe before and
-                  after distillation
+                  the same kept MLP parameters (budget mode), before and after distillation
     adaptive      AMP's per-block sizes vs the same MLP parameters kept uniformly (top-scored
                   neurons in every block), at several budgets
     distillation  original vs pruned vs distilled (from the criterion runs)
     val_size      sizes and accuracy vs the number of validation images of the search
+
+Every model is judged first against the original teacher's features, kept fixed (what a
+user keeps when the pruned model replaces the original: prototype accuracy on the
+original's class means, kNN in the original's index, identification of each test image
+among the original's embeddings, mean cosine to the original's embedding), then by kNN
+and a linear probe re-fit on its own features (which saturate: they barely tell pruning
+methods apart).
 
 Teachers: the demo's (committed) and a deeper one trained the same way (SimCLR, cached), one
 per seed. A seed draws the calibration / validation images (and the deeper teacher);
@@ -47,13 +53,22 @@ from ..data.base import choose_disjoint, get_source
 from ..data.digits import digits_splits
 from ..data.transforms import batches
 from ..distill import Distiller, TrainImages
-from ..evaluate.features import extract_features, knn_top1, linear_probe
+from ..evaluate.cosine import cosine_to_original
+from ..evaluate.extract import extract_features
+from ..evaluate.features import knn_top1, linear_probe
+from ..evaluate.identification import identification_rate
+from ..evaluate.labelled import LabelledFeatures
+from ..evaluate.original_knn import original_knn_top1
+from ..evaluate.prototype import prototype_accuracy
 from ..pretrain import train_simclr
 from ..run.layout import RunDir
 from ..utils.io import atomic_write, write_json
 from .study_report import plot_study, study_markdown
 
 CRITERIA = ("entropy", "one_hot", "magnitude")
+FIXED_SIDE = ("prototype", "original_knn", "identification", "cosine_to_original")
+REFIT = ("knn", "linear")
+METRICS = FIXED_SIDE + REFIT  # the order of the study's tables
 
 
 @dataclass
@@ -63,7 +78,7 @@ class StudyConfig:
     seeds: tuple[int, ...] = (0, 1, 2)
     deep_depth: int = 8
     deep_epochs: int = 60
-    budgets: tuple[float, ...] = (0.35, 0.5, 0.65, 0.8)
+    budgets: tuple[float, ...] = (0.2, 0.35, 0.5, 0.65)
     criterion_budget: float = 0.5
     val_sizes: tuple[int, ...] = (64, 128, 256, 512, 768)
     tolerance: float = 0.02
@@ -138,18 +153,41 @@ def draw(cfg: StudyConfig, seed: int) -> Draw:
 
 
 class Probe:
-    """kNN top-1 and linear-probe accuracy on the demo's fixed digits split."""
+    """Every metric of `METRICS` on the demo's fixed digits split: the fixed-side ones
+    against the original teacher's features (extracted once per teacher), kNN top-1 and
+    the linear probe re-fit on the model's own features."""
 
     def __init__(self, recipe: Recipe):
         self.split = digits_splits(recipe.data, 0)
         self.k, self.t = 20, 0.07
+        self._originals: dict[int, tuple[nn.Module, LabelledFeatures]] = {}
 
-    def __call__(self, model: nn.Module) -> dict[str, float]:
+    def features(self, model: nn.Module) -> LabelledFeatures:
         tr, te = self.split["train"], self.split["test"]
-        ftr = extract_features(model, tr.images, show_progress=False)
-        fte = extract_features(model, te.images, show_progress=False)
-        return {"knn": knn_top1(ftr, tr.labels, fte, te.labels, self.k, self.t),
-                "linear": linear_probe(ftr, tr.labels, fte, te.labels)}
+        return LabelledFeatures(extract_features(model, tr.images, show_progress=False),
+                                tr.labels,
+                                extract_features(model, te.images, show_progress=False),
+                                te.labels)
+
+    def original(self, teacher: nn.Module) -> LabelledFeatures:
+        """The teacher's features, once (the teacher is kept so that its id stays its own)."""
+        if id(teacher) not in self._originals:
+            self._originals[id(teacher)] = (teacher, self.features(teacher))
+        return self._originals[id(teacher)][1]
+
+    def __call__(self, model: nn.Module, teacher: nn.Module) -> dict[str, float]:
+        ref = self.original(teacher)
+        own = ref if model is teacher else self.features(model)
+        return {
+            "prototype": prototype_accuracy(ref.train, ref.train_labels, own.test,
+                                            own.test_labels),
+            "original_knn": original_knn_top1(ref.train, ref.train_labels, own.test,
+                                              own.test_labels, self.k, self.t),
+            "identification": identification_rate(ref.test, own.test),
+            "cosine_to_original": cosine_to_original(ref.test, own.test),
+            "knn": knn_top1(*own.as_tuple(), self.k, self.t),
+            "linear": linear_probe(*own.as_tuple()),
+        }
 
 
 # ---- the three criteria's neuron scores ----------------------------------------------------
@@ -272,7 +310,7 @@ def _seed_rows(cfg: StudyConfig, seed: int) -> tuple[list[dict], dict[str, float
         teacher = by_seed[seed]
         base = dict(teacher=name, seed=seed)
         cfg.log(f"seed {seed}, {name} teacher: scores")
-        original = timed("evaluation", probe, teacher)
+        original = timed("evaluation", probe, teacher, teacher)
         rows.append(dict(base, experiment="original", **original))
         scores = {"entropy": timed("scores", entropy_scores, cfg, teacher, d),
                   "one_hot": timed("scores", one_hot_scores, cfg, teacher, d),
@@ -283,17 +321,17 @@ def _seed_rows(cfg: StudyConfig, seed: int) -> tuple[list[dict], dict[str, float
             cfg.log(f"seed {seed}, {name} teacher: {crit} at {cfg.criterion_budget:.0%}")
             pruned, res = timed("search", amp_prune, cfg, teacher, scores[crit], val,
                                 cfg.criterion_budget)
-            acc = timed("evaluation", probe, pruned)
+            acc = timed("evaluation", probe, pruned, teacher)
             if crit == "entropy":
                 at_budget = {cfg.criterion_budget: (pruned, res)}
             student = timed("distillation", distill, cfg, teacher, pruned,
                             work / f"{name}_{seed}_{crit}", seed)
-            after = timed("evaluation", probe, student)
+            after = timed("evaluation", probe, student, teacher)
             rows.append(dict(base, experiment="criterion", criterion=crit,
                              kept=res["mlp_params"]["after"] / res["mlp_params"]["before"],
                              hidden_sizes=res["hidden_sizes"], threshold=res["threshold"],
                              reached=res["extra"]["budget"]["reached"], **acc,
-                             knn_distilled=after["knn"], linear_distilled=after["linear"]))
+                             **{f"{k}_distilled": v for k, v in after.items()}))
         # 2: adaptive vs uniform across budgets (entropy scores)
         for keep in cfg.budgets:
             cfg.log(f"seed {seed}, {name} teacher: adaptive vs uniform at {keep:.0%}")
@@ -307,7 +345,7 @@ def _seed_rows(cfg: StudyConfig, seed: int) -> tuple[list[dict], dict[str, float
                 rows.append(dict(base, experiment="budget", how=how, budget=keep,
                                  kept=after / before, hidden_sizes=r["hidden_sizes"],
                                  reached=res["extra"]["budget"]["reached"],
-                                 **timed("evaluation", probe, model)))
+                                 **timed("evaluation", probe, model, teacher)))
         # 4: validation-set size, at the recipe's threshold
         for n in cfg.val_sizes:
             cfg.log(f"seed {seed}, {name} teacher: {n} validation images")
@@ -317,7 +355,7 @@ def _seed_rows(cfg: StudyConfig, seed: int) -> tuple[list[dict], dict[str, float
                              kept=res["mlp_params"]["after"] / res["mlp_params"]["before"],
                              hidden_sizes=res["hidden_sizes"],
                              original_sizes=res["original_sizes"],
-                             **timed("evaluation", probe, pruned)))
+                             **timed("evaluation", probe, pruned, teacher)))
     return rows, seconds
 
 
@@ -387,8 +425,11 @@ def summarize(rows: list[dict], config: dict) -> dict:
     out: dict = {}
 
     def group(pred, keys):
+        """Mean and sd of `keys` over the rows `pred` selects (keys the rows lack, as in
+        a study.json of an older version, are left out)."""
         sel = [r for r in rows if pred(r)]
-        return {k: mean_sd([r[k] for r in sel]) for k in keys} if sel else None
+        return {k: mean_sd([r[k] for r in sel]) for k in keys
+                if all(k in r for r in sel)} if sel else None
 
     def reached(pred) -> dict[str, int]:
         """In how many seeds budget mode met its target (rows that record it)."""
@@ -398,18 +439,19 @@ def summarize(rows: list[dict], config: dict) -> dict:
     for t in config["teachers"]:
         s = out[t] = {}
         s["original"] = group(lambda r: r["teacher"] == t and r["experiment"] == "original",
-                              ("knn", "linear"))
+                              METRICS)
         s["criterion"] = {c: dict(group(
             lambda r, c=c: r["teacher"] == t and r.get("criterion") == c,
-            ("kept", "knn", "linear", "knn_distilled", "linear_distilled")),
+            ("kept", *METRICS, *(f"{m}_distilled" for m in METRICS))),
             **reached(lambda r, c=c: r["teacher"] == t and r.get("criterion") == c))
             for c in CRITERIA}
+        hows = list(dict.fromkeys(r["how"] for r in rows if r["experiment"] == "budget"))
         s["budget"] = {how: [dict(budget=b, **group(
             lambda r, b=b, how=how: r["teacher"] == t and r["experiment"] == "budget"
-            and r["how"] == how and r["budget"] == b, ("kept", "knn", "linear")),
+            and r["how"] == how and r["budget"] == b, ("kept", *METRICS)),
             **reached(lambda r, b=b: r["teacher"] == t and r["experiment"] == "budget"
                       and r["how"] == "adaptive" and r["budget"] == b))
-            for b in config["budgets"]] for how in ("adaptive", "uniform")}
+            for b in config["budgets"]] for how in hows}
         vs = []
         for n in config["val_sizes"]:
             sel = [r for r in rows if r["teacher"] == t and r.get("val_images") == n]
@@ -419,6 +461,7 @@ def summarize(rows: list[dict], config: dict) -> dict:
                                        / r["original_sizes"][b] for b in r["hidden_sizes"])
                       for r in sel]
             vs.append(dict(val_images=n, size_change=mean_sd(change),
-                           **{k: mean_sd([r[k] for r in sel]) for k in ("kept", "knn", "linear")}))
+                           **{k: mean_sd([r[k] for r in sel]) for k in ("kept", *METRICS)
+                              if all(k in r for r in sel)}))
         s["val_size"] = vs
     return out

@@ -9,6 +9,11 @@ from ..utils.io import atomic_write
 TEACHER_TITLES = {"demo": "demo teacher ({d} blocks)", "deep": "deeper teacher ({d} blocks)"}
 CRITERION_TITLES = {"entropy": "entropy Taylor (AMP)", "one_hot": "one-hot CE Taylor (labels)",
                     "magnitude": "weight magnitude (Torch-Pruning)"}
+# the columns of every table, fixed-side metrics first (study.METRICS' order)
+METRIC_TITLES = {"prototype": "prototype", "original_knn": "kNN, original's index",
+                 "identification": "identification", "cosine_to_original": "cosine to original",
+                 "knn": "kNN re-fit", "linear": "probe re-fit"}
+HOW_COLORS = {"adaptive": "tab:blue", "uniform": "tab:orange"}
 
 
 def _title(result: dict, teacher: str) -> str:
@@ -21,6 +26,20 @@ def _pm(s: dict | None, scale: float = 1.0, digits: int = 1) -> str:
     if not s:
         return "-"
     return f"{s['mean'] * scale:.{digits}f} ± {s['sd'] * scale:.{digits}f}"
+
+
+def _metric(group: dict, name: str, suffix: str = "") -> str:
+    """One metric cell: percentages with one decimal, the cosine with three."""
+    return _pm(group.get(name + suffix), digits=3 if name == "cosine_to_original" else 1)
+
+
+def _metric_header(first: list[str]) -> list[str]:
+    cols = first + list(METRIC_TITLES.values())
+    return ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+
+
+def _metric_cells(group: dict, suffix: str = "") -> str:
+    return " | ".join(_metric(group, m, suffix) for m in METRIC_TITLES)
 
 
 def _save(fig, path: Path) -> Path:
@@ -44,22 +63,28 @@ def plot_study(result: dict, out: Path) -> list[Path]:
                              squeeze=False)
     axes = axes[0]
     for ax, t in zip(axes, teachers, strict=True):
-        orig = s[t]["original"]["knn"]["mean"]
-        ax.axhline(orig, color="gray", linestyle=":", label=f"original kNN {orig:.1f}")
-        for how, color in (("adaptive", "tab:blue"), ("uniform", "tab:orange")):
-            pts = s[t]["budget"][how]
+        for metric, style in (("prototype", ":"), ("knn", "-.")):
+            orig = (s[t]["original"].get(metric) or {}).get("mean")
+            if orig is not None:
+                ax.axhline(orig, color="gray", linestyle=style,
+                           label=f"original, {METRIC_TITLES[metric]} {orig:.1f}")
+        for i, (how, pts) in enumerate(s[t]["budget"].items()):
+            color = HOW_COLORS.get(how, f"C{i + 2}")
             x = [100 * p["kept"]["mean"] for p in pts]
-            for metric, style in (("knn", "-o"), ("linear", "--s")):
+            for metric, style in (("prototype", "-o"), ("knn", "--s")):
+                if not all(metric in p for p in pts):
+                    continue
                 ax.errorbar(x, [p[metric]["mean"] for p in pts],
                             yerr=[p[metric]["sd"] for p in pts], fmt=style, color=color,
-                            capsize=3, label=f"{how}, {'kNN' if metric == 'knn' else 'probe'}")
+                            capsize=3, label=f"{how}, {METRIC_TITLES[metric]}")
         ax.set_title(_title(result, t))
         ax.set_xlabel("MLP parameters kept (%)")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("top-1 on the digits test split (%)")
     axes[-1].legend(fontsize=8, loc="lower right")
-    fig.suptitle(f"AMP's per-block sizes vs uniform sizes at equal MLP parameters "
-                 f"(no distillation; mean ± sd over {len(result['config']['seeds'])} seeds)")
+    fig.suptitle(f"Per-block sizes at equal MLP parameters, no distillation: prototype "
+                 f"(original's class means) and re-fit kNN\n(mean ± sd over "
+                 f"{len(result['config']['seeds'])} seeds)")
     paths.append(_save(fig, out / "adaptive_vs_uniform.png"))
 
     # criteria: pruned and distilled kNN at equal parameters
@@ -67,22 +92,25 @@ def plot_study(result: dict, out: Path) -> list[Path]:
                              squeeze=False)
     axes = axes[0]
     crits = list(CRITERION_TITLES)
+    shown = "prototype" if all("prototype" in s[t]["criterion"][k] for t in teachers
+                               for k in crits) else "knn"
     for ax, t in zip(axes, teachers, strict=True):
         c = s[t]["criterion"]
         xs = range(len(crits))
-        for off, key, label in ((-0.2, "knn", "pruned"), (0.2, "knn_distilled", "distilled")):
+        for off, key, label in ((-0.2, shown, "pruned"), (0.2, f"{shown}_distilled",
+                                                          "distilled")):
             ax.bar([x + off for x in xs], [c[k][key]["mean"] for k in crits], 0.4,
                    yerr=[c[k][key]["sd"] for k in crits], capsize=3, label=label)
-        ax.axhline(s[t]["original"]["knn"]["mean"], color="gray", linestyle=":",
+        ax.axhline(s[t]["original"][shown]["mean"], color="gray", linestyle=":",
                    label="original")
         ax.set_xticks(list(xs), [CRITERION_TITLES[k].replace(" (", "\n(") for k in crits],
                       fontsize=8)
-        low = min(c[k]["knn"]["mean"] - c[k]["knn"]["sd"] for k in crits)
+        low = min(c[k][shown]["mean"] - c[k][shown]["sd"] for k in crits)
         ax.set_ylim(max(0, low - 10), 100)
         ax.set_title(f"{_title(result, t)}: "
                      f"{100 * result['config']['criterion_budget']:.0f}% of MLP params")
         ax.grid(alpha=0.3, axis="y")
-    axes[0].set_ylabel("kNN top-1 (%)")
+    axes[0].set_ylabel(f"{METRIC_TITLES[shown]} top-1 (%)")
     axes[-1].legend(fontsize=8, loc="lower right")
     paths.append(_save(fig, out / "criteria.png"))
 
@@ -156,34 +184,45 @@ def study_markdown(result: dict, plots: list[Path]) -> str:
         f"split. Took {result['seconds']['total'] / 60:.1f} min (one single-threaded process per "
         f"seed; the seconds below add up the processes).",
         "",
+        "Metrics, fixed side first: the original teacher's features stay fixed, as for a "
+        "user who keeps a vector index, class prototypes or a head built with the original "
+        "(a CLIP user's zero-shot keeps the original text tower the same way). *prototype*: "
+        "each test image goes to the nearest class mean of the original's train features; "
+        "*kNN, original's index*: the weighted kNN against the original's train features; "
+        "*identification*: the model's embedding of a test image is nearest to the original's "
+        "embedding of the same image among all test images; *cosine to original*: mean "
+        "cosine of the two embeddings. *kNN re-fit* and *probe re-fit* use the model's own "
+        "train features: they saturate and barely tell pruning methods apart.",
+        "",
     ]
     for t in c["teachers"]:
         st = s[t]
         o = st["original"]
         lines += [f"## {_title(result, t)}", "",
-                  f"Original: kNN {_pm(o['knn'])}, linear probe {_pm(o['linear'])}.", "",
+                  *_metric_header(["model"]), f"| original | {_metric_cells(o)} |", "",
                   f"### Criterion at {100 * c['criterion_budget']:.0f}% of MLP parameters "
                   "(budget mode)", "",
-                  "| criterion | MLP params kept (%) | kNN pruned | probe pruned | "
-                  "kNN distilled | probe distilled |", "|---|---|---|---|---|---|"]
+                  *_metric_header(["criterion", "model", "MLP params kept (%)"])]
         for k, title in CRITERION_TITLES.items():
             r = st["criterion"][k]
-            lines.append(f"| {title} | {_pm(r['kept'], 100)}{_unreached(r)} | {_pm(r['knn'])} | "
-                         f"{_pm(r['linear'])} | {_pm(r['knn_distilled'])} | "
-                         f"{_pm(r['linear_distilled'])} |")
-        lines += ["", "### Adaptive vs uniform (no distillation)", "",
-                  "| budget | kept adaptive (%) | kept uniform (%) | kNN adaptive | kNN uniform "
-                  "| probe adaptive | probe uniform |", "|---|---|---|---|---|---|---|"]
-        for a, u in zip(st["budget"]["adaptive"], st["budget"]["uniform"], strict=True):
-            lines.append(f"| {100 * a['budget']:.0f}% | {_pm(a['kept'], 100)}{_unreached(a)} | "
-                         f"{_pm(u['kept'], 100)} | {_pm(a['knn'])} | {_pm(u['knn'])} | "
-                         f"{_pm(a['linear'])} | {_pm(u['linear'])} |")
+            kept = f"{_pm(r['kept'], 100)}{_unreached(r)}"
+            lines.append(f"| {title} | pruned | {kept} | {_metric_cells(r)} |")
+            lines.append(f"| {title} | distilled | {kept} | {_metric_cells(r, '_distilled')} |")
+        hows = list(st["budget"])
+        lines += ["", f"### Per-block sizes: {' vs '.join(hows)} (no distillation)", "",
+                  *_metric_header(["budget", "sizes", "MLP params kept (%)"])]
+        for i, b in enumerate(c["budgets"]):
+            for how in hows:
+                p = st["budget"][how][i]
+                unreached = _unreached(p) if how == "adaptive" else ""
+                lines.append(f"| {100 * b:.0f}% | {how} | {_pm(p['kept'], 100)}{unreached} | "
+                             f"{_metric_cells(p)} |")
         lines += ["", f"### Validation-set size (threshold {c['threshold']:g})", "",
-                  "| val images | size change vs largest (% of hidden) | MLP params kept (%) "
-                  "| kNN pruned |", "|---|---|---|---|"]
+                  *_metric_header(["val images", "size change vs largest (% of hidden)",
+                                   "MLP params kept (%)"])]
         for v in st["val_size"]:
             lines.append(f"| {v['val_images']} | {_pm(v['size_change'], 100)} | "
-                         f"{_pm(v['kept'], 100)} | {_pm(v['knn'])} |")
+                         f"{_pm(v['kept'], 100)} | {_metric_cells(v)} |")
         lines.append("")
     lines += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
     secs = ", ".join(f"{k} {v:.0f} s" for k, v in result["seconds"].items())
