@@ -139,8 +139,9 @@ class FixedSideTask(LabelTask):
 
     def check(self, cfg, ctx, model):
         super().check(cfg, ctx, model)
-        has_original = ORIGINAL in ctx.roles or (ctx.reference is not None and (
-            ctx.reference.load is not None or ctx.reference.cache is not None))
+        ref = ctx.reference
+        has_original = ORIGINAL in ctx.roles or (ref is not None and (
+            ref.load is not None or (ref.cache is not None and ref.cache.is_file())))
         if not has_original:
             raise ValueError(f"eval task {self.name} compares with the original model: "
                              f"evaluate it (role {ORIGINAL!r}) or give the evaluation "
