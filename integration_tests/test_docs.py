@@ -5,13 +5,15 @@ repository points at files outside it.
 A block is runnable when an HTML comment `<!-- run -->` (options: `exit=N`, `timeout=S`)
 stands right before its fence. Shell blocks run in bash, Python blocks in this interpreter,
 each in a fresh folder holding links to `recipes/` and `examples/`, with this environment's
-`amp` first on PATH and `COLUMNS=100`. When `<!-- output -->` stands before the next fence,
+`amp` first on PATH and `COLUMNS=100` (Python blocks in children forked from one process that
+imported amp_plugin once). When `<!-- output -->` stands before the next fence,
 that fence holds (part of) what the block prints: each of its lines must appear in the
 output, in order; `...` matches anything (timings, paths). `mkdocs build --strict` (run by
 `make docs` and `make test`) checks the links and anchors."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -124,21 +126,70 @@ def assert_shows(expected: str, output: str) -> None:
         j += 1
 
 
-def run_block(block: Block, tmp_path: Path) -> subprocess.CompletedProcess:
+# Python blocks run in children forked from one process that has imported amp_plugin (and so
+# torch, timm, open_clip and NNI) once: each block still gets a fresh interpreter state, and
+# the suite does not pay the imports a dozen times.
+FORK_SERVER = """
+import json, os, runpy, signal, sys, traceback
+import amp_plugin, nni.compression.pruning, timm, torch  # noqa: F401  (imported once, forked)
+for line in sys.stdin:
+    job = json.loads(line)
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+            os.chdir(job["cwd"])
+            out = os.open(job["out"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+            os.dup2(out, 1)
+            os.dup2(out, 2)
+            signal.alarm(job["timeout"])
+            sys.argv = [job["script"]]
+            runpy.run_path(job["script"], run_name="__main__")
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    print(json.dumps({"rc": os.waitstatus_to_exitcode(status)}), flush=True)
+"""
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "COLUMNS": "100", "PYTHONPATH": str(ROOT),
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+
+
+@pytest.fixture(scope="module")
+def python_server():
+    server = subprocess.Popen([sys.executable, "-c", FORK_SERVER], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True, env=_env(), cwd=ROOT)
+    yield server
+    server.stdin.close()
+    server.wait(timeout=60)
+
+
+def run_block(block: Block, tmp_path: Path, server) -> tuple[int, str]:
+    """(exit status, stdout and stderr) of a block run in a fresh folder."""
     for name in ("recipes", "examples"):
         (tmp_path / name).symlink_to(ROOT / name)
-    env = {**os.environ, "COLUMNS": "100", "PYTHONPATH": str(ROOT),
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    timeout = int(block.opts.get("timeout", 300))
     if block.lang in SHELLS:
-        cmd = ["bash", "-eo", "pipefail", "-c", block.code]
-    elif block.lang == "python":
-        script = tmp_path / "block.py"
-        script.write_text(block.code)
-        cmd = [sys.executable, str(script)]
-    else:
-        raise AssertionError(f"{block.id}: cannot run a {block.lang!r} block")
-    return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=float(block.opts.get("timeout", 300)))
+        out = subprocess.run(["bash", "-eo", "pipefail", "-c", block.code], cwd=tmp_path,
+                             env=_env(), capture_output=True, text=True, timeout=timeout)
+        return out.returncode, out.stdout + out.stderr
+    assert block.lang == "python", f"{block.id}: cannot run a {block.lang!r} block"
+    script, log = tmp_path / "block.py", tmp_path / "block.log"
+    script.write_text(block.code)
+    job = {"script": str(script), "cwd": str(tmp_path), "out": str(log), "timeout": timeout}
+    server.stdin.write(json.dumps(job) + "\n")
+    server.stdin.flush()
+    reply = server.stdout.readline()
+    assert reply, "the process running the Python blocks died"
+    return json.loads(reply)["rc"], log.read_text()
 
 
 def test_runnable_blocks_found():
@@ -147,11 +198,10 @@ def test_runnable_blocks_found():
 
 
 @pytest.mark.parametrize("block", BLOCKS, ids=lambda b: b.id)
-def test_runnable_block(block: Block, tmp_path):
-    out = run_block(block, tmp_path)
-    printed = out.stdout + out.stderr
+def test_runnable_block(block: Block, tmp_path, python_server):
+    rc, printed = run_block(block, tmp_path, python_server)
     want = int(block.opts.get("exit", 0))
-    assert out.returncode == want, f"{block.id}: exit {out.returncode}, not {want}\n{printed}"
+    assert rc == want, f"{block.id}: exit {rc}, not {want}\n{printed}"
     if block.expected is not None:
         assert_shows(block.expected, printed)
 
