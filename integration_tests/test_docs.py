@@ -129,7 +129,8 @@ def assert_shows(expected: str, output: str) -> None:
 # Python blocks run in children forked from one process that has imported amp_plugin (and so
 # torch, timm, open_clip and NNI) once: each block still gets a fresh interpreter state, and
 # the suite does not pay the imports a dozen times.
-FORK_SERVER = """
+REPLY = "@@docs-block "
+FORK_SERVER = f"REPLY = {REPLY!r}\n" + """
 import json, os, runpy, signal, sys, traceback
 import amp_plugin, nni.compression.pruning, timm, torch  # noqa: F401  (imported once, forked)
 for line in sys.stdin:
@@ -143,7 +144,7 @@ for line in sys.stdin:
             os.dup2(out, 1)
             os.dup2(out, 2)
             signal.alarm(job["timeout"])
-            sys.argv = [job["script"]]
+            sys.argv = [job["script"], *job["args"]]
             runpy.run_path(job["script"], run_name="__main__")
         except SystemExit as e:
             code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
@@ -154,7 +155,7 @@ for line in sys.stdin:
         sys.stderr.flush()
         os._exit(code)
     _, status = os.waitpid(pid, 0)
-    print(json.dumps({"rc": os.waitstatus_to_exitcode(status)}), flush=True)
+    print(REPLY + json.dumps({"rc": os.waitstatus_to_exitcode(status)}), flush=True)
 """
 
 
@@ -177,19 +178,38 @@ def run_block(block: Block, tmp_path: Path, server) -> tuple[int, str]:
     for name in ("recipes", "examples"):
         (tmp_path / name).symlink_to(ROOT / name)
     timeout = int(block.opts.get("timeout", 300))
+    lines = [ln for ln in block.code.splitlines() if ln.strip()]
+    if block.lang in SHELLS and all(ln.startswith("python ") for ln in lines):
+        # `python SCRIPT ARGS` lines run like Python blocks, one after the other
+        printed = ""
+        for ln in lines:
+            script, *args = shlex.split(ln)[1:]
+            rc, out = _serve(server, tmp_path, ROOT / script, args, timeout)
+            printed += out
+            if rc:
+                break
+        return rc, printed
     if block.lang in SHELLS:
         out = subprocess.run(["bash", "-eo", "pipefail", "-c", block.code], cwd=tmp_path,
                              env=_env(), capture_output=True, text=True, timeout=timeout)
         return out.returncode, out.stdout + out.stderr
     assert block.lang == "python", f"{block.id}: cannot run a {block.lang!r} block"
-    script, log = tmp_path / "block.py", tmp_path / "block.log"
+    script = tmp_path / "block.py"
     script.write_text(block.code)
-    job = {"script": str(script), "cwd": str(tmp_path), "out": str(log), "timeout": timeout}
+    return _serve(server, tmp_path, script, [], timeout)
+
+
+def _serve(server, cwd: Path, script: Path, args: list[str], timeout: int) -> tuple[int, str]:
+    log = cwd / "block.log"
+    job = {"script": str(script), "args": args, "cwd": str(cwd), "out": str(log),
+           "timeout": timeout}
     server.stdin.write(json.dumps(job) + "\n")
     server.stdin.flush()
-    reply = server.stdout.readline()
-    assert reply, "the process running the Python blocks died"
-    return json.loads(reply)["rc"], log.read_text()
+    reply = ""
+    while not reply.startswith(REPLY):  # the imports may print warnings first
+        reply = server.stdout.readline()
+        assert reply, "the process running the Python blocks died"
+    return json.loads(reply.removeprefix(REPLY))["rc"], log.read_text()
 
 
 def test_runnable_blocks_found():
@@ -222,7 +242,7 @@ def _amp_commands(page: Path):
     for line, info, body in fenced_blocks(page):
         if info not in SHELLS:
             continue
-        for text in body.splitlines():
+        for text in body.replace("\\\n", " ").splitlines():
             text = text.split(" #", 1)[0].replace("$(which amp)", "amp")
             for part in re.split(r"\s(?:\||&&|;)\s", text):
                 words = shlex.split(part.strip().removeprefix("$ "))
@@ -275,6 +295,16 @@ def test_nothing_points_outside_the_repository():
             for n, line in enumerate((ROOT / path).read_text().splitlines(), 1)
             if any(name in line for name in names)]
     assert not hits, hits
+
+
+def test_readme_example_is_run_in_the_docs():
+    """The README's Python example is the start of the one docs/python.md runs, and prints
+    what that run is checked to print."""
+    (_, _, code), (_, _, shown) = [b for b in fenced_blocks(ROOT / "README.md")
+                                   if b[1] in ("python", "text")][:2]
+    (run,) = [b for b in runnable_blocks(DOCS / "python.md") if b.lang == "python"]
+    assert run.code.startswith(code), "README.md's example differs from docs/python.md's"
+    assert shown in run.expected
 
 
 def test_readme_is_one_screen_and_links_into_the_docs():
