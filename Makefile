@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # torch and torchvision come from the local wheel cache here; pyproject only sets ranges.
 TORCH_PKGS ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test lint venv bench clean
+.PHONY: demo test lint docs venv bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -24,15 +24,20 @@ demo: venv
 test: venv
 	$(BIN)/ruff check amp_plugin cli integration_tests examples
 	$(BIN)/lint-imports
+	$(MAKE) docs
 	$(BIN)/python -m pytest -q integration_tests
 
 lint: venv
 	$(BIN)/ruff check amp_plugin cli integration_tests examples
 	$(BIN)/lint-imports
 
+# The manual (mkdocs.yml, docs/) into build/site; --strict: a broken link, anchor or API name fails.
+docs: venv
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
+
 bench: venv
 	$(BIN)/amp bench search
 	$(BIN)/amp bench throughput
 
 clean:
-	rm -rf runs .cache
+	rm -rf runs .cache build/site

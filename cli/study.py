@@ -30,7 +30,7 @@ def study_cmd(
     set_: list[str] = SetOpt,
 ) -> None:
     """Criterion, adaptive vs uniform, distillation and validation-set size, over seeds
-    (a benchmark: about 20-30 minutes on 2 CPU cores)."""
+    (a benchmark: 11 minutes measured on an idle 2-core CPU, longer on a shared one)."""
     from amp_plugin.bench.study import StudyConfig, rerender, run_study
 
     console = Console()

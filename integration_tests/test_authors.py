@@ -26,7 +26,7 @@ from amp_plugin.utils.io import deep_merge
 torch.set_num_threads(2)
 SIZE = 28  # patch 14: a 2x2 grid plus the class token keeps real-width blocks cheap
 
-# name: (1/T, threshold, global batch) as AUTHORS-SETTINGS.md gives them (the distilled
+# name: (1/T, threshold, global batch) as docs/authors-settings.md gives them (the distilled
 # checkpoint's threshold where it differs from the prune config)
 AUTHORS = {"open_clip_g": (15, 1e-2, 1024), "open_clip_bigG": (15, 5e-4, 1024),
            "eva_clip_E": (20, 2e-3, 512), "eva_clip_8B": (20, 2e-2, 512),
@@ -100,7 +100,8 @@ def test_recipe_scores_and_prunes(name: str, folders, tmp_path: Path) -> None:
     result = out["prune"]
     inv_t, threshold, _ = AUTHORS[name]
     assert result["threshold"] == threshold
-    for t in result["trace"]:  # the one-sided test of ALGORITHM.md 3 at the recipe's value
+    # the one-sided test of docs/algorithm.md section 3 at the recipe's value
+    for t in result["trace"]:
         assert t["accepted"] == (t["entropy"] - t["reference"] <= threshold)
     assert all(1 <= s for s in result["hidden_sizes"].values())
     rd = RunDir(tmp_path / "run")

@@ -154,7 +154,7 @@ def test_hidden_norm_mlp_is_sliced_not_masked():
 
 # ---- the search against a plain implementation of section 3 ------------------------------
 def _reference_sizes(model, scores, val, threshold, max_steps=6, t=20.0):
-    """ALGORITHM.md section 3 written plainly: full forward for every trial, masks."""
+    """docs/algorithm.md section 3 written plainly: full forward for every trial, masks."""
     tower, adapter = amp.vision_tower(model)
     views = list(amp.find_mlps(tower).items())
     keep = {n: torch.arange(v.hidden) for n, v in views}

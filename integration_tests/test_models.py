@@ -197,7 +197,7 @@ def _score_and_prune(model: torch.nn.Module, images: torch.Tensor) -> amp.PruneR
                for s in scores.values())
     result = amp.AMPPruner(model, images[:1], imp, val, threshold=1e-3, max_steps=4,
                            show_progress=False).step()
-    for t in result.trace:  # the one-sided test of ALGORITHM.md 3
+    for t in result.trace:  # the one-sided test of docs/algorithm.md section 3
         assert t.accepted == (t.entropy - t.reference <= 1e-3)
     return result
 

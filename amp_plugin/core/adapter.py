@@ -7,7 +7,7 @@ Each family module (`amp_plugin.families.*`) registers its adapters with
     embed(tower, x)           state entering block 0
     blocks(tower)             the transformer blocks, in order
     run_block(tower, i, st)   state after block i
-    head(tower, st)           the pooled embedding AMP measures (ALGORITHM.md section 4)
+    head(tower, st)           the pooled embedding AMP measures (docs/algorithm.md section 4)
     head_modules(tower)       modules that `head` runs (an attention-pool head with its
                               own MLP); their MLPs are kept whole unless asked for
     final_tokens(tower, x)    (pooled, patch tokens) before the final norm/projection

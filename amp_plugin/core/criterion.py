@@ -1,4 +1,4 @@
-"""Label-free criteria that AMP differentiates (ALGORITHM.md section 1), and a registry.
+"""Label-free criteria that AMP differentiates (docs/algorithm.md section 1), and a registry.
 
 Every criterion maps a batch of features (plus an optional per-batch `extra`: text
 features for CLIP, labels for the one-hot baseline) to a scalar loss in float32.

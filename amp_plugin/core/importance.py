@@ -1,4 +1,4 @@
-"""AMPImportance: first-order Taylor importance of MLP hidden neurons (ALGORITHM.md 2).
+"""AMPImportance: first-order Taylor importance of MLP hidden neurons (docs/algorithm.md section 2).
 
     score_l[j] = mean over batches of  mean_b | sum_t a[b,t,j] * dE/da[b,t,j] |
 

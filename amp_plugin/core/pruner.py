@@ -1,4 +1,4 @@
-"""AMPPruner: adaptive per-MLP sizes by binary search on the entropy (ALGORITHM.md 3),
+"""AMPPruner: adaptive per-MLP sizes by binary search on the entropy (docs/algorithm.md section 3),
 pruned physically through Torch-Pruning's dependency graph as each size is decided.
 
 The loop itself is `search.adaptive_search`; here a candidate is applied by masking the

@@ -1,4 +1,4 @@
-"""The adaptive search of ALGORITHM.md section 3, written once.
+"""The adaptive search of docs/algorithm.md section 3, written once.
 
     adaptive_search(...)   last MLP first: binary search of each MLP's kept size on the
                            validation entropy; how a candidate is applied and how a size
@@ -128,7 +128,7 @@ def head_mlps(model: nn.Module) -> list[str]:
 
 
 class EntropyEval:
-    """E_val(model) of ALGORITHM.md 3 for a search over the MLPs `views` of `model`.
+    """E_val(model) of docs/algorithm.md section 3 for a search over the MLPs `views` of `model`.
 
     The blocks before the one searched never change while it is searched, so the states
     entering each searched block are computed once and a trial runs only the blocks from

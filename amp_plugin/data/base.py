@@ -51,7 +51,7 @@ class DataSource:
                     model: nn.Module | None = None, show_progress: bool = True
                     ) -> tuple[list, list]:
         """(calibration, validation) batches of this rank as lists, as `amp_loader` streams
-        them (validation drops its last incomplete batch, ALGORITHM.md 3); for small
+        them (validation drops its last incomplete batch, docs/algorithm.md section 3); for small
         subsets, since everything is held in memory."""
         calib, val = self.amp_datasets(cfg, seed, extra, model, show_progress)
         return (list(amp_loader(calib, cfg.batch_size, cfg.workers, False)),

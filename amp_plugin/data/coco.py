@@ -1,5 +1,5 @@
 """COCO-style image-caption data: batches for the `clip_entropy` criterion
-(ALGORITHM.md section 1).
+(docs/algorithm.md section 1).
 
 Input: a COCO captions file (the 2014/2017 `captions_{train,val}20xx.json` format:
 `images` [{id, file_name}], `annotations` [{image_id, caption}]) and its image folder.

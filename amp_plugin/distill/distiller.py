@@ -1,4 +1,4 @@
-"""Distillation of a pruned model from the original (ALGORITHM.md section 5), on DeepSpeed.
+"""Distillation of a pruned model from the original (docs/algorithm.md section 5), on DeepSpeed.
 
 The teacher is the original vision encoder, frozen; the student is the pruned one. Both
 give their tokens before the final norm/projection (`Adapter.final_tokens`); the loss is

@@ -1,4 +1,4 @@
-"""Distillation losses (ALGORITHM.md section 5): MSE of pooled features and patch
+"""Distillation losses (docs/algorithm.md section 5): MSE of pooled features and patch
 tokens, or a symmetric KL between the batch similarity distributions."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ def token_mse_loss(student: tuple[torch.Tensor, torch.Tensor],
 
 
 def similarity_log_probs(features: torch.Tensor, inv_temperature: float) -> torch.Tensor:
-    """log p of ALGORITHM.md section 1 over the global batch (all ranks)."""
+    """log p of docs/algorithm.md section 1 over the global batch (all ranks)."""
     n = F.normalize(gather_features(features).float(), dim=-1)
     return F.log_softmax(inv_temperature * n @ n.t(), dim=1)
 

@@ -1,5 +1,5 @@
 """AMP inside NNI 3.0 (`nni.compression`): `AMPNNIPruner`, an NNI `Pruner` whose masks
-are AMP's adaptive MLP sizes (ALGORITHM.md 3). It is built NNI-style from
+are AMP's adaptive MLP sizes (docs/algorithm.md section 3). It is built NNI-style from
 `(model, config_list, ...)` and `compress()` returns `(model, masks)` in NNI's format, so
 NNI scripts use it like `L1NormPruner`. The search is AMP's own loop
 (`core.search.adaptive_search`); only applying a candidate (NNI masks) differs from
@@ -124,11 +124,12 @@ class AMPNNIPruner(Pruner):
 
     `config_list` selects MLPs with NNI's keys (see `select_mlps`); the selected MLPs are
     searched from the last to the first, each size found by binary search on the validation
-    entropy (ALGORITHM.md 3), candidates evaluated through NNI's own masks on the MLPs' input
-    linears. Scores come from `importance` (an `AMPImportance` with scores) or are computed on
-    `calib_batches`. `compress()` returns `(model, masks)`; the model keeps its shape (NNI
-    masks it); `apply_nni_masks` makes it smaller. With `target` (e.g. {"mlp_params": 0.6})
-    the threshold is searched instead (budget mode, `core.budget`), starting at `threshold`.
+    entropy (docs/algorithm.md section 3), candidates evaluated through NNI's own masks on the
+    MLPs' input linears. Scores come from `importance` (an `AMPImportance` with scores) or are
+    computed on `calib_batches`. `compress()` returns `(model, masks)`; the model keeps its
+    shape (NNI masks it); `apply_nni_masks` makes it smaller. With `target` (e.g.
+    {"mlp_params": 0.6}) the threshold is searched instead (budget mode, `core.budget`),
+    starting at `threshold`.
     """
 
     def __init__(

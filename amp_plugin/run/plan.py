@@ -44,7 +44,7 @@ def build_meta(spec: ModelSpec) -> nn.Module:
 
 def search_cost(n_blocks: int, max_steps: int, calib_images: int, val_images: int,
                 batch_size: int) -> dict[str, Any]:
-    """Forward passes of the score and prune stages (ALGORITHM.md 2 and 3).
+    """Forward passes of the score and prune stages (docs/algorithm.md sections 2 and 3).
 
     Scoring: one forward + backward per calibration batch. Search: per block at most
     `max_steps` trials plus one reference evaluation when no E_prev is carried over;
