@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 
@@ -18,7 +19,10 @@ def _write(tmp_path, data) -> str:
 
 
 def _demo() -> dict:
-    return yaml.safe_load((RECIPES_DIR / "demo_digits.yaml").read_text())
+    """The demo recipe, to be written elsewhere: its committed teacher named absolutely."""
+    data = yaml.safe_load((RECIPES_DIR / "demo_digits.yaml").read_text())
+    data["train"]["checkpoint"] = str(RECIPES_DIR / data["train"]["checkpoint"])
+    return data
 
 
 def test_demo_recipe_is_valid_and_is_the_default():
@@ -111,9 +115,29 @@ def test_labels_criterion_is_fed_by_labelled_data(tmp_path):
 
 
 def test_shipped_demo_finds_its_committed_teacher_from_any_directory(tmp_path, monkeypatch):
+    """Relative paths in a recipe resolve against the recipe file's folder: the shipped
+    demo finds the teacher committed beside it from any working directory, a copy of it
+    elsewhere looks beside the copy and says where it looked."""
     monkeypatch.chdir(tmp_path)
     recipe = load_recipe("demo_digits")
-    assert recipe.train.checkpoint == str(RECIPES_DIR.parent / "recipes/teachers/demo_digits")
-    # a recipe of the user's own keeps its relative path as written
-    (tmp_path / "mine.yaml").write_text((RECIPES_DIR / "demo_digits.yaml").read_text())
-    assert load_recipe("mine.yaml").train.checkpoint == "recipes/teachers/demo_digits"
+    assert recipe.train.checkpoint == str(RECIPES_DIR / "teachers" / "demo_digits")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "r.yaml").write_text((RECIPES_DIR / "demo_digits.yaml").read_text())
+    with pytest.raises(RecipeError) as err:
+        load_recipe(str(mine / "r.yaml"))
+    assert (f"train.checkpoint: {mine / 'teachers' / 'demo_digits'} does not exist (relative "
+            f"paths in a recipe resolve against its folder, {mine})") in str(err.value)
+    # the teacher copied beside the recipe is found there, whatever the working directory
+    shutil.copytree(RECIPES_DIR / "teachers", mine / "teachers")
+    assert load_recipe(str(mine / "r.yaml")).train.checkpoint == str(
+        mine / "teachers" / "demo_digits")
+    # a path given with --set is the command line's: relative to the working directory
+    monkeypatch.chdir(mine)
+    r = load_recipe(str(mine / "r.yaml"), {"train.checkpoint": "teachers/demo_digits"})
+    assert r.train.checkpoint == str(mine / "teachers" / "demo_digits")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(RecipeError) as err:
+        load_recipe(str(mine / "r.yaml"), {"train.checkpoint": "teachers/demo_digits"})
+    assert (f"train.checkpoint: {tmp_path / 'teachers' / 'demo_digits'} does not exist (--set: "
+            "relative to the working directory)") in str(err.value)
