@@ -35,7 +35,11 @@ def test_demo_recipe_is_valid_and_is_the_default():
 
 
 @pytest.mark.parametrize("edit,message", [
-    (lambda d: d["amp"].update(treshold=0.1), "amp.treshold: Extra inputs are not permitted"),
+    (lambda d: d["amp"].update(treshold=0.1), "amp.treshold: Extra inputs are not permitted "
+     "(got 0.1) (did you mean amp.threshold?)"),
+    (lambda d: d.update(threshold=0.1), "threshold: Extra inputs are not permitted (got 0.1) "
+     "(did you mean amp.threshold?)"),
+    (lambda d: d["data"].update(epochs=3), "(did you mean train.epochs or distill.epochs?)"),
     (lambda d: d["amp"].update(threshold="high"), "amp.threshold: Input should be a valid number"),
     (lambda d: d["data"].update(batch_size=-1), "data.batch_size: Input should be greater than 0"),
     (lambda d: d.pop("model"), "model: Field required"),
@@ -227,3 +231,24 @@ def test_relative_data_folders_follow_the_recipe(tmp_path, monkeypatch):
     assert recorded["data"]["root"] == example["root"]
     assert json.loads((tmp_path / "run" / "scores.json").read_text())["data"]["folder"] == (
         example["root"])
+
+
+# ---- the command line's help and hints ---------------------------------------------------
+def test_help_names_the_stages_and_shows_no_type_on_flags(monkeypatch):
+    from amp_plugin.config import STAGES
+
+    out = _amp("run", "--help")
+    assert out.returncode == 0, out.stderr
+    text = " ".join(out.stdout.split())
+    assert "one of: " + ", ".join(STAGES) in text
+    assert "<bool>" not in text and "<list[str]>" not in text
+    assert "--stage STAGE" in text and "--set -s KEY.PATH=VALUE" in text
+    top = _cli("--help")
+    assert top.returncode == 0 and "<bool>" not in top.stdout and "--help" in top.stdout
+
+
+def test_set_with_a_misspelt_key_suggests_the_key():
+    out = _cli("validate", "--set", "amp.treshold=0.1")
+    assert out.returncode == 2
+    assert ("amp.treshold: Extra inputs are not permitted (got 0.1) (did you mean "
+            "amp.threshold?)") in " ".join(out.stderr.split())

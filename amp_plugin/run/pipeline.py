@@ -54,6 +54,7 @@ from ..utils.io import (
 from ..utils.lock import FolderLock
 from ..utils.tensors import CastBatches, resolve_device, resolve_dtype, split_batch
 from .layout import RunDir
+from .report import trace_summary
 from .teacher import TeacherChoice, choose_teacher, teacher_fingerprint, train_teacher
 
 
@@ -82,7 +83,8 @@ class Run:
         self.distributed = ddp.init_from_env()
         self.device = resolve_device(recipe.amp.device)
         self.dtype = resolve_dtype(recipe.amp.dtype)
-        self.seconds: dict[str, float] = {}
+        self.seconds: dict[str, float] = {}  # stages run in this process
+        self.reused: set[str] = set()  # stages kept from an earlier run
         self._original: nn.Module | None = None
         self._datasets: tuple | None = None
         self.data_used: dict[str, dict] = {}
@@ -250,6 +252,7 @@ class Run:
         if choice.ready and self._teacher_intact(choice.path):
             where = "cached at" if choice.committed else "kept from an earlier run:"
             self.log(f"teacher: {where} {choice.path}")
+            self.reused.add("train")
             return
         model, history = train_teacher(r, self.show_progress)
         if ddp.is_main():  # never over train.checkpoint: a saved teacher is read only
@@ -291,6 +294,7 @@ class Run:
         fp = self._score_fp()
         if self._done("score", fp, self.dir.scores):
             self.log("score: kept from an earlier run")
+            self.reused.add("score")
             return load_file(str(self.dir.scores))
         checkpointing = self.recipe.amp.grad_checkpointing  # a switch on the model: a copy
         model = self._working_copy(self.original(), mutable=checkpointing)
@@ -352,6 +356,7 @@ class Run:
         done = self._done("prune", fp, self.dir.pruned)
         if done is not None:
             self.log("prune: kept from an earlier run")
+            self.reused.add("prune")
             return done["result"]
         if not self._done("score", self._score_fp(), self.dir.scores):
             raise FileNotFoundError(f"{self.dir.scores} is missing or was computed for other "
@@ -400,7 +405,7 @@ class Run:
         self._models["pruned"] = model
         b, a = result["mlp_params"]["before"], result["mlp_params"]["after"]
         self.log(f"prune: MLP parameters {b:,} -> {a:,} ({100 * (1 - a / b):.1f}% removed), "
-                 f"{result['evaluations']} entropy evaluations, cache: {result['cache']}")
+                 f"{trace_summary({**result, **result['extra']})}, cache: {result['cache']}")
         return result
 
     def distiller(self):
@@ -429,12 +434,12 @@ class Run:
             progress_bar=self.show_progress)
 
     def stage_distill(self) -> dict:
-        t0 = time.perf_counter()
         distiller = self.distiller()
-        out = distiller.run()
+        out = distiller.run()  # its result records the seconds the training took
         if getattr(distiller, "distilled_model", None) is not None:
             self._models["distilled"] = distiller.distilled_model
-        self.seconds["distill"] = time.perf_counter() - t0
+        if out.get("reused"):
+            self.reused.add("distill")
         return out
 
     def _model_loader(self, role: str):
@@ -463,6 +468,7 @@ class Run:
             order = list_tasks()
             merged["tasks"] = sorted(set((read_json(self.dir.eval_json) or {}).get("tasks", []))
                                      | set(results["tasks"]), key=order.index)
+            merged["eval_seconds"] = round(time.perf_counter() - t0, 2)
             write_json(self.dir.eval_json, merged)
             out = merged
         ddp.barrier()
@@ -472,7 +478,7 @@ class Run:
     def stage_report(self) -> dict:
         from .report import build_report, render_table, write_report
 
-        report = build_report(self.recipe, self.dir, seconds=self.seconds)
+        report = build_report(self.recipe, self.dir, seconds=self.seconds, reused=self.reused)
         if ddp.is_main():
             write_report(self.dir, report)
             self.console.print(render_table(report))
@@ -488,7 +494,8 @@ class Run:
                 self.log(f"[bold]stage {stage}[/bold]")
                 t0 = time.perf_counter()
                 out[stage] = getattr(self, f"stage_{stage}")()
-                self.seconds.setdefault(stage, time.perf_counter() - t0)
+                if stage not in self.reused and stage != "distill":  # distill records its own
+                    self.seconds.setdefault(stage, time.perf_counter() - t0)
         finally:
             self.close()
         return out

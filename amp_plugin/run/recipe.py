@@ -10,11 +10,13 @@ and key path; nothing is written to the run directory until the recipe is valid.
 
 from __future__ import annotations
 
+import difflib
 import os
+import typing
 from pathlib import Path
 
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from ..config import Recipe
 from ..core.criterion import criterion_info
@@ -32,6 +34,48 @@ class RecipeError(ValueError):
 
 def _key_path(loc: tuple) -> str:
     return ".".join(str(p) for p in loc) or "<root>"
+
+
+def _section(annotation) -> type[BaseModel] | None:
+    """The pydantic model a field holds (directly, optionally, or as list items)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _section(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _keys(model: type[BaseModel], prefix: tuple = ()) -> dict[tuple, str]:
+    """{key path: key} of every key of the recipe schema (list sections not entered)."""
+    out = {}
+    for name, field in model.model_fields.items():
+        out[(*prefix, name)] = name
+        section = _section(field.annotation)
+        if section is not None and typing.get_origin(field.annotation) is not list:
+            out.update(_keys(section, (*prefix, name)))
+    return out
+
+
+def did_you_mean(loc: tuple) -> str:
+    """' (did you mean amp.threshold?)' for an unknown key close to a known key of its
+    section, else to a known key elsewhere (a key put in the wrong section); else ''."""
+    model: type[BaseModel] | None = Recipe
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue  # an item of a list section
+        field = model.model_fields.get(str(part)) if model else None
+        model = _section(field.annotation) if field else None
+    leaf = str(loc[-1])
+    if model is not None:
+        close = difflib.get_close_matches(leaf, list(model.model_fields), n=1, cutoff=0.6)
+        if close:
+            return f" (did you mean {_key_path((*loc[:-1], close[0]))}?)"
+    known = _keys(Recipe)
+    close = difflib.get_close_matches(leaf, sorted(set(known.values())), n=1, cutoff=0.8)
+    paths = [_key_path(p) for p, name in known.items() if close and name == close[0]]
+    return f" (did you mean {' or '.join(paths)}?)" if paths else ""
 
 
 def resolve_recipe_path(recipe: str | Path | None) -> Path:
@@ -198,8 +242,10 @@ def load_recipe(recipe: str | Path | None = None, overrides: dict | None = None,
     except ValidationError as e:
         lines = [f"{path}: invalid recipe"]
         for err in e.errors():
+            hint = did_you_mean(err["loc"]) if err["type"] == "extra_forbidden" else ""
             lines.append(f"  {_key_path(err['loc'])}: {err['msg']}"
-                         + (f" (got {err['input']!r})" if err["type"] != "missing" else ""))
+                         + (f" (got {err['input']!r})" if err["type"] != "missing" else "")
+                         + hint)
         raise RecipeError("\n".join(lines)) from None
     notes = resolve_paths(parsed, path.resolve().parent, overrides or {})
     errors = registry_errors(parsed)
