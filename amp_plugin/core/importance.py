@@ -27,7 +27,7 @@ from .adapter import vision_tower
 from .batches import as_batches, batch_images
 from .criterion import criterion_info, is_text
 from .mlp import MLPView, find_mlps, list_mlp_kinds
-from .tp import PackedGatePruner, mark_packed_gates
+from .tp import PackedGateLinear, PackedGatePruner, mark_packed_gates
 
 FeatureFn = Callable[[nn.Module, torch.Tensor], torch.Tensor]
 
@@ -49,6 +49,14 @@ class _TaylorTap(torch.autograd.Function):
             per_image = per_image.abs()
         ctx.slot.add_(per_image.sum(dim=0))
         return g, None, None
+
+
+def _unprepared_gate(name: str) -> RuntimeError:
+    return RuntimeError(
+        f"{name} has a packed gate (gate and value in one linear) that Torch-Pruning would "
+        "prune by halves: call amp.prepare(model) before building the dependency graph or "
+        "pruner (accumulate() marks the gates too, but a pruner built before it does not "
+        "see them), and pass customized_pruners=amp.customized_pruners()")
 
 
 @dataclass
@@ -225,12 +233,7 @@ class AMPImportance(tp.importance.Importance):
             output = self._by_output_name[name]
             if not isinstance(getattr(dep.handler, "__self__", None), PackedGatePruner) or (
                     output, "prune_in_channels") not in targets:
-                raise RuntimeError(
-                    f"{name} has a packed gate (gate and value in one linear) that "
-                    "Torch-Pruning would prune by halves: call amp.prepare(model) before "
-                    "building the dependency graph or pruner (accumulate() marks the gates "
-                    "too, but a pruner built before it does not see them), and pass "
-                    "customized_pruners=amp.customized_pruners()")
+                raise _unprepared_gate(name)
 
     def _tap(self, slot: torch.Tensor):
         use_abs = self.use_abs
@@ -280,6 +283,8 @@ class AMPImportance(tp.importance.Importance):
             name, view = self._by_output[layer]
             if name in self._head and not self.prune_head:
                 return None
+            if view.packed and not isinstance(view.inputs[0], PackedGateLinear):
+                raise _unprepared_gate(name)
             scores = self._scores[name]
             if len(scores) != layer.in_features:
                 raise RuntimeError(
