@@ -62,6 +62,9 @@ class DataConfig(Strict):
     batch_size: int = Field(default=128, gt=0, description="calibration/validation batch")
     workers: int = Field(default=4, ge=0)
     test_fraction: float = Field(default=0.25, gt=0, lt=1, description="digits: test split")
+    split_seed: int | None = Field(default=None, description=(
+        "digits: seed of the train/test split (default: train.seed when the recipe trains "
+        "its teacher, so the teacher never sees the test images, else seed)"))
     skip_bad_images: bool = Field(default=False, description=(
         "imagefolder: pass over unreadable image files (counted in the log) instead of "
         "stopping at the first"))
@@ -165,21 +168,27 @@ class AMPConfig(Strict):
 
 
 class TeacherTraining(Strict):
-    """Demo only: train the teacher with a SimCLR objective (no labels) and cache it."""
+    """Demo only: train the teacher with a SimCLR objective (no labels). A teacher the train
+    stage makes goes into the run directory; `checkpoint` is read, never written."""
 
     epochs: int = Field(default=60, gt=0)
     batch_size: int = Field(default=128, gt=1)
     lr: float = Field(default=1e-3, gt=0)
     temperature: float = Field(default=0.1, gt=0)
-    checkpoint: str = Field(description="where the trained teacher is cached")
+    seed: int = Field(default=0, description=(
+        "the teacher's initialisation and augmentations (the recipe's seed draws the "
+        "calibration and validation images and everything after)"))
+    checkpoint: str | None = Field(default=None, description=(
+        "a saved teacher (read only), used when it was trained with these settings; "
+        "otherwise the train stage trains one into the run directory"))
 
 
 class DistillConfig(Strict):
     """The recipe's `distill` section."""
 
     teacher: str | None = Field(default=None, description=(
-        "save_pruned directory of the teacher (default: train.checkpoint when the recipe "
-        "trains one, else the recipe's model)"))
+        "save_pruned directory of the teacher (default: the train stage's teacher when the "
+        "recipe trains one, else the recipe's model)"))
     student: str | None = Field(default=None, description=(
         "save_pruned directory of the student (default: <output_dir>/pruned)"))
     loss: Literal["mse", "kl_entropy"] = "mse"
@@ -379,16 +388,26 @@ class Recipe(Strict):
             raise ValueError(f"stages must be a subset of {list(STAGES)} in that order")
         return v
 
-    def required_paths(self) -> dict[str, str]:
-        """{key path: filesystem path} of every input the recipe names."""
+    @model_validator(mode="after")
+    def _teacher_split(self):
+        # a trained teacher's test images stay unseen whatever `seed` draws afterwards
+        if self.train is not None and self.data.split_seed is None:
+            self.data.split_seed = self.train.seed
+        return self
+
+    def input_paths(self) -> dict[str, str]:
+        """{key path: filesystem path} of every file or folder the recipe reads, whatever
+        its stages (outputs, output_dir and caches, are not among them)."""
         paths = {}
-        if self.model.weights and "train" not in self.stages:
+        if self.model.weights:
             paths["model.weights"] = self.model.weights
+        if self.train is not None and self.train.checkpoint:
+            paths["train.checkpoint"] = self.train.checkpoint
         for key in ("root", "val_root", "captions"):
             value = getattr(self.data, key)
             if value:
                 paths[f"data.{key}"] = value
-        if self.distill is not None and "distill" in self.stages:
+        if self.distill is not None:
             for key in ("teacher", "student", "root"):
                 value = getattr(self.distill, key)
                 if value:
@@ -396,3 +415,9 @@ class Recipe(Strict):
         if self.eval is not None:
             paths.update(self.eval.required_paths())
         return paths
+
+    def required_paths(self) -> dict[str, str]:
+        """{key path: filesystem path} of every input the recipe's stages read (the distill
+        section's only when the recipe distils)."""
+        return {k: v for k, v in self.input_paths().items()
+                if not k.startswith("distill.") or "distill" in self.stages}

@@ -7,6 +7,7 @@ from __future__ import annotations
 import typer
 
 from .bench import bench
+from .common import Command, Group
 from .evaluate import eval_cmd, report_cmd
 from .plan import plan_cmd
 from .run import distill, prune, run_cmd, score, validate
@@ -14,6 +15,7 @@ from .study import study_cmd
 
 app = typer.Typer(
     name="amp",
+    cls=Group,
     help="Adaptive MLP Pruning (AMP) for large vision transformers.",
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
@@ -29,15 +31,15 @@ def _root(
     """Adaptive MLP Pruning (AMP) for large vision transformers."""
 
 
-app.command()(validate)
-app.command("run")(run_cmd)
-app.command()(score)
-app.command()(prune)
-app.command()(distill)
-app.command("eval")(eval_cmd)
-app.command("report")(report_cmd)
-app.command("plan")(plan_cmd)
-app.command("study")(study_cmd)
+app.command(cls=Command)(validate)
+app.command("run", cls=Command)(run_cmd)
+app.command(cls=Command)(score)
+app.command(cls=Command)(prune)
+app.command(cls=Command)(distill)
+app.command("eval", cls=Command)(eval_cmd)
+app.command("report", cls=Command)(report_cmd)
+app.command("plan", cls=Command)(plan_cmd)
+app.command("study", cls=Command)(study_cmd)
 app.add_typer(bench, name="bench")
 
 

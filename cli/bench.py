@@ -10,10 +10,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .common import user_errors
+from .common import Command, Group, user_errors
 
 bench = typer.Typer(help="Benchmarks: search speed and pruned-model throughput.",
-                    no_args_is_help=True)
+                    no_args_is_help=True, cls=Group)
 
 
 def _table(title: str, rows: list[tuple[str, str]]) -> Table:
@@ -32,7 +32,7 @@ def _write(path: Path | None, data: dict) -> None:
         write_json(Path(path), data)
 
 
-@bench.command("search")
+@bench.command("search", cls=Command)
 def search_cmd(
     layers: int = typer.Option(12, help="transformer blocks"),
     width: int = typer.Option(384, help="embedding width (MLP hidden = 4x)"),
@@ -86,7 +86,7 @@ def search_cmd(
         raise typer.Exit(1)
 
 
-@bench.command("throughput")
+@bench.command("throughput", cls=Command)
 def throughput_cmd(
     run: Path = typer.Option(None, help="run directory: time its original vs pruned model"),
     model: str = typer.Option("vit_base_patch16_224", help="timm model (without --run)"),
@@ -119,7 +119,7 @@ def throughput_cmd(
     _write(json_out, r)
 
 
-@bench.command("passes")
+@bench.command("passes", cls=Command)
 @user_errors
 def passes_cmd(
     recipe: str = typer.Argument(..., help="recipe whose model (full size, random weights) "
@@ -162,7 +162,7 @@ def passes_cmd(
     _write(json_out, p)
 
 
-@bench.command("models")
+@bench.command("models", cls=Command)
 def models_cmd(
     fast: bool = typer.Option(False, help="only the fast subset that `make test` sweeps"),
     match: str = typer.Option(None, help="only models whose name contains this"),

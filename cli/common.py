@@ -9,13 +9,38 @@ from pathlib import Path
 
 import typer
 import yaml
+from typer.core import TyperCommand, TyperGroup
 
-RecipeArg = typer.Argument(None, help="recipe file, or the name of one in recipes/ "
-                                      "(default: demo_digits)")
-OutOpt = typer.Option(None, "--out", "-o", help="run directory (default: recipe output_dir)")
-SetOpt = typer.Option(None, "--set", "-s", help="override a recipe value: key.path=value "
-                                                 "(YAML value), repeatable")
+RecipeArg = typer.Argument(None, metavar="RECIPE", help="recipe file, or the name of one in "
+                                                       "recipes/ (default: demo_digits)")
+OutOpt = typer.Option(None, "--out", "-o", metavar="DIR",
+                      help="run directory (default: recipe output_dir)")
+SetOpt = typer.Option(None, "--set", "-s", metavar="KEY.PATH=VALUE",
+                      help="override a recipe value (YAML value), repeatable")
 ProgressOpt = typer.Option(True, help="show progress bars")
+
+
+def _untyped_flags(params: list) -> list:
+    # A flag takes no value: its help row shows no type (the help renderer would print
+    # `<bool>` beside --help and --progress).
+    for p in params:
+        if getattr(p, "is_flag", False) and p.metavar is None:
+            p.metavar = ""
+    return params
+
+
+class Command(TyperCommand):
+    """Every `amp` command: help rows of flags without a value type."""
+
+    def get_params(self, ctx) -> list:
+        return _untyped_flags(super().get_params(ctx))
+
+
+class Group(TyperGroup):
+    """`amp` and `amp bench`: help rows of flags without a value type."""
+
+    def get_params(self, ctx) -> list:
+        return _untyped_flags(super().get_params(ctx))
 
 
 def fail(message: str) -> None:

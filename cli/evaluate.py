@@ -25,7 +25,8 @@ def _tasks(values: list[str] | None) -> list[str] | None:
 @user_errors
 def eval_cmd(
     target: str = typer.Argument(None, help="recipe file / shipped name, or a run directory"),
-    tasks: list[str] = typer.Option(None, "--tasks", "-t", help="registered eval tasks "
+    tasks: list[str] = typer.Option(None, "--tasks", "-t", metavar="TASK[,TASK]",
+                                    help="registered eval tasks "
                                     "(comma-separated or repeated), e.g. knn, linear_probe, "
                                     "prototype, original_knn, identification, "
                                     "cosine_to_original, zeroshot_classification, "

@@ -34,7 +34,9 @@ def _run(recipe, out, overrides, stages, progress) -> dict:
 
 @user_errors
 def run_cmd(recipe: str = RecipeArg, out: Path = OutOpt, set_: list[str] = SetOpt,
-            stage: list[str] = typer.Option(None, "--stage", help="run only these stages"),
+            stage: list[str] = typer.Option(None, "--stage", metavar="STAGE", help=(
+                "run only this stage (repeatable), one of: train, score, prune, distill, "
+                "eval, report")),
             progress: bool = ProgressOpt) -> None:
     """Run a recipe's stages (train, score, prune, distill, eval, report)."""
     _run(recipe, out, set_, _stages(stage), progress)

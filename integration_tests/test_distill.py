@@ -225,8 +225,13 @@ def test_single_process_without_launcher_kl_entropy(tmp_path, models):
     proc = subprocess.run([str(BIN / "amp"), "distill", str(recipe), "--no-progress"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    if not torch.cuda.is_available():  # no CUDA or accelerator notice a CPU user cannot act on
+        for notice in ("Setting accelerator to CPU", "No CUDA runtime is found",
+                       "built successfully"):
+            assert notice not in proc.stdout + proc.stderr, notice
     result = json.loads((run / "distill" / "result.json").read_text())
     assert result["steps"] == 12 and result["world_size"] == 1 and result["loss"] == "kl_entropy"
+    assert result["reused"] is False and result["seconds"] > 0
     assert result["global_batch"] == 16 and result["lr"] == pytest.approx(0.005 * 16 / 256)
     log = read_loss_log(run / "distill" / "loss.jsonl")
     assert [r["step"] for r in log] == list(range(1, 13))
@@ -242,6 +247,14 @@ def test_single_process_without_launcher_kl_entropy(tmp_path, models):
     t = tower_tokens(teacher, x)
     assert (kl_entropy_loss(tower_tokens(distilled, x), t, 10.0)
             < 0.5 * kl_entropy_loss(tower_tokens(student, x), t, 10.0))
+
+    # run again: nothing left to train; the result keeps the seconds the training took
+    again = subprocess.run([str(BIN / "amp"), "distill", str(recipe), "--no-progress"],
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    kept = json.loads((run / "distill" / "result.json").read_text())
+    assert kept["reused"] is True and kept["resumed_from"] == 12
+    assert kept["seconds"] == result["seconds"]
 
 
 def _launch(args: list[str], log: Path) -> subprocess.Popen:

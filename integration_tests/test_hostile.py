@@ -264,7 +264,7 @@ def test_replaced_weights_redo_score_and_prune_only(tmp_path):
 
 
 def test_retrained_teacher_redoes_the_scores(tmp_path):
-    train = {"epochs": 1, "batch_size": 64, "lr": 1e-3, "checkpoint": str(tmp_path / "teacher")}
+    train = {"epochs": 1, "batch_size": 64, "lr": 1e-3}
     r = recipe(tmp_path, train=train, stages=["train", "score"])
     run = tmp_path / "run"
     amp.run(load_recipe(r), run, show_progress=False)

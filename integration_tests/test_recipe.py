@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -18,7 +22,10 @@ def _write(tmp_path, data) -> str:
 
 
 def _demo() -> dict:
-    return yaml.safe_load((RECIPES_DIR / "demo_digits.yaml").read_text())
+    """The demo recipe, to be written elsewhere: its committed teacher named absolutely."""
+    data = yaml.safe_load((RECIPES_DIR / "demo_digits.yaml").read_text())
+    data["train"]["checkpoint"] = str(RECIPES_DIR / data["train"]["checkpoint"])
+    return data
 
 
 def test_demo_recipe_is_valid_and_is_the_default():
@@ -28,7 +35,11 @@ def test_demo_recipe_is_valid_and_is_the_default():
 
 
 @pytest.mark.parametrize("edit,message", [
-    (lambda d: d["amp"].update(treshold=0.1), "amp.treshold: Extra inputs are not permitted"),
+    (lambda d: d["amp"].update(treshold=0.1), "amp.treshold: Extra inputs are not permitted "
+     "(got 0.1) (did you mean amp.threshold?)"),
+    (lambda d: d.update(threshold=0.1), "threshold: Extra inputs are not permitted (got 0.1) "
+     "(did you mean amp.threshold?)"),
+    (lambda d: d["data"].update(epochs=3), "(did you mean train.epochs or distill.epochs?)"),
     (lambda d: d["amp"].update(threshold="high"), "amp.threshold: Input should be a valid number"),
     (lambda d: d["data"].update(batch_size=-1), "data.batch_size: Input should be greater than 0"),
     (lambda d: d.pop("model"), "model: Field required"),
@@ -111,9 +122,133 @@ def test_labels_criterion_is_fed_by_labelled_data(tmp_path):
 
 
 def test_shipped_demo_finds_its_committed_teacher_from_any_directory(tmp_path, monkeypatch):
+    """Relative paths in a recipe resolve against the recipe file's folder: the shipped
+    demo finds the teacher committed beside it from any working directory, a copy of it
+    elsewhere looks beside the copy and says where it looked."""
     monkeypatch.chdir(tmp_path)
     recipe = load_recipe("demo_digits")
-    assert recipe.train.checkpoint == str(RECIPES_DIR.parent / "recipes/teachers/demo_digits")
-    # a recipe of the user's own keeps its relative path as written
-    (tmp_path / "mine.yaml").write_text((RECIPES_DIR / "demo_digits.yaml").read_text())
-    assert load_recipe("mine.yaml").train.checkpoint == "recipes/teachers/demo_digits"
+    assert recipe.train.checkpoint == str(RECIPES_DIR / "teachers" / "demo_digits")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "r.yaml").write_text((RECIPES_DIR / "demo_digits.yaml").read_text())
+    with pytest.raises(RecipeError) as err:
+        load_recipe(str(mine / "r.yaml"))
+    assert (f"train.checkpoint: {mine / 'teachers' / 'demo_digits'} does not exist (relative "
+            f"paths in a recipe resolve against its folder, {mine})") in str(err.value)
+    # the teacher copied beside the recipe is found there, whatever the working directory
+    shutil.copytree(RECIPES_DIR / "teachers", mine / "teachers")
+    assert load_recipe(str(mine / "r.yaml")).train.checkpoint == str(
+        mine / "teachers" / "demo_digits")
+    # a path given with --set is the command line's: relative to the working directory
+    monkeypatch.chdir(mine)
+    r = load_recipe(str(mine / "r.yaml"), {"train.checkpoint": "teachers/demo_digits"})
+    assert r.train.checkpoint == str(mine / "teachers" / "demo_digits")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(RecipeError) as err:
+        load_recipe(str(mine / "r.yaml"), {"train.checkpoint": "teachers/demo_digits"})
+    assert (f"train.checkpoint: {tmp_path / 'teachers' / 'demo_digits'} does not exist (--set: "
+            "relative to the working directory)") in str(err.value)
+
+
+# ---- every path, checked before anything is written ---------------------------------------
+def _cli(*args) -> subprocess.CompletedProcess:
+    """The command in this process (CliRunner), as a finished process's exit status and
+    streams."""
+    from amp_cli.app import app
+    from typer.testing import CliRunner
+
+    out = CliRunner().invoke(app, [str(a) for a in args], terminal_width=400)
+    return subprocess.CompletedProcess(args, out.exit_code, out.stdout, out.stderr)
+
+
+def _amp(*args, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "amp_cli.app", *map(str, args)],
+                          capture_output=True, text=True, cwd=cwd,
+                          env={**os.environ, "COLUMNS": "400"})
+
+
+def test_validate_and_run_check_every_path_and_write_nothing(tmp_path, monkeypatch):
+    """model.weights is checked even when the recipe trains its teacher (the train stage
+    starts from it); each wrong path is named by its key, and `amp run` writes nothing,
+    not even RUN/recipe.yaml."""
+    data = _demo()
+    data["output_dir"] = str(tmp_path / "run")
+    data["model"]["weights"] = "weights/absent.safetensors"
+    (tmp_path / "not_a_teacher").mkdir()
+    data["train"]["checkpoint"] = str(tmp_path / "not_a_teacher")
+    path = _write(tmp_path, data)
+    for command in ("validate", "run"):
+        out = _amp(command, path, cwd=tmp_path.parent) if command == "run" else _cli(
+            command, path)
+        assert out.returncode == 2, out.stdout + out.stderr
+        message = " ".join(out.stderr.split())
+        assert (f"model.weights: {tmp_path / 'weights' / 'absent.safetensors'} does not exist "
+                f"(relative paths in a recipe resolve against its folder, {tmp_path})") in message
+        assert (f"train.checkpoint: {tmp_path / 'not_a_teacher'} is not a saved model folder "
+                "(with amp.json)") in message
+        assert not (tmp_path / "run").exists()
+
+    # the wrong kind of file or folder, by key
+    (tmp_path / "weights").mkdir()
+    data["model"]["weights"] = "weights"
+    data["stages"] = ["score", "prune"]
+    data.pop("train")
+    data["data"] = {"kind": "imagefolder", "root": "images.txt", "image_size": 32}
+    (tmp_path / "images.txt").write_text("not a folder")
+    monkeypatch.chdir(tmp_path)
+    out = _cli("validate", _write(tmp_path, data), "--set", "data.val_root=elsewhere")
+    message = " ".join(out.stderr.split())
+    assert out.returncode == 2
+    assert f"model.weights: {tmp_path / 'weights'} is not a weights file" in message
+    assert f"data.root: {tmp_path / 'images.txt'} is not a folder" in message
+    assert (f"data.val_root: {tmp_path / 'elsewhere'} does not exist (--set: relative to the "
+            "working directory)") in message
+
+
+def test_relative_data_folders_follow_the_recipe(tmp_path, monkeypatch):
+    """A recipe and its data folder moved together validate and run from any directory;
+    the recipe the run records names the folder absolutely."""
+    from amp_plugin.data import get_source
+
+    project = tmp_path / "project"
+    example = get_source("imagefolder").example(project)
+    data = {"name": "mine", "output_dir": str(tmp_path / "run"), "stages": ["score"],
+            "model": {"library": "timm", "name": "vit_small_patch16_224", "kwargs": {
+                "img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2,
+                "num_classes": 0}},
+            "data": {**example, "root": str(Path(example["root"]).relative_to(project)),
+                     "val_root": str(Path(example["val_root"]).relative_to(project)),
+                     "workers": 0}}
+    (project / "mine.yaml").write_text(yaml.safe_dump(data))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    out = _cli("validate", project / "mine.yaml")
+    assert out.returncode == 0 and "mine: valid" in out.stdout, out.stderr
+    out = _amp("run", project / "mine.yaml", "--no-progress", cwd=elsewhere)
+    assert out.returncode == 0, out.stderr
+    recorded = yaml.safe_load((tmp_path / "run" / "recipe.yaml").read_text())
+    assert recorded["data"]["root"] == example["root"]
+    assert json.loads((tmp_path / "run" / "scores.json").read_text())["data"]["folder"] == (
+        example["root"])
+
+
+# ---- the command line's help and hints ---------------------------------------------------
+def test_help_names_the_stages_and_shows_no_type_on_flags(monkeypatch):
+    from amp_plugin.config import STAGES
+
+    out = _amp("run", "--help")
+    assert out.returncode == 0, out.stderr
+    text = " ".join(out.stdout.split())
+    assert "one of: " + ", ".join(STAGES) in text
+    assert "<bool>" not in text and "<list[str]>" not in text
+    assert "--stage STAGE" in text and "--set -s KEY.PATH=VALUE" in text
+    top = _cli("--help")
+    assert top.returncode == 0 and "<bool>" not in top.stdout and "--help" in top.stdout
+
+
+def test_set_with_a_misspelt_key_suggests_the_key():
+    out = _cli("validate", "--set", "amp.treshold=0.1")
+    assert out.returncode == 2
+    assert ("amp.treshold: Extra inputs are not permitted (got 0.1) (did you mean "
+            "amp.threshold?)") in " ".join(out.stderr.split())

@@ -25,6 +25,7 @@ from amp_plugin.run.report import (
     render_report,
     render_table,
     to_jsonable,
+    trace_summary,
     update_report,
     write_report,
 )
@@ -179,3 +180,64 @@ def test_block_labels_and_many_blocks(tmp_path):
     for name in PLOTS:
         w, _ = _valid_png(tmp_path / "plots" / name)
         assert w > 1000
+
+
+def test_stage_seconds_are_those_recorded_when_each_stage_ran(tmp_path):
+    """A stage kept from an earlier run shows the seconds it took then, marked reused; the
+    train stage's seconds survive `amp eval` rewriting the report."""
+    from amp_cli.app import app
+
+    spec = {"library": "timm", "name": "vit_small_patch16_224", "kwargs": {
+        "img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2,
+        "num_classes": 0}}
+    run = tmp_path / "run"
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "seconds", "output_dir": str(run), "model": spec,
+        "stages": ["train", "score", "prune", "report"],
+        "train": {"epochs": 1, "batch_size": 64},
+        "data": {"kind": "digits", "image_size": 32, "mean": [0.5] * 3, "std": [0.5] * 3,
+                 "calib_images": 64, "val_images": 64, "batch_size": 32, "workers": 0},
+        "amp": {"threshold": 2e-3, "max_steps": 2}, "eval": {"tasks": ["knn"]}}))
+    first = amp.run(load_recipe(path), show_progress=False)["report"]
+    assert set(first["seconds"]) == {"train", "score", "prune"} and first["reused"] == []
+    assert all(v > 0 for v in first["seconds"].values())
+
+    log = Console(file=None, record=True, width=300)
+    again = amp.run(load_recipe(path), console=log, show_progress=False)["report"]
+    assert again["seconds"]["score"] == first["seconds"]["score"]
+    assert again["seconds"]["prune"] == first["seconds"]["prune"]
+    assert again["reused"] == ["train", "score", "prune"]
+    caption = " ".join(log.export_text().split())
+    assert (f"score {first['seconds']['score']:.1f} (reused), prune "
+            f"{first['seconds']['prune']:.1f} (reused)") in caption
+
+    out = CliRunner().invoke(app, ["eval", str(run), "--no-progress"])
+    assert out.exit_code == 0, out.output
+    after = json.loads((run / "report.json").read_text())
+    assert after["seconds"]["train"] == again["seconds"]["train"]
+    assert after["seconds"]["score"] == first["seconds"]["score"]
+    assert after["seconds"]["eval"] > 0 and after["reused"] == []
+
+
+def test_search_trace_title_counts_the_starting_entropy(report):
+    """The real search: one evaluation per distinct trial, the starting E_val, and E_prev
+    measured again for the block after one kept whole (no trial accepted)."""
+    trace = report["trace"]
+    order = list(dict.fromkeys(t["block"] for t in trace))  # search order
+    whole = [b for b in order[:-1] if not any(t["accepted"] for t in trace if t["block"] == b)]
+    measured = len({(t["block"], t["size"]) for t in trace})
+    assert report["evaluations"] == measured + 1 + len(whole)
+    summary = trace_summary(report)
+    assert summary.startswith(f"{len(trace)} trials; {report['evaluations']} entropy "
+                              f"evaluations = {measured} ")
+    assert "the starting E_val" in summary
+    # by hand: block 1 kept whole (3 rejected trials), block 0 with one size tried twice
+    t = [{"block": "blocks.1.mlp", "size": s, "accepted": False} for s in (4, 6, 7)]
+    t += [{"block": "blocks.0.mlp", "size": s, "accepted": a}
+          for s, a in ((4, True), (2, False), (2, False))]
+    assert trace_summary({"trace": t, "evaluations": 7}) == (
+        "6 trials; 7 entropy evaluations = 5 measured trials + the starting E_val + 1 E_prev "
+        "re-measured after a block kept whole (1 trial reused a size measured before)")
+    assert trace_summary({"trace": t[3:5], "evaluations": 3}) == (
+        "2 trials; 3 entropy evaluations = 2 trials + the starting E_val")

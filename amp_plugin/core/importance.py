@@ -9,6 +9,8 @@ no copy of the hidden activations of all blocks is kept.
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Callable, Iterable
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -18,12 +20,14 @@ import torch_pruning as tp
 from torch import nn
 
 from ..utils.dist import all_reduce_sum, global_batch_size
+from ..utils.finite import locate
 from ..utils.progress import progress
-from ..utils.tensors import device_of, split_batch, to_device
+from ..utils.tensors import device_of, require_materialized, split_batch, to_device
 from .adapter import vision_tower
+from .batches import as_batches, batch_images
 from .criterion import criterion_info, is_text
 from .mlp import MLPView, find_mlps, list_mlp_kinds
-from .tp import PackedGateLinear, mark_packed_gates
+from .tp import PackedGateLinear, PackedGatePruner, mark_packed_gates
 
 FeatureFn = Callable[[nn.Module, torch.Tensor], torch.Tensor]
 
@@ -45,6 +49,14 @@ class _TaylorTap(torch.autograd.Function):
             per_image = per_image.abs()
         ctx.slot.add_(per_image.sum(dim=0))
         return g, None, None
+
+
+def _unprepared_gate(name: str) -> RuntimeError:
+    return RuntimeError(
+        f"{name} has a packed gate (gate and value in one linear) that Torch-Pruning would "
+        "prune by halves: call amp.prepare(model) before building the dependency graph or "
+        "pruner (accumulate() marks the gates too, but a pruner built before it does not "
+        "see them), and pass customized_pruners=amp.customized_pruners()")
 
 
 @dataclass
@@ -71,7 +83,16 @@ class AMPImportance(tp.importance.Importance):
         show_progress: bool = True,
         prune_head: bool = False,
     ):
-        self.inv_temperature = inv_temperature
+        if isinstance(inv_temperature, bool) or not isinstance(inv_temperature, numbers.Real):
+            raise TypeError(f"inv_temperature: expected a positive number (e.g. 20.0), got "
+                            f"{type(inv_temperature).__name__} {inv_temperature!r}")
+        if not (math.isfinite(inv_temperature) and inv_temperature > 0):
+            raise ValueError(f"inv_temperature: expected a positive finite number, got "
+                             f"{inv_temperature!r}")
+        if not isinstance(criterion, str):
+            raise TypeError(f"criterion: expected the name of a registered criterion, got "
+                            f"{type(criterion).__name__}")
+        self.inv_temperature = float(inv_temperature)
         self.criterion_name = criterion
         self.info = criterion_info(criterion)
         self.criterion = self.info.build(inv_temperature)
@@ -82,6 +103,8 @@ class AMPImportance(tp.importance.Importance):
         self._head: set[str] = set()
         self._scores: dict[str, torch.Tensor] = {}
         self._by_output: dict[nn.Module, tuple[str, MLPView]] = {}
+        self._by_gate: dict[nn.Module, str] = {}
+        self._by_output_name: dict[str, nn.Module] = {}
         self.num_batches = 0
 
     # ---- scoring ------------------------------------------------------------------------
@@ -106,9 +129,20 @@ class AMPImportance(tp.importance.Importance):
         """Forward and backward over calibration `batches` with parameters frozen; adds the
         per-batch scores and returns the running mean ({MLP name: 1-D scores}).
 
+        `batches`: a list, loader or iterable of batches, each a tensor of images
+        (N, C, H, W) or an (images, extra) tuple; one tensor alone is one batch. Every batch
+        holds 2 or more images (one image alone has a constant entropy: all scores 0), and
+        at least one batch is read (an exhausted iterator is refused). The pass runs in eval
+        mode with every parameter's requires_grad off (the gradient is taken with respect to
+        the activations: a frozen model scores the same), both restored afterwards. A NaN
+        or inf stops it with a `NonFiniteError` naming the batch and where it began. Scores
+        add up over calls (a running mean; `reset()` starts over).
+
         `checkpoint(state)` receives this rank's partial sums and position every `every`
         batches; a pass resumed from that `state` over the batches after its position
         ends with the same scores, bit for bit."""
+        batches = as_batches(batches, "batches")
+        require_materialized(model)
         tower, adapter = vision_tower(model)
         mark_packed_gates(tower)  # a Torch-Pruning pruner built after this prunes them right
         views = find_mlps(tower)
@@ -140,7 +174,7 @@ class AMPImportance(tp.importance.Importance):
                 batches = list(batches) if not hasattr(batches, "__len__") else batches
                 for batch in progress(batches, "AMP scoring", enabled=self.show_progress,
                                       unit="img", status=f"from batch {position}"):
-                    images, extra = split_batch(batch)
+                    images, extra = batch_images(batch, position, "batches")
                     # detach(): the caller's own tensor keeps requires_grad as it was
                     images = images.to(device).detach().requires_grad_(True)
                     extra = to_device(extra, device)
@@ -148,6 +182,8 @@ class AMPImportance(tp.importance.Importance):
                         s.zero_()
                     loss = self.criterion(self.features(model, images, extra), extra)
                     loss.backward()
+                    if not self._finite(loss, slots):
+                        raise self._locate(model, tower, batch, position)
                     n_global = global_batch_size(images.shape[0])
                     for n in views:
                         sums[n] += slots[n].double().cpu() / n_global
@@ -159,12 +195,45 @@ class AMPImportance(tp.importance.Importance):
             for p, flag in frozen:
                 p.requires_grad_(flag)
             model.train(was_training)
+        if position == 0:
+            raise ValueError("batches: no batch (an empty list, or an iterator already read to "
+                             "its end)")
         sums = {n: all_reduce_sum(s) for n, s in sums.items()}
         for n, s in previous.items():
             sums[n] += s
         self._scores = {n: (s / max(self.num_batches, 1)).float() for n, s in sums.items()}
-        self._by_output = {v.output: (n, v) for n, v in views.items()}
+        self._index(views)
         return self.neuron_scores()
+
+    @staticmethod
+    def _finite(loss: torch.Tensor, slots: dict[str, torch.Tensor]) -> bool:
+        # one value (one device sync per batch): non-finite if any score or the loss is
+        total = loss.detach().double() + sum(s.sum(dtype=torch.float64) for s in slots.values())
+        return bool(torch.isfinite(total))
+
+    def _locate(self, model: nn.Module, tower: nn.Module, batch, index: int):
+        """The NonFiniteError naming calibration batch `index` and where NaN/inf began."""
+        device = device_of(model)
+
+        def forward(b):
+            images, extra = split_batch(b)
+            return self.features(model, images.to(device), to_device(extra, device))
+        return locate("score", tower, [batch], "calibration", forward, first=index)
+
+    def _check_packed_gates(self, group) -> None:
+        """Refuse a group that reaches a packed gate linear (gate and value in one linear)
+        other than through AMP's PackedGatePruner linked to the MLP's output linear: the
+        graph was built before the gate was marked, and would prune the gate by halves or,
+        having lost the link to the output linear, leave the MLP whole without a word."""
+        targets = {(dep.target.module, dep.handler.__name__) for dep, _ in group}
+        for dep, _ in group:
+            name = self._by_gate.get(dep.target.module)
+            if name is None or dep.handler.__name__ != "prune_out_channels":
+                continue
+            output = self._by_output_name[name]
+            if not isinstance(getattr(dep.handler, "__self__", None), PackedGatePruner) or (
+                    output, "prune_in_channels") not in targets:
+                raise _unprepared_gate(name)
 
     def _tap(self, slot: torch.Tensor):
         use_abs = self.use_abs
@@ -184,16 +253,29 @@ class AMPImportance(tp.importance.Importance):
         if model is not None:
             tower, adapter = vision_tower(model)
             views = find_mlps(tower)
-            self._by_output = {v.output: (n, v) for n, v in views.items()}
+            self._index(views)
             self._head = {n for n, v in views.items() if adapter.in_head(tower, v.module)}
         return self
 
     def reset(self) -> None:
         self._scores, self.num_batches = {}, 0
+        self._index({})
+
+    def _index(self, views: dict[str, MLPView]) -> None:
+        """The MLPs scored, by the modules Torch-Pruning's groups name: output linears
+        (whose input channels are the hidden neurons) and packed gate linears."""
+        self._by_output = {v.output: (n, v) for n, v in views.items()}
+        self._by_gate = {v.inputs[0]: n for n, v in views.items() if v.packed}
+        self._by_output_name = {n: v.output for n, v in views.items()}
 
     # ---- Torch-Pruning protocol ---------------------------------------------------------
     @torch.no_grad()
     def __call__(self, group) -> torch.Tensor | None:
+        if not self._by_output:
+            raise RuntimeError("AMPImportance has no scores: run importance.accumulate(model, "
+                               "calibration_batches) before the pruner's step() (or "
+                               "load_scores(scores, model))")
+        self._check_packed_gates(group)
         for i, (dep, idxs) in enumerate(group):
             layer = dep.target.module
             if layer not in self._by_output or dep.handler.__name__ != "prune_in_channels":
@@ -202,11 +284,7 @@ class AMPImportance(tp.importance.Importance):
             if name in self._head and not self.prune_head:
                 return None
             if view.packed and not isinstance(view.inputs[0], PackedGateLinear):
-                raise RuntimeError(
-                    f"{name} has a packed gate (gate and value in one linear) that "
-                    "Torch-Pruning would prune by halves: call amp.prepare(model) before "
-                    "building the dependency graph or pruner, and pass "
-                    "customized_pruners=amp.customized_pruners()")
+                raise _unprepared_gate(name)
             scores = self._scores[name]
             if len(scores) != layer.in_features:
                 raise RuntimeError(

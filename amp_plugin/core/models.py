@@ -68,7 +68,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Tensors of a local .safetensors or torch checkpoint (no arbitrary unpickling)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"weights file not found: {path}")
+        raise FileNotFoundError(f"model.weights: weights file not found: {path}")
     if path.stat().st_size == 0:
         raise ValueError(f"model.weights: {path} is empty")
     try:

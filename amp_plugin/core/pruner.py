@@ -16,8 +16,10 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from ..utils.tensors import device_of
+from ..utils.finite import NonFiniteError
+from ..utils.tensors import device_of, require_materialized
 from .adapter import vision_tower
+from .batches import check_val_batches, reiterable
 from .budget import SizeModel, Target, budget_search
 from .cache import StateCache
 from .cost import count_flops, count_mlp_params, count_params
@@ -80,6 +82,14 @@ class AMPPruner:
     With `target` (a `Target` or e.g. {"mlp_params": 0.6}) the threshold is searched instead
     (budget mode, `core.budget`): every search runs on masks over the same cached states,
     `threshold` is where the bisection starts, and only the final sizes are pruned.
+
+    `val_batches`: a list or a re-iterable loader of batches (tensors of images, or
+    (images, extra) tuples), every one of 2 or more images and of one shape (E_val is a
+    mean over batches of an entropy that depends on the batch size); one tensor is one
+    batch, an iterator is read into a list once. The search runs in eval mode whatever
+    the model's mode (restored afterwards) and needs no gradients (frozen parameters
+    change nothing). The scores must be those of this model as it is: a model pruned
+    since, or a second `step()`, is refused; so is a model on the meta device.
     """
 
     def __init__(
@@ -108,8 +118,14 @@ class AMPPruner:
         self.target = Target.parse(target) if target is not None else None
         if target is not None and resume is not None:
             raise ValueError("a budget search (target) is not resumable: resume=None")
-        if not len(val_batches):
-            raise ValueError("val_batches is empty")
+        if not isinstance(importance, AMPImportance):
+            raise TypeError(f"importance: expected an AMPImportance, got "
+                            f"{type(importance).__name__}")
+        require_materialized(model)
+        val_batches = reiterable(val_batches, "val_batches")
+        if isinstance(val_batches, (list, tuple)):  # a stream is checked as it is read
+            check_val_batches(val_batches, "val_batches")
+        self.stepped = False
         self.model = model
         self.example_inputs = example_inputs
         self.importance = importance
@@ -134,16 +150,25 @@ class AMPPruner:
             raise ValueError(f"no scores for {missing[:3]}...; run importance.accumulate() first")
         for n, v in views.items():
             if len(scores[n]) != v.hidden:
-                raise ValueError(f"scores of {n} have {len(scores[n])} entries, MLP has {v.hidden}")
+                raise ValueError(f"scores of {n} have {len(scores[n])} entries, the MLP has "
+                                 f"{v.hidden} neurons: the model was pruned after the scores "
+                                 "were computed; run importance.accumulate(model, ...) again")
+            if not bool(torch.isfinite(scores[n]).all()):
+                raise NonFiniteError(f"scores of {n} hold NaN or inf values")
         return scores
 
     @torch.no_grad()
     def step(self) -> PruneResult:
+        """Search and prune once; a second call is refused (the model is pruned by then)."""
+        if self.stepped:
+            raise RuntimeError("step() was already called: the model is pruned; to prune it "
+                               "further, accumulate new scores and build a new AMPPruner")
         t0 = time.perf_counter()
         tower, _ = vision_tower(self.model)
         views = tower_mlps(self.model, self.mlps, self.search_head)
         head = set(head_mlps(self.model))
         scores = self._scores(views)
+        self.stepped = True
         was_training = self.model.training
         self.model.eval()
         example = self.example_inputs.to(device_of(self.model))

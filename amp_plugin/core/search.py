@@ -27,8 +27,9 @@ from torch import nn
 from ..utils.dist import agree
 from ..utils.finite import NonFiniteError
 from ..utils.progress import Bar
-from ..utils.tensors import device_of, split_batch, to_device
+from ..utils.tensors import device_of, to_device
 from .adapter import vision_tower
+from .batches import SameShape, batch_images
 from .cache import StateCache
 from .importance import AMPImportance
 from .mlp import MLPView, find_mlps
@@ -157,8 +158,10 @@ class EntropyEval:
             self.cache = cache or StateCache()
 
             def images():
-                for batch in val_batches:
-                    x, extra = split_batch(batch)
+                same = SameShape("val_batches")
+                for b, batch in enumerate(val_batches):
+                    x, extra = batch_images(batch, b, "val_batches")
+                    same(x, b)
                     self.extras.append(extra)
                     yield x
             self.mode = self.cache.fill(self.tower, self.adapter, images(), len(val_batches),
@@ -194,8 +197,10 @@ class EntropyEval:
     def full(self) -> float:
         """E_val by full forward passes."""
         device, total = device_of(self.model), 0.0
-        for batch in self.val_batches:
-            images, extra = split_batch(batch)
+        same = SameShape("val_batches")
+        for b, batch in enumerate(self.val_batches):
+            images, extra = batch_images(batch, b, "val_batches")
+            same(images, b)
             images = images.to(device)
             feats = (self.feature_fn(self.model, images) if self.feature_fn is not None
                      else self.importance.features(self.model, images, extra))

@@ -1,5 +1,6 @@
 """scikit-learn's bundled 8x8 digits (1797 real images, 10 classes), upsampled to the
-model's input size and split train/test with the recipe's seed. No download."""
+model's input size and split train/test with a seed (data.split_seed, else the recipe's
+seed). No download."""
 
 from __future__ import annotations
 
@@ -24,8 +25,10 @@ def digits_raw() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def digits_splits(cfg: DataConfig, seed: int, raw: bool = False) -> dict[str, Split]:
-    """Seeded train/test split of the digits; `raw` keeps the 8x8 [0, 1] images."""
+    """Seeded train/test split of the digits (`cfg.split_seed` when set, else `seed`);
+    `raw` keeps the 8x8 [0, 1] images."""
     x, y = digits_raw()
+    seed = seed if cfg.split_seed is None else cfg.split_seed
     perm = torch.from_numpy(np.random.RandomState(seed).permutation(len(x)))
     n_test = int(round(cfg.test_fraction * len(x)))
     parts = {"test": perm[:n_test], "train": perm[n_test:]}

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import io
 import json
 import logging
 import os
@@ -27,6 +28,7 @@ import pickle
 import re
 import shutil
 import socket
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -119,12 +121,54 @@ def untrained_parameters(tower: nn.Module, adapter: Adapter, x: torch.Tensor) ->
 
 
 # ---- DeepSpeed ---------------------------------------------------------------------------
+class _DropMessages(logging.Filter):
+    def __init__(self, *starts: str):
+        super().__init__()
+        self.starts = starts
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.starts)
+
+
+_QUIET = False
+_SHM_BUILT = re.compile(r"^DeepSpeed \S+ built successfully$")
+
+
+def quiet_cpu_engine() -> None:
+    """Without CUDA, keep the CUDA and accelerator notices that do not apply out of the
+    log, once per process, before DeepSpeed is imported: DeepSpeed is told the accelerator
+    is the CPU (DS_ACCELERATOR, unless the user set it) instead of warning that it found
+    none, and torch's note about a CUDA_HOME without a CUDA runtime is dropped."""
+    global _QUIET
+    if _QUIET or torch.cuda.is_available():
+        return
+    _QUIET = True
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    logging.getLogger("torch.utils.cpp_extension").addFilter(
+        _DropMessages("No CUDA runtime is found"))
+
+
+@contextlib.contextmanager
+def _without_build_notice():
+    """Standard output as it is, but for DeepSpeed's notice that it built its CPU
+    shared-memory all-reduce op (printed at every start; nothing to act on)."""
+    buffer = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buffer):
+            yield
+    finally:
+        kept = [line for line in buffer.getvalue().splitlines(keepends=True)
+                if not _SHM_BUILT.match(line.rstrip("\n"))]
+        sys.stdout.write("".join(kept))
+
+
 def init_distributed() -> tuple[int, int, int]:
     """(rank, world size, local rank); a single-process group when no launcher set one up.
 
     DeepSpeed's init looks for MPI when the launcher's variables are missing, so a
     one-rank environment on a free local port is set first.
     """
+    quiet_cpu_engine()
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
@@ -137,8 +181,9 @@ def init_distributed() -> tuple[int, int, int]:
                            ("MASTER_PORT", str(port))):
             os.environ.setdefault(key, value)
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    deepspeed.init_distributed(get_accelerator().communication_backend_name(), verbose=False,
-                               timeout=ddp_timeout())
+    with _without_build_notice():
+        deepspeed.init_distributed(get_accelerator().communication_backend_name(),
+                                   verbose=False, timeout=ddp_timeout())
     _unlink_shm_workspace()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     get_accelerator().set_device(local_rank)
@@ -525,9 +570,18 @@ class Distiller:
         dist.barrier()
         return out
 
+    def _previous_result(self) -> dict:
+        """The result.json an earlier run wrote, {} when there is none to read."""
+        try:
+            data = json.loads(self.paths.result.read_text())
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
     def run(self) -> dict:
         t0 = time.perf_counter()
         resumed = self.step or None
+        trained_before = self.step >= self.total_steps  # nothing left to train
         self.train()
         if not (self.paths.checkpoints / "latest").is_file() or self.step != _tag_step(
                 (self.paths.checkpoints / "latest").read_text().strip()):
@@ -544,7 +598,12 @@ class Distiller:
             "untrained_restored": self.frozen,
             "paths": {k: str(v) for k, v in asdict(self.paths).items()},
             "seconds": round(time.perf_counter() - t0, 2),
+            "reused": trained_before,
         }
+        if trained_before:  # the seconds the training took, not those of this check
+            previous = self._previous_result()
+            if isinstance(previous.get("seconds"), (int, float)):
+                result["seconds"] = previous["seconds"]
         if self.rank == 0:
             atomic_write(self.paths.result, json.dumps(result, indent=2))
         return result

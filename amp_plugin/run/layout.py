@@ -1,6 +1,8 @@
 """The run directory: the one place that knows its file names.
 
     recipe.yaml            the recipe as run (after overrides)
+    teacher/               the teacher the train stage made (save_pruned), when no saved
+                           teacher (train.checkpoint) matches the recipe's train settings
     scores.safetensors     AMP neuron scores; scores.json: fingerprint, batches, seconds
     scores.rankR.partial   score stage in progress: rank R's partial sums and position
     prune.json             the search result (PruneResult) and its fingerprint
@@ -44,6 +46,10 @@ class RunDir:
     @property
     def hash_cache(self) -> Path:
         return self.root / ".hashes.json"
+
+    @property
+    def teacher(self) -> Path:
+        return self.root / "teacher"
 
     @property
     def scores(self) -> Path:

@@ -6,7 +6,8 @@ fingerprint still matches and redoes the rest. Stages only move forward: each re
 the earlier ones wrote. One process builds the original model and the calibration and
 validation batches once, whatever the stages.
 
-    train    demo only: SimCLR teacher on the digits, cached at recipe.train.checkpoint
+    train    demo only: SimCLR teacher on the digits: train.checkpoint when it matches
+             the train settings (read only), else trained into teacher/
     score    AMPImportance over the calibration batches      -> scores.safetensors
              (checkpointed every amp.checkpoint_every batches; a killed run resumes)
     prune    AMPPruner over the validation batches            -> pruned/, prune.json
@@ -37,8 +38,9 @@ from ..core.importance import AMPImportance, ScoreState
 from ..core.models import create_model
 from ..core.pruner import AMPPruner
 from ..core.search import SearchState
-from ..core.serialization import is_pruned_dir, load_pruned, read_manifest, save_pruned
+from ..core.serialization import is_pruned_dir, load_pruned, save_pruned
 from ..data import amp_loader, get_source
+from ..data.loader import calibration_images
 from ..utils import dist as ddp
 from ..utils.finite import NonFiniteError, check_inputs, locate
 from ..utils.io import (
@@ -53,6 +55,8 @@ from ..utils.io import (
 from ..utils.lock import FolderLock
 from ..utils.tensors import CastBatches, resolve_device, resolve_dtype, split_batch
 from .layout import RunDir
+from .report import trace_summary
+from .teacher import TeacherChoice, choose_teacher, teacher_fingerprint, train_teacher
 
 
 def data_used(cfg: DataConfig, calib, val) -> dict[str, dict]:
@@ -61,7 +65,8 @@ def data_used(cfg: DataConfig, calib, val) -> dict[str, dict]:
     validation count is what E_val reads: whole batches only."""
     val_folder = cfg.val_root if cfg.val_from == "val_root" else cfg.root
     val_images = len(val) // cfg.batch_size * cfg.batch_size
-    return {"calibration": {"images": len(calib), "folder": cfg.root,
+    calib_images = calibration_images(len(calib), cfg.batch_size)
+    return {"calibration": {"images": calib_images, "folder": cfg.root,
                             "whole": cfg.calib_images == "all", "transform": cfg.transform},
             "validation": {"images": val_images, "folder": val_folder,
                            "whole": cfg.val_images == "all", "transform": cfg.transform}}
@@ -79,7 +84,8 @@ class Run:
         self.distributed = ddp.init_from_env()
         self.device = resolve_device(recipe.amp.device)
         self.dtype = resolve_dtype(recipe.amp.dtype)
-        self.seconds: dict[str, float] = {}
+        self.seconds: dict[str, float] = {}  # stages run in this process
+        self.reused: set[str] = set()  # stages kept from an earlier run
         self._original: nn.Module | None = None
         self._datasets: tuple | None = None
         self.data_used: dict[str, dict] = {}
@@ -108,6 +114,9 @@ class Run:
                                    "set distill.student)")
         if r.train is None and {"score", "prune", "distill"} & set(stages):
             self._check_input_size(self.original())  # reads and checks the weights first
+        elif r.train is not None and "train" not in stages and (
+                {"score", "prune", "distill", "eval"} & set(stages)):
+            self.original()  # a teacher trained with the recipe's settings is there
 
     def _check_input_size(self, model: nn.Module) -> None:
         """One image of data.image_size through the model, so that a size the model does
@@ -144,7 +153,7 @@ class Run:
         teacher directory (distill.teacher), or the model spec and its weights."""
         r = self.recipe
         if r.train is not None:
-            return r.train.checkpoint
+            return str(self.teacher().path)
         if r.distill is not None and r.distill.teacher:
             return r.distill.teacher
         return r.model.weights or f"{r.model.library}:{r.model.name} <random init>"
@@ -165,12 +174,16 @@ class Run:
         """The original (unpruned) model, built once; stages must not modify it."""
         if self._original is None:
             r = self.recipe
-            if r.train is not None or (r.distill is not None and r.distill.teacher):
-                src = self.original_source()
+            if r.train is not None:
+                choice = self.teacher()
+                if not choice.ready:
+                    raise FileNotFoundError(f"no teacher for the recipe's train settings: "
+                                            f"{choice.why_not} (run the train stage first)")
+                self._original = load_pruned(choice.path)
+            elif r.distill is not None and r.distill.teacher:
+                src = r.distill.teacher
                 if not is_pruned_dir(src):
-                    key = "train.checkpoint" if r.train is not None else "distill.teacher"
-                    hint = " (run the train stage first)" if r.train is not None else ""
-                    raise FileNotFoundError(f"{key}: {src} holds no saved model{hint}")
+                    raise FileNotFoundError(f"distill.teacher: {src} holds no saved model")
                 self._original = load_pruned(src)
             else:
                 torch.manual_seed(r.seed)  # a random-init original is part of the recipe
@@ -227,37 +240,29 @@ class Run:
             return None
         return meta
 
-    def stage_train(self) -> None:
-        from ..data.digits import digits_splits
-        from ..pretrain import train_simclr
+    def teacher(self) -> TeacherChoice:
+        """Where this run's teacher is (train recipes): the saved train.checkpoint when it
+        matches the train settings, else RUN/teacher."""
+        return choose_teacher(self.recipe, self.dir.teacher)
 
+    def stage_train(self) -> None:
         r = self.recipe
         if r.train is None:
             raise ValueError("stage 'train' needs a `train:` section in the recipe")
-        ckpt = Path(r.train.checkpoint)
-        # only what the teacher depends on: other data fields (calibration and validation
-        # sizes) must not retrain, and so overwrite, a committed teacher
-        d = r.data
-        fp = fingerprint(r.model, r.train.model_dump(exclude={"checkpoint"}), d.kind,
-                         d.image_size, d.mean, d.std, d.test_fraction, r.seed)
-        if is_pruned_dir(ckpt) and read_manifest(ckpt)["meta"].get("fingerprint") == fp and (
-                self._teacher_intact(ckpt)):
-            self.log(f"teacher: cached at {ckpt}")
+        choice = self.teacher()
+        if choice.ready and self._teacher_intact(choice.path):
+            where = "cached at" if choice.committed else "kept from an earlier run:"
+            self.log(f"teacher: {where} {choice.path}")
+            self.reused.add("train")
             return
-        if r.data.kind != "digits":
-            raise ValueError("the train stage pre-trains the demo teacher on data.kind: digits")
-        torch.manual_seed(r.seed)  # the teacher's initialisation is part of the recipe
-        model = create_model(r.model)
-        raw = digits_splits(r.data, r.seed, raw=True)["train"].images
-        history = train_simclr(model, raw, r.data.image_size, r.data.mean, r.data.std,
-                               r.train.epochs, r.train.batch_size, r.train.lr,
-                               r.train.temperature, r.seed, self.show_progress)
-        if ddp.is_main():
-            save_pruned(model, ckpt, meta={"fingerprint": fp, "simclr_loss": history})
+        model, history = train_teacher(r, self.show_progress)
+        if ddp.is_main():  # never over train.checkpoint: a saved teacher is read only
+            save_pruned(model, self.dir.teacher, meta={"fingerprint": teacher_fingerprint(r),
+                                                       "simclr_loss": history})
         ddp.barrier()
-        self._original, self._datasets = model.eval(), None  # the trained teacher is the original
+        self._original, self._datasets = model, None  # the trained teacher is the original
         self.log(f"teacher: trained {r.train.epochs} epochs (loss {history[0]:.3f} -> "
-                 f"{history[-1]:.3f}), saved to {ckpt}")
+                 f"{history[-1]:.3f}), saved to {self.dir.teacher}")
 
     def _teacher_intact(self, ckpt: Path) -> bool:
         try:
@@ -290,6 +295,7 @@ class Run:
         fp = self._score_fp()
         if self._done("score", fp, self.dir.scores):
             self.log("score: kept from an earlier run")
+            self.reused.add("score")
             return load_file(str(self.dir.scores))
         checkpointing = self.recipe.amp.grad_checkpointing  # a switch on the model: a copy
         model = self._working_copy(self.original(), mutable=checkpointing)
@@ -351,6 +357,7 @@ class Run:
         done = self._done("prune", fp, self.dir.pruned)
         if done is not None:
             self.log("prune: kept from an earlier run")
+            self.reused.add("prune")
             return done["result"]
         if not self._done("score", self._score_fp(), self.dir.scores):
             raise FileNotFoundError(f"{self.dir.scores} is missing or was computed for other "
@@ -399,7 +406,7 @@ class Run:
         self._models["pruned"] = model
         b, a = result["mlp_params"]["before"], result["mlp_params"]["after"]
         self.log(f"prune: MLP parameters {b:,} -> {a:,} ({100 * (1 - a / b):.1f}% removed), "
-                 f"{result['evaluations']} entropy evaluations, cache: {result['cache']}")
+                 f"{trace_summary({**result, **result['extra']})}, cache: {result['cache']}")
         return result
 
     def distiller(self):
@@ -428,12 +435,12 @@ class Run:
             progress_bar=self.show_progress)
 
     def stage_distill(self) -> dict:
-        t0 = time.perf_counter()
         distiller = self.distiller()
-        out = distiller.run()
+        out = distiller.run()  # its result records the seconds the training took
         if getattr(distiller, "distilled_model", None) is not None:
             self._models["distilled"] = distiller.distilled_model
-        self.seconds["distill"] = time.perf_counter() - t0
+        if out.get("reused"):
+            self.reused.add("distill")
         return out
 
     def _model_loader(self, role: str):
@@ -466,6 +473,7 @@ class Run:
             order = list_tasks()
             merged["tasks"] = sorted(set((read_json(self.dir.eval_json) or {}).get("tasks", []))
                                      | set(results["tasks"]), key=order.index)
+            merged["eval_seconds"] = round(time.perf_counter() - t0, 2)
             write_json(self.dir.eval_json, merged)
             out = merged
         ddp.barrier()
@@ -475,7 +483,7 @@ class Run:
     def stage_report(self) -> dict:
         from .report import build_report, render_table, write_report
 
-        report = build_report(self.recipe, self.dir, seconds=self.seconds)
+        report = build_report(self.recipe, self.dir, seconds=self.seconds, reused=self.reused)
         if ddp.is_main():
             write_report(self.dir, report)
             self.console.print(render_table(report))
@@ -491,7 +499,8 @@ class Run:
                 self.log(f"[bold]stage {stage}[/bold]")
                 t0 = time.perf_counter()
                 out[stage] = getattr(self, f"stage_{stage}")()
-                self.seconds.setdefault(stage, time.perf_counter() - t0)
+                if stage not in self.reused and stage != "distill":  # distill records its own
+                    self.seconds.setdefault(stage, time.perf_counter() - t0)
         finally:
             self.close()
         return out

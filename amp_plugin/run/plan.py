@@ -29,6 +29,7 @@ from ..core.cache import checkpoint_plan
 from ..core.cost import count_flops, count_mlp_params, count_params
 from ..core.mlp import find_mlps
 from ..core.models import ModelSpec, build_model
+from ..data.loader import calibration_images
 from ..utils.tensors import resolve_dtype
 
 FLOP_COUNTER = ("torch.utils.flop_counter.FlopCounterMode (2 FLOPs per multiply-add, "
@@ -51,6 +52,7 @@ def search_cost(n_blocks: int, max_steps: int, calib_images: int, val_images: in
     each trial is a pass over the validation batches. With the state cache, a trial of
     block l runs only blocks l..L-1, so on average (L+1)/(2L) of a full pass.
     """
+    calib_images = calibration_images(calib_images, batch_size)  # a lone last image: left out
     calib_batches = math.ceil(calib_images / batch_size)
     val_batches = val_images // batch_size
     trials = n_blocks * max_steps

@@ -3,19 +3,24 @@
 The schema is `amp_plugin.config`; here a file is read, `--set` overrides are applied,
 the result is validated, and what only the registries know is checked: the data source
 exists, it gives what the criterion needs (text, labels), the eval tasks exist and can
-be fed, and every file or folder the recipe names exists. Errors name the file and key
-path; nothing is written to the run directory until the recipe is valid.
+be fed, and every file or folder the recipe names exists and is of its kind. Relative
+paths written in a recipe resolve against the recipe file's folder. Errors name the file
+and key path; nothing is written to the run directory until the recipe is valid.
 """
 
 from __future__ import annotations
 
+import difflib
+import os
+import typing
 from pathlib import Path
 
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from ..config import Recipe
 from ..core.criterion import criterion_info
+from ..core.serialization import MANIFEST, is_pruned_dir
 from ..data import get_source, list_sources
 from ..evaluate import get_task, list_tasks
 
@@ -31,6 +36,48 @@ def _key_path(loc: tuple) -> str:
     return ".".join(str(p) for p in loc) or "<root>"
 
 
+def _section(annotation) -> type[BaseModel] | None:
+    """The pydantic model a field holds (directly, optionally, or as list items)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _section(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _keys(model: type[BaseModel], prefix: tuple = ()) -> dict[tuple, str]:
+    """{key path: key} of every key of the recipe schema (list sections not entered)."""
+    out = {}
+    for name, field in model.model_fields.items():
+        out[(*prefix, name)] = name
+        section = _section(field.annotation)
+        if section is not None and typing.get_origin(field.annotation) is not list:
+            out.update(_keys(section, (*prefix, name)))
+    return out
+
+
+def did_you_mean(loc: tuple) -> str:
+    """' (did you mean amp.threshold?)' for an unknown key close to a known key of its
+    section, else to a known key elsewhere (a key put in the wrong section); else ''."""
+    model: type[BaseModel] | None = Recipe
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue  # an item of a list section
+        field = model.model_fields.get(str(part)) if model else None
+        model = _section(field.annotation) if field else None
+    leaf = str(loc[-1])
+    if model is not None:
+        close = difflib.get_close_matches(leaf, list(model.model_fields), n=1, cutoff=0.6)
+        if close:
+            return f" (did you mean {_key_path((*loc[:-1], close[0]))}?)"
+    known = _keys(Recipe)
+    close = difflib.get_close_matches(leaf, sorted(set(known.values())), n=1, cutoff=0.8)
+    paths = [_key_path(p) for p, name in known.items() if close and name == close[0]]
+    return f" (did you mean {' or '.join(paths)}?)" if paths else ""
+
+
 def resolve_recipe_path(recipe: str | Path | None) -> Path:
     """A path, or the name of a recipe shipped in recipes/ (default: the demo)."""
     if recipe is None:
@@ -44,16 +91,75 @@ def resolve_recipe_path(recipe: str | Path | None) -> Path:
     raise RecipeError(f"recipe file not found: {recipe}")
 
 
-def _anchor_shipped_teacher(r: Recipe, path: Path) -> None:
-    """A shipped recipe's relative `train.checkpoint` names a file committed next to it
-    (the demo's teacher): read from the repository wherever the command runs, so the demo
-    gives its numbers without training from any working directory."""
-    if r.train is None or Path(r.train.checkpoint).is_absolute():
-        return
-    shipped = RECIPES_DIR.parent / r.train.checkpoint
-    if path.resolve().parent == RECIPES_DIR and not Path(r.train.checkpoint).exists() \
-            and shipped.exists():
-        r.train.checkpoint = str(shipped)
+def _set_key(obj, dotted: str, value) -> None:
+    """Set the value at a key path (`eval.zeroshot_classification.0.root`) of a recipe."""
+    *parents, leaf = dotted.split(".")
+    for key in parents:
+        obj = obj[int(key)] if key.isdigit() else getattr(obj, key)
+    setattr(obj, leaf, value)
+
+
+def _from_command_line(key: str, overrides: dict) -> bool:
+    return any(key == o or key.startswith(o + ".") for o in overrides)
+
+
+def resolve_paths(r: Recipe, folder: Path, overrides: dict) -> dict[str, str]:
+    """Make every input path of `r` absolute: relative ones written in the recipe file
+    resolve against its folder (so a recipe and the files beside it move together), those
+    given with --set against the working directory. Returns {key path: how it was
+    resolved} for the paths that were relative, for messages. output_dir and cache
+    folders are outputs and stay relative to the working directory."""
+    notes = {}
+    for key, value in r.input_paths().items():
+        p = Path(value).expanduser()
+        if not p.is_absolute():
+            if _from_command_line(key, overrides):
+                base, notes[key] = Path.cwd(), "--set: relative to the working directory"
+            else:
+                base, notes[key] = folder, ("relative paths in a recipe resolve against its "
+                                            f"folder, {folder}")
+            p = base / p
+        _set_key(r, key, os.path.normpath(p))
+    return notes
+
+
+def _is_file(p: Path) -> bool:
+    return p.is_file()
+
+
+def _is_dir(p: Path) -> bool:
+    return p.is_dir()
+
+
+# What each input must be: (test, what the message says was expected), by the last part
+# of its key path; a saved model is a save_pruned folder.
+_PATH_KINDS = {
+    "weights": (_is_file, "a weights file"),
+    "checkpoint": (is_pruned_dir, f"a saved model folder (with {MANIFEST})"),
+    "teacher": (is_pruned_dir, f"a saved model folder (with {MANIFEST})"),
+    "student": (is_pruned_dir, f"a saved model folder (with {MANIFEST})"),
+    "root": (_is_dir, "a folder"),
+    "val_root": (_is_dir, "a folder"),
+    "captions": (_is_file, "a file"),
+    "classnames": (_is_file, "a file"),
+    "templates": (_is_file, "a file"),
+}
+
+
+def path_errors(r: Recipe, notes: dict[str, str] | None = None) -> list[str]:
+    """Each input the recipe's stages read that is missing or of the wrong kind, by key
+    path, saying where it was looked for."""
+    errors = []
+    for key, value in r.required_paths().items():
+        p = Path(value)
+        where = f" ({notes[key]})" if notes and key in notes else ""
+        if not p.exists():
+            errors.append(f"{key}: {value} does not exist{where}")
+            continue
+        test, expected = _PATH_KINDS.get(key.rsplit(".", 1)[-1], (Path.exists, ""))
+        if not test(p):
+            errors.append(f"{key}: {value} is not {expected}{where}")
+    return errors
 
 
 def registry_errors(r: Recipe) -> list[str]:
@@ -136,17 +242,19 @@ def load_recipe(recipe: str | Path | None = None, overrides: dict | None = None,
     except ValidationError as e:
         lines = [f"{path}: invalid recipe"]
         for err in e.errors():
+            hint = did_you_mean(err["loc"]) if err["type"] == "extra_forbidden" else ""
             lines.append(f"  {_key_path(err['loc'])}: {err['msg']}"
-                         + (f" (got {err['input']!r})" if err["type"] != "missing" else ""))
+                         + (f" (got {err['input']!r})" if err["type"] != "missing" else "")
+                         + hint)
         raise RecipeError("\n".join(lines)) from None
-    _anchor_shipped_teacher(parsed, path)
+    notes = resolve_paths(parsed, path.resolve().parent, overrides or {})
     errors = registry_errors(parsed)
     if errors:
         raise RecipeError(f"{path}: invalid recipe\n" + "\n".join(f"  {e}" for e in errors))
     if check_paths:
-        missing = {k: v for k, v in parsed.required_paths().items() if not Path(v).exists()}
-        if missing:
-            raise RecipeError(f"{path}: missing files or folders:\n" + "\n".join(
-                f"  {k}: {v} does not exist" for k, v in missing.items()))
+        errors = path_errors(parsed, notes)
+        if errors:
+            raise RecipeError(f"{path}: missing or unusable files or folders:\n"
+                              + "\n".join(f"  {e}" for e in errors))
     parsed._source = path
     return parsed

@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from rich.table import Table
 
-from ..config import Recipe
+from ..config import STAGES, Recipe
 from ..evaluate import get_task, list_tasks
 from ..evaluate.base import ROLES
 from ..utils.io import atomic_write, deep_merge, read_json, to_jsonable, write_json
@@ -39,9 +40,13 @@ def _eval_sections() -> list[str]:
 
 # ---- building and writing ------------------------------------------------------------------
 def build_report(recipe: Recipe, run_dir: str | Path | RunDir,
-                 seconds: dict | None = None) -> dict:
+                 seconds: dict | None = None, reused: Iterable[str] = ()) -> dict:
     """One dict with everything a run produced: the search result (prune.json), the
-    evaluation (eval.json), the distillation result and the seconds per stage."""
+    evaluation (eval.json), the distillation result and the seconds per stage.
+
+    A stage's seconds are those recorded when it ran (its output's metadata; the train
+    stage's in the previous report.json), `seconds` those measured in this process;
+    `reused`: the stages this process kept from an earlier run instead of running."""
     rd = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
     prune = (rd.stage_meta("prune") or {}).get("result", {})
     ev = rd.stage_meta("eval") or {}
@@ -64,17 +69,24 @@ def build_report(recipe: Recipe, run_dir: str | Path | RunDir,
     distill = rd.stage_meta("distill")
     if distill is not None:
         report["distill"] = distill
-    secs = {}
-    score = rd.stage_meta("score") or {}
-    if "seconds" in score:
-        secs["score"] = score["seconds"]
-    if "seconds" in prune:
-        secs["prune"] = prune["seconds"]
-    if "eval_seconds" in ev:
-        secs["eval"] = ev["eval_seconds"]
+    # an earlier report's seconds, for stages whose outputs record none (train)
+    try:
+        earlier = (read_json(rd.report_json) or {}).get("seconds") or {}
+    except ValueError:
+        earlier = {}
+    secs = {k: v for k, v in earlier.items() if isinstance(v, (int, float))}
+    recorded = {"score": (rd.stage_meta("score") or {}).get("seconds"),
+                "prune": prune.get("seconds"), "distill": (distill or {}).get("seconds"),
+                "eval": ev.get("eval_seconds")}
+    secs.update({k: v for k, v in recorded.items() if v is not None})
     secs.update(seconds or {})
-    report["seconds"] = secs
+    report["seconds"] = {k: secs[k] for k in sorted(secs, key=_stage_order)}
+    report["reused"] = sorted(set(reused), key=_stage_order)
     return report
+
+
+def _stage_order(stage: str) -> int:
+    return STAGES.index(stage) if stage in STAGES else len(STAGES)
 
 
 def write_report(run_dir: str | Path | RunDir, report: dict) -> Path:
@@ -194,10 +206,13 @@ def render_table(report: dict) -> Table:
     if "inv_temperature" in report:
         notes.append(f"1/T {report['inv_temperature']:g}")
     if "evaluations" in report:
-        notes.append(f"{report['evaluations']} entropy evaluations")
-    secs = report.get("seconds") or {}
-    if secs:
-        notes.append("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in secs.items()))
+        notes.append(trace_summary(report))
+    secs, reused = report.get("seconds") or {}, report.get("reused") or []
+    if secs or reused:
+        # a reused stage shows the seconds it took when it ran
+        cells = [f"{k} {v:.1f}" + (" (reused)" if k in reused else "") for k, v in secs.items()]
+        cells += [f"{k} reused" for k in reused if k not in secs]
+        notes.append("seconds: " + ", ".join(cells))
     caption = ["search: " + ", ".join(notes)] if notes else []
     caption += [f"{mark} {text}" for text, mark in footnotes.items()]
     table.caption = "\n".join(caption) if caption else None
@@ -241,7 +256,8 @@ def plot_hidden_sizes(report: dict, path: Path) -> Path:
     ax.bar(x, kept, width=0.8, color="tab:blue", alpha=0.85, label="kept after AMP")
     if len(x) <= 24:
         for xi, k, o in zip(x, kept, orig, strict=True):
-            ax.text(xi, k, f"{100 * k / o:.0f}%", ha="center", va="bottom", fontsize=8)
+            y = o if o - k < 0.06 * max(orig) else k  # above the outline when close to it
+            ax.text(xi, y, f"{100 * k / o:.0f}%", ha="center", va="bottom", fontsize=8)
     step = _sparse_ticks(len(x))
     ax.set_xticks(x[::step], [block_label(n, i) for i, n in enumerate(names)][::step])
     ax.set_xlabel("transformer block")
@@ -252,9 +268,40 @@ def plot_hidden_sizes(report: dict, path: Path) -> Path:
                  fontsize=10)
     ax.set_ylim(0, max(orig) * 1.12)
     ax.set_xlim(-0.7, len(x) - 0.3)
-    ax.legend(loc="upper right", fontsize=8, framealpha=0.9)
+    # below the axes: inside, it covers the labels of the last blocks
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, fontsize=8,
+              frameon=False)
     ax.grid(axis="y", alpha=0.3)
     return _save(fig, path)
+
+
+def trace_summary(report: dict) -> str:
+    """How the trials of the search trace add up to the entropy evaluations the log counts:
+    one per trial (a size already measured in its block is not measured again), plus E_val
+    of the unpruned model before the first trial (the starting E_val) and E_prev measured
+    again after a block kept whole."""
+    trace = report.get("trace") or []
+    n, evaluations = len(trace), report.get("evaluations")
+    if evaluations is None:
+        return f"{n} trials"
+    if "budget" in report:  # the trace is the chosen search's, the count covers them all
+        searches = len(report["budget"].get("iterations", []))
+        return (f"{n} trials of the chosen search; {evaluations} entropy evaluations in "
+                f"{searches} searches")
+    measured = len({(t["block"], t["size"]) for t in trace})
+    references = evaluations - measured
+    if references < 0:
+        return f"{n} trials; {evaluations} entropy evaluations"
+    terms = [f"{measured} trials" if measured == n else f"{measured} measured trials"]
+    if references >= 1:
+        terms.append("the starting E_val")
+    if references > 1:
+        terms.append(f"{references - 1} E_prev re-measured after a block kept whole")
+    text = f"{n} trials; {evaluations} entropy evaluations = {' + '.join(terms)}"
+    if n > measured:
+        reused = n - measured
+        text += f" ({reused} trial{'s' if reused > 1 else ''} reused a size measured before)"
+    return text
 
 
 def plot_search_trace(report: dict, path: Path) -> Path:
@@ -299,7 +346,8 @@ def plot_search_trace(report: dict, path: Path) -> Path:
     top.set_xticks(centres[::step], labels[::step], fontsize=8)
     top.set_xlabel("block searched (last block first)")
     ax.set_ylabel("validation entropy")
-    ax.set_title(f"{report.get('name', '')}: AMP binary search, {n} trials", fontsize=10)
+    ax.set_title(f"{report.get('name', '')}: AMP binary search\n{trace_summary(report)}",
+                 fontsize=10)
     ax.legend(fontsize=8, loc="best", framealpha=0.9)
     ax.grid(alpha=0.3)
     ax2.set_ylabel("candidate size\n(% of original)")

@@ -40,10 +40,10 @@ def check_inputs(stage: str, model: nn.Module, batches: Sequence, what: str) -> 
 
 @torch.no_grad()
 def locate(stage: str, model: nn.Module, batches: Sequence, what: str,
-           forward: Callable[[torch.Tensor], object]) -> NonFiniteError:
+           forward: Callable[[torch.Tensor], object], first: int = 0) -> NonFiniteError:
     """The error naming the batch that holds NaN or inf, else the batch and the first module
     (in execution order) whose output is not finite although its inputs are; run when a
-    computation went non-finite."""
+    computation went non-finite. Batches are numbered from `first`."""
     found: list[str] = []
 
     def hook(module, args, output, name=""):
@@ -54,7 +54,7 @@ def locate(stage: str, model: nn.Module, batches: Sequence, what: str,
     handles = [m.register_forward_hook(lambda m, a, o, n=n: hook(m, a, o, n))
                for n, m in model.named_modules() if n]
     try:
-        for i, batch in enumerate(batches):
+        for i, batch in enumerate(batches, start=first):
             if not all(_finite(t) for t in _tensors(batch)):
                 return NonFiniteError(f"{stage}: {what} batch {i} holds NaN or inf values")
             forward(batch)

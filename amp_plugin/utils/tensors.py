@@ -24,6 +24,15 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+def require_materialized(model: nn.Module, arg: str = "model") -> None:
+    """Refuse a model whose parameters are on the meta device (shapes without values)."""
+    meta = next((n for n, p in model.named_parameters() if p.is_meta), None)
+    if meta is not None:
+        raise ValueError(f"{arg}: parameter {meta} is on the meta device (shapes without "
+                         "values); load its weights first (model.to_empty(device=...) then "
+                         "load_state_dict)")
+
+
 def device_of(model: nn.Module) -> torch.device:
     p = next(model.parameters(), None)
     return p.device if p is not None else torch.device("cpu")
