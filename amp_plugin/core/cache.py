@@ -65,6 +65,7 @@ class StateCache:
         self.nbytes = 0  # held now
         self.peak_bytes = 0
         self.recomputed_blocks = 0
+        self.block_forwards = 0  # image-block forwards run by filling and recomputing
         self.why = ""
         self._mem: dict[tuple[int, int], tuple] = {}
         self._sizes: dict[tuple[int, int], int] = {}
@@ -98,6 +99,7 @@ class StateCache:
                 if i == last or (self.checkpoints is not None and i >= max(wanted)):
                     break
                 state = adapter.run_block(tower, i, state)
+                self.block_forwards += x.shape[0]
         return self.describe()
 
     def _choose(self, per_block: int) -> list[int]:
@@ -180,8 +182,14 @@ class StateCache:
             state = self.get(base, b)
             for i in range(base, start):
                 state = self._adapter.run_block(self._tower, i, state)
+            self.block_forwards += (start - base) * state[0].shape[0]
             self._put((start, b), state)
         self.recomputed_blocks += start - base
+
+    def recomputable(self, start: int) -> bool:
+        """Whether the states entering `start` can be computed again from a checkpoint
+        (checkpointed mode, not itself a checkpoint)."""
+        return self.checkpoints is not None and start not in self.checkpoints
 
     def drop(self, start: int) -> None:
         """Free the states entering block `start` (its search is over)."""

@@ -77,6 +77,13 @@ def registry_errors(r: Recipe) -> list[str]:
         gives = ", ".join(sorted(source.gives)) or "images only"
         errors.append(f"amp.criterion: {r.amp.criterion!r} needs {info.needs.replace('_', ' ')}"
                       f" with each batch, but data.kind {r.data.kind!r} gives {gives}")
+    n = r.amp.search.curve_images
+    if n is not None and n < r.data.batch_size:
+        errors.append(f"amp.search.curve_images: {n} is fewer than one batch (data.batch_size "
+                      f"{r.data.batch_size})")
+    if n is not None and r.data.val_images != "all" and n > r.data.val_images:
+        errors.append(f"amp.search.curve_images: {n} is more than data.val_images "
+                      f"{r.data.val_images}")
     for i, name in enumerate((r.eval.tasks or []) if r.eval else []):
         if name not in list_tasks():
             errors.append(f"eval.tasks.{i}: unknown task {name!r}; expected one of "
