@@ -133,8 +133,7 @@ def data_cost(n_blocks: int, flops: int, state_bytes: int, calib_images: int, va
     chosen = {"mode": "full", "bytes": full_bytes, "search_flops": cached}
     if full_bytes > budget:  # as StateCache decides: checkpoints spaced to fit the budget
         fit_bytes, fit_flops = checkpointed(int(budget // per_block))
-        chosen = {"mode": "checkpointed", "bytes": fit_bytes, "search_flops": fit_flops,
-                  "checkpoints": checkpoint_plan(starts, int(budget // per_block))}
+        chosen = {"mode": "checkpointed", "bytes": fit_bytes, "search_flops": fit_flops}
         if fit_bytes > budget:
             chosen["mode"] = "does not fit: raise amp.cache or lower data.val_images"
     return {
@@ -278,9 +277,14 @@ def plan(recipe: Recipe, ranks: int = 1, curve_images: int | None = None) -> dic
     cost["at_data_size"] = data_cost(len(views), flops, tokens * width * bytes_per,
                                      calib_images, val_imgs, recipe.amp.max_steps, ranks,
                                      recipe.amp.cache)
+    at = cost["at_data_size"]
+    checkpoints = None
+    if at["chosen"]["mode"] == "checkpointed":  # where StateCache puts them for this budget
+        per_block = at["cache_bytes_per_rank"]["full"] / len(views)
+        checkpoints = checkpoint_plan(list(range(len(views))),
+                                      int(at["cache_bytes_per_rank"]["budget"] // per_block))
     cost["allocation"] = allocation_cost(recipe, [v.hidden for v in views.values()],
-                                         val_imgs, curve_images,
-                                         cost["at_data_size"]["chosen"].get("checkpoints"))
+                                         val_imgs, curve_images, checkpoints)
     return {
         "recipe": recipe.name,
         "model": spec.model_dump(),

@@ -199,7 +199,9 @@ def render_table(report: dict) -> Table:
     if "inv_temperature" in report:
         notes.append(f"1/T {report['inv_temperature']:g}")
     if "evaluations" in report:
-        notes.append(f"{report['evaluations']} entropy evaluations")
+        measure = (report.get("search") or {}).get("measure", "entropy_rise")
+        notes.append(f"{report['evaluations']} "
+                     f"{'entropy' if measure == 'entropy_rise' else measure} evaluations")
     secs = report.get("seconds") or {}
     if secs:
         notes.append("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in secs.items()))
