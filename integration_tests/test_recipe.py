@@ -136,7 +136,7 @@ def test_a_recipe_extends_another(tmp_path):
     assert r.train.checkpoint == "recipes/teachers/demo_digits"  # as written in the base
     (tmp_path / "a.yaml").write_text("extends: b.yaml\nname: a\n")
     (tmp_path / "b.yaml").write_text("extends: a.yaml\nname: b\n")
-    with pytest.raises(RecipeError, match=r"b.yaml: extends: a.yaml extends this file again \(a cycle\)"):
+    with pytest.raises(RecipeError, match=r"b.yaml: extends: a.yaml extends this file again"):
         load_recipe(str(tmp_path / "a.yaml"))
     (tmp_path / "c.yaml").write_text("extends: nowhere.yaml\n")
     with pytest.raises(RecipeError, match=r"c.yaml: extends: recipe file not found: nowhere"):

@@ -35,7 +35,14 @@ from ..utils.progress import Bar
 from .budget import SizeModel, Target, check_goal
 from .knapsack import Solution, closest_weight, least_cost, least_weight
 from .mlp import MLPView
-from .search import Candidate, EntropyEval, _finite, keep_order, kept_neurons, measure_label
+from .search import (
+    Candidate,
+    EntropyEval,
+    finite_value,
+    keep_order,
+    kept_neurons,
+    measure_label,
+)
 
 ALLOCATIONS = ("greedy", "global")
 
@@ -196,7 +203,8 @@ class GlobalSearch:
     def _bases(self) -> None:
         """The original model's value on the curve images and on all images."""
         value, ent = self._value(self.last, None, entropy=True)
-        self.base_all, self.entropy_before = _finite(value, self.last, -1, self.what), ent
+        self.base_all, self.entropy_before = finite_value(value, self.last, 0, self.what,
+                                                          "the original model"), ent
         self.base_curves = self.base_all
         if self.curve_batches is not None and self.curve_batches < len(
                 self.evaluate.val_batches):
@@ -207,13 +215,15 @@ class GlobalSearch:
         freed first when the cache is checkpointed); returns how many were measured."""
         todo = {n: sorted(set(s) - set(self.curves[n].points)) for n, s in points.items()}
         total = sum(len(s) for s in todo.values())
+        if not total:
+            return 0
         with Bar(f"AMP curves ({label})", total, self.show_progress) as bar:
             for name in list(self.views)[::-1]:
                 for size in todo.get(name, []):
                     bar.note(f"{name}: size {size}/{self.views[name].hidden}")
                     with self.candidate(name, self.views[name], self.order[name][:size]):
                         value = self._value(name, self.curve_batches)[0]
-                    self.curves[name].points[size] = _finite(value, name, size,
+                    self.curves[name].points[size] = finite_value(value, name, size,
                                                              self.what) - self.base_curves
                     bar.advance()
                 if todo.get(name):
@@ -302,7 +312,8 @@ class GlobalSearch:
                     stack.enter_context(self.candidate(name, self.views[name],
                                                        self.order[name][:size]))
             value, ent = self._value(self.first, None, entropy=True, key="verification")
-        return _finite(value, self.first, -1, self.what) - self.base_all, ent
+        return finite_value(value, self.first, 0, self.what,
+                            "every MLP cut at once") - self.base_all, ent
 
     def predicted(self, sizes: Mapping[str, int]) -> float:
         return sum(self.curves[n].at(s) for n, s in sizes.items())

@@ -329,9 +329,13 @@ def measure_label(measure: str) -> str:
     return "validation entropy" if measure == DEFAULT_MEASURE else f"search measure {measure}"
 
 
-def _finite(value: float, name: str, size: int, what: str = "validation entropy") -> float:
+def finite_value(value: float, name: str, size: int, what: str = "validation entropy",
+                 where: str | None = None) -> float:
+    """`value`, or NonFiniteError naming the measure and the candidate (`where`, else MLP
+    `name` at `size` neurons)."""
     if not math.isfinite(value):
-        raise NonFiniteError(f"prune: the {what} is {value} with MLP {name} at {size} neurons")
+        raise NonFiniteError(f"prune: the {what} is {value} with "
+                             f"{where or f'MLP {name} at {size} neurons'}")
     return value
 
 
@@ -374,7 +378,7 @@ def adaptive_search(
         for name in names:
             view = views[name]
             if state.e_prev is None:
-                state.e_prev = _finite(evaluate(name), name, view.hidden, what)
+                state.e_prev = finite_value(evaluate(name), name, view.hidden, what)
                 state.evaluations += 1
                 state.e_start = state.e_prev if state.e_start is None else state.e_start
             order = keep_order(scores[name]).to(view.output.weight.device)
@@ -388,7 +392,7 @@ def adaptive_search(
                          f"{cache}")
                 if size not in measured:
                     with candidate(name, view, order[:size]):
-                        measured[size] = _finite(evaluate(name), name, size, what)
+                        measured[size] = finite_value(evaluate(name), name, size, what)
                     state.evaluations += 1
                 ok = measured[size] - reference <= threshold
                 trace.append(Trial(name, index_of[name], size, measured[size], ok, reference))
