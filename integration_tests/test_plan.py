@@ -13,7 +13,13 @@ from typer.testing import CliRunner
 
 import amp_plugin as amp
 from amp_plugin.core.cost import count_params
-from amp_plugin.run.plan import plan, search_cost
+from amp_plugin.run.plan import (
+    global_cost,
+    greedy_block_forwards,
+    plan,
+    refinement_points,
+    search_cost,
+)
 from amp_plugin.run.recipe import load_recipe
 
 # recipe: (paper params, paper FLOPs or None, blocks, width, MLP hidden, packed gate)
@@ -170,3 +176,52 @@ def test_cost_at_imagenet_scale() -> None:
     assert out.exit_code == 0, out.output
     # 49,152 validation images (whole batches of 1024) over 8 ranks, 7 blocks of states
     assert "checkpointed / 28.99 GiB" in out.output
+
+
+def test_global_allocation_cost_counts() -> None:
+    """Image-block forwards, counted by hand for 3 blocks of 256 neurons, 96 validation
+    images, curves on 64: coarse points 64/128/192 (grid 8, 4 points), then halving the
+    spacing of 8 units down to 1 (3 rounds, 2 points each)."""
+    assert refinement_points(256, 8, 4, 8) == 6 and refinement_points(256, 8, 4, 1) == 2
+    c = global_cost([256] * 3, 96, 64, 8, 4, 8, verifications=1)
+    f = c["image_block_forwards"]
+    assert c["points"] == 3 * (3 + 6) and c["points_per_curve"] == 9
+    assert f["cache"] == 2 * 96  # blocks 0-1 run once for the states entering 1 and 2
+    assert f["references_and_bases"] == 96 + 96 + 64  # block 2: references, values (twice)
+    assert f["curves"] == 9 * (3 + 2 + 1) * 64
+    assert f["verification"] == 3 * 96
+    assert greedy_block_forwards(3, 6, 96) == (2 + 1 + 6 * (3 + 2 + 1)) * 96
+    # a checkpointed cache (checkpoint at block 0) recomputes blocks 0..l-1 for block l
+    # once per sweep (coarse + 3 refinement rounds) on the curve images
+    c = global_cost([256] * 3, 96, 64, 8, 4, 8, 1, checkpoints=[0])
+    assert c["image_block_forwards"]["cache"] == 2 * 96 + 4 * (0 + 1 + 2) * 64
+
+
+@pytest.mark.parametrize("name", list(PAPER))
+def test_global_recipes_plan_curves_below_the_binary_search(name: str) -> None:
+    """Each paper recipe's *_global variant is the recipe with the search changed only, and
+    at the authors' validation size its curves cost fewer image-block forwards than the
+    cached binary search."""
+    base = load_recipe(name, check_paths=False)
+    r = load_recipe(f"{name}_global", check_paths=False)
+    assert (r.amp.search.measure, r.amp.search.allocation) == ("kl", "global")
+    assert base.amp.search.allocation == "greedy" and base.amp.target is None
+    assert 0.35 <= r.amp.target.mlp_params <= 0.5
+    assert r.name == f"{name}_global"
+    same = r.model_dump(exclude={"name", "output_dir"})
+    same["amp"].pop("search"), same["amp"].pop("target")
+    want = base.model_dump(exclude={"name", "output_dir"})
+    want["amp"].pop("search"), want["amp"].pop("target")
+    assert same == want
+    a = plan(r)["search"]["allocation"]
+    assert a["chosen"] == "global" and a["global"]["curve_images"] == 8192
+    assert a["global"]["image_block_forwards"]["curves"] < a["greedy"]["image_block_forwards"]
+    assert a["global"]["verifications"] == 1  # budget mode: one joint evaluation
+
+
+def test_cli_plan_shows_both_costs() -> None:
+    out = CliRunner().invoke(app, ["plan", "open_clip_g", "--val-images", "50000",
+                                   "--curve-images", "8192"], env={"COLUMNS": "200"})
+    assert out.exit_code == 0, out.output
+    assert "greedy search vs global allocation" in out.output
+    assert "on 8,192 images" in out.output and "curves / greedy search" in out.output

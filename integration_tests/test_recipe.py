@@ -252,3 +252,32 @@ def test_set_with_a_misspelt_key_suggests_the_key():
     assert out.returncode == 2
     assert ("amp.treshold: Extra inputs are not permitted (got 0.1) (did you mean "
             "amp.threshold?)") in " ".join(out.stderr.split())
+
+
+def test_a_recipe_extends_another(tmp_path):
+    """`extends:` starts from another recipe (a shipped name or a file next to this one)
+    and merges this file's keys over it, section by section."""
+    (tmp_path / "child.yaml").write_text(yaml.safe_dump({
+        "extends": "demo_digits.yaml", "name": "child",
+        "amp": {"search": {"measure": "kl", "allocation": "global"},
+                "target": {"mlp_params": 0.3}}}))
+    (tmp_path / "grandchild.yaml").write_text(yaml.safe_dump({
+        "extends": "child.yaml", "data": {"val_images": 256}}))
+    demo = load_recipe("demo_digits")
+    r = load_recipe(str(tmp_path / "grandchild.yaml"))
+    assert r.name == "child" and r.data.val_images == 256 and r.data.batch_size == 128
+    assert (r.amp.search.measure, r.amp.target.mlp_params) == ("kl", 0.3)
+    assert r.amp.threshold == demo.amp.threshold and r.model == demo.model
+    # a relative path of the base resolves against the base's folder, not this file's
+    assert r.train.checkpoint == demo.train.checkpoint == str(RECIPES_DIR / "teachers" /
+                                                              "demo_digits")
+    (tmp_path / "a.yaml").write_text("extends: b.yaml\nname: a\n")
+    (tmp_path / "b.yaml").write_text("extends: a.yaml\nname: b\n")
+    with pytest.raises(RecipeError, match=r"b.yaml: extends: a.yaml extends this file again"):
+        load_recipe(str(tmp_path / "a.yaml"))
+    (tmp_path / "c.yaml").write_text("extends: nowhere.yaml\n")
+    with pytest.raises(RecipeError, match=r"c.yaml: extends: recipe file not found: nowhere"):
+        load_recipe(str(tmp_path / "c.yaml"))
+    (tmp_path / "d.yaml").write_text("extends: [demo_digits]\n")
+    with pytest.raises(RecipeError, match=r"d.yaml: extends: expected a recipe file name"):
+        load_recipe(str(tmp_path / "d.yaml"))
