@@ -10,8 +10,8 @@ The plugin (Torch-Pruning style):
 
 The pipeline (what `amp run RECIPE` does): `amp.run(amp.load_recipe("demo_digits"))`.
 Extension points are registries: `register_adapter`, `register_mlp_kind`,
-`register_builder`, `register_converter`, `register_criterion`, `register_source`,
-`register_task`.
+`register_builder`, `register_converter`, `register_criterion`, `register_measure`,
+`register_source`, `register_task`.
 """
 
 from . import families  # noqa: F401  (registers the timm and open_clip families)
@@ -25,6 +25,7 @@ from .core.adapter import (
     register_unsupported,
     vision_tower,
 )
+from .core.allocation import GlobalAllocation
 from .core.criterion import (
     clip_entropy_loss,
     criterion_info,
@@ -35,6 +36,7 @@ from .core.criterion import (
     register_criterion,
 )
 from .core.importance import AMPImportance
+from .core.measures import SearchMeasure, list_measures, register_measure
 from .core.mlp import MLPView, find_mlps, list_mlp_kinds, register_mlp_kind, register_not_mlp
 from .core.models import (
     ModelSpec,
@@ -63,15 +65,16 @@ from .run import RecipeError, Run, RunDir, load_recipe, plan, run
 prepare = mark_packed_gates  # the one step a Torch-Pruning script adds before its pruner
 
 __all__ = [
-    "AMPImportance", "AMPPruner", "Adapter", "MLPView", "ModelSpec", "PackedGateLinear",
-    "PackedGatePruner", "PruneResult", "Recipe", "RecipeError", "Run", "RunDir", "Trial",
-    "build_dependency_graph", "build_model", "clip_entropy_loss", "create_model",
-    "criterion_info", "customized_pruners", "entropy_loss", "find_mlps", "get_adapter",
-    "list_adapters", "list_builders", "list_converters", "list_criteria", "list_mlp_kinds",
-    "list_sources", "list_tasks", "load_pruned", "load_recipe", "make_criterion",
-    "mark_packed_gates", "one_hot_loss", "plan", "prepare", "prune_mlps",
-    "register_adapter", "register_builder", "register_converter", "register_criterion",
-    "register_mlp_kind", "register_not_mlp", "register_source", "register_task",
-    "register_unsupported", "run", "save_pruned", "UnsupportedModel", "vision_tower",
+    "AMPImportance", "AMPPruner", "Adapter", "GlobalAllocation", "MLPView", "ModelSpec",
+    "PackedGateLinear", "PackedGatePruner", "PruneResult", "Recipe", "RecipeError", "Run",
+    "RunDir", "Trial", "build_dependency_graph", "build_model", "clip_entropy_loss",
+    "create_model", "criterion_info", "customized_pruners", "entropy_loss", "find_mlps",
+    "get_adapter", "list_adapters", "list_builders", "list_converters", "list_criteria",
+    "list_measures", "list_mlp_kinds", "list_sources", "list_tasks", "load_pruned",
+    "load_recipe", "make_criterion", "mark_packed_gates", "one_hot_loss", "plan", "prepare",
+    "prune_mlps", "register_adapter", "register_builder", "register_converter",
+    "register_criterion", "register_measure", "register_mlp_kind", "register_not_mlp",
+    "register_source", "register_task", "register_unsupported", "run", "save_pruned",
+    "SearchMeasure", "UnsupportedModel", "vision_tower",
 ]
 __version__ = "0.1.0"

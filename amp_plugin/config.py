@@ -15,7 +15,9 @@ from typing import Any, Literal, get_args
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from .core.allocation import GlobalAllocation
 from .core.criterion import list_criteria
+from .core.measures import DEFAULT_MEASURE, list_measures
 from .core.models import ModelSpec
 
 
@@ -132,6 +134,60 @@ class TargetConfig(Strict):
         return self.model_dump(exclude_none=True)
 
 
+def _one_of(v: str, names: list[str]) -> str:
+    if v not in names:
+        expected = ", ".join(repr(n) for n in names[:-1]) + f" or {names[-1]!r}"
+        raise PydanticCustomError("literal_error", "Input should be {expected}",
+                                  {"expected": expected})
+    return v
+
+
+GLOBAL_ONLY = ("grid", "coarse_points", "refine_rounds", "curve_images", "max_verifications")
+
+
+class SearchConfig(Strict):
+    """How the sizes are decided: the measure, and per block (greedy) or all at once."""
+
+    measure: str = Field(default=DEFAULT_MEASURE, description=(
+        "a registered search measure: entropy_rise (the authors' rule), kl, cosine"))
+    allocation: Literal["greedy", "global"] = Field(default="greedy", description=(
+        "greedy: binary search per block, last first (the authors'); global: every size at "
+        "once from per-block distortion curves, solved exactly for amp.target (or the "
+        "largest cut whose summed distortion stays <= amp.threshold)"))
+    grid: int = Field(default=GlobalAllocation.grid, ge=1, description=(
+        "global: curves at multiples of this (amp.round_to, when set, instead; it then "
+        "also binds the final sizes)"))
+    coarse_points: int = Field(default=GlobalAllocation.coarse_points, ge=1, description=(
+        "global: evenly spaced points measured first on each curve"))
+    refine_rounds: int = Field(default=GlobalAllocation.refine_rounds, ge=0, description=(
+        "global: rounds measuring the grid points next to the chosen sizes"))
+    curve_images: int | None = Field(default=None, gt=0, description=(
+        "global: validation images the curves are measured on (the first whole batches; "
+        "null: all); the verification uses all"))
+    max_verifications: int = Field(default=GlobalAllocation.max_verifications, ge=1,
+                                   description="global: joint evaluations at most")
+
+    @field_validator("measure")
+    @classmethod
+    def _known_measure(cls, v):
+        return _one_of(v, list_measures())
+
+    @model_validator(mode="after")
+    def _global_settings(self):
+        given = [k for k in GLOBAL_ONLY if k in self.model_fields_set]
+        if self.allocation == "greedy" and given:
+            raise PydanticCustomError(
+                "global_only", "{key} applies to allocation: global (allocation is greedy)",
+                {"key": given[0]})
+        return self
+
+    def allocation_spec(self) -> str | dict:
+        """What `AMPPruner(allocation=...)` takes."""
+        if self.allocation == "greedy":
+            return "greedy"
+        return {k: getattr(self, k) for k in GLOBAL_ONLY}
+
+
 class AMPConfig(Strict):
     criterion: str = Field(default="entropy", description="a registered criterion")
     inv_temperature: float = Field(default=20.0, gt=0)
@@ -151,17 +207,14 @@ class AMPConfig(Strict):
     checkpoint_every: int = Field(default=50, gt=0, description="calibration batches between "
                                   "checkpoints of the score stage (a killed run resumes)")
     target: TargetConfig | None = Field(default=None, description=(
-        "budget mode: the threshold is searched (starting at `threshold`) to meet this"))
+        "budget mode: the threshold is searched (starting at `threshold`) to meet this; "
+        "with search.allocation: global, the sizes are solved for it directly"))
+    search: SearchConfig = Field(default_factory=SearchConfig)
 
     @field_validator("criterion")
     @classmethod
     def _known_criterion(cls, v):
-        names = list_criteria()
-        if v not in names:
-            expected = ", ".join(repr(n) for n in names[:-1]) + f" or {names[-1]!r}"
-            raise PydanticCustomError("literal_error", "Input should be {expected}",
-                                      {"expected": expected})
-        return v
+        return _one_of(v, list_criteria())
 
 
 class TeacherTraining(Strict):

@@ -56,6 +56,7 @@ def search_cmd(
                      batch_size=batch_size, cache_mib=cache_mib, repeats=repeats, device=device,
                      dtype=dtype)
     mib = 2**20
+    g = r["global"]
     Console().print(_table(f"search: {layers} blocks, width {width}, {r['val_images']} images "
                            f"in {r['val_batches']} batches", [
         ("identical hidden sizes (reference, full cache, budget)",
@@ -79,6 +80,14 @@ def search_cmd(
         ("state cache, full", r["cache"]),
         ("state cache, budget", r["budget_cache"]),
         ("MLP params kept", f"{r['mlp_params']['after'] / r['mlp_params']['before']:.1%}"),
+        ("image-block forwards, greedy search (full cache)",
+         f"{r['image_block_forwards']['greedy']:,}"),
+        ("image-block forwards, global allocation: curves / verification / total",
+         "{curves:,} / {verification:,} / {total:,}".format(**r["image_block_forwards"]["global"])),
+        ("global allocation (KL) at the same MLP params: kept, seconds",
+         f"{g['mlp_params']['after'] / g['mlp_params']['before']:.1%}, {g['seconds']:.1f}"),
+        ("KL to the original: greedy sizes / global sizes",
+         f"{g['greedy_kl']:.4g} / {g['kl']:.4g}"),
         ("device", f"{r['device']}, {r['dtype']}"),
     ]))
     _write(json_out, r)

@@ -68,6 +68,32 @@ def show(p: dict) -> None:
     cost.add_row("state cache", f"{v['state_cache_bytes'] / 2**30:.2f} GiB ({p['dtype']})")
     console.print(cost)
 
+    al = s["allocation"]
+    g, gl = al["greedy"], al["global"]
+    f = gl["image_block_forwards"]
+    alloc = Table(title=f"greedy search vs global allocation, in image-block forwards "
+                        f"({al['blocks']} blocks x {al['val_images']:,} validation images = "
+                        "1 full pass; amp.search.allocation: " + al["chosen"] + ")")
+    alloc.add_column("")
+    alloc.add_column("image-block forwards", justify="right")
+    alloc.add_column("full passes", justify="right")
+
+    def passes(n: int) -> str:
+        return f"{n / (al['blocks'] * al['val_images']):,.1f}"
+    alloc.add_row("greedy binary search (cached, all images at every trial)",
+                  f"{g['image_block_forwards']:,}", passes(g["image_block_forwards"]))
+    alloc.add_row(f"global: curves ({gl['points']:,} points, <= {gl['points_per_curve']} per "
+                  f"block, on {gl['curve_images']:,} images; grid {gl['grid']}, "
+                  f"{gl['coarse_points']} coarse)", f"{f['curves']:,}", passes(f["curves"]))
+    alloc.add_row(f"global: verification ({gl['verifications']} x all blocks, all images)",
+                  f"{f['verification']:,}", passes(f["verification"]))
+    alloc.add_row("global: cache, references and bases",
+                  f"{f['cache'] + f['references_and_bases']:,}",
+                  passes(f["cache"] + f["references_and_bases"]))
+    alloc.add_row("global: total", f"{f['total']:,}", passes(f["total"]))
+    alloc.add_row("curves / greedy search", f"{al['curves_over_greedy']:.2f}", "")
+    console.print(alloc)
+
     a = s["at_data_size"]
     f, b = a["flops"], a["cache_bytes_per_rank"]
     scale = Table(title=f"at {a['calib_images']:,} calibration and {a['val_images']:,} "
@@ -97,7 +123,10 @@ def plan_cmd(recipe: str = typer.Argument(..., help="recipe file or shipped name
              calib_images: int = typer.Option(None, help="plan at this many calibration images "
                                               "(default: the recipe's)"),
              val_images: int = typer.Option(None, help="plan at this many validation images"),
-             ranks: int = typer.Option(1, min=1, help="processes sharing the validation states")
+             ranks: int = typer.Option(1, min=1, help="processes sharing the validation states"),
+             curve_images: int = typer.Option(None, min=1, help=(
+                 "plan the global allocation's curves on this many validation images "
+                 "(default: the recipe's amp.search.curve_images, else all)"))
              ) -> None:
     """Parameters, FLOPs, MLP inventory, search cost and its FLOPs and cache bytes at a data
     size (meta device: no weights)."""
@@ -107,7 +136,7 @@ def plan_cmd(recipe: str = typer.Argument(..., help="recipe file or shipped name
     sizes = {f"data.{k}": v for k, v in (("calib_images", calib_images),
                                          ("val_images", val_images)) if v is not None}
     r = load(recipe, [f"{k}={v}" for k, v in sizes.items()], check_paths=False)
-    p = plan(r, ranks=ranks)
+    p = plan(r, ranks=ranks, curve_images=curve_images)
     show(p)
     missing = {k: v for k, v in r.required_paths().items() if not Path(v).exists()}
     for key, path in missing.items():

@@ -8,14 +8,16 @@ import copy
 
 import pytest
 import torch
-from conftest import digit_images
+from conftest import digit_images, small_vit
 from rich.console import Console
 from torch import nn
 
 import amp_plugin as amp
 from amp_plugin.config import DataConfig, EvalConfig
+from amp_plugin.core.measures import NEEDS, measure_class
 from amp_plugin.core.mlp import mlp_example
 from amp_plugin.core.pruner import masked_or_sliced
+from amp_plugin.core.search import EntropyEval, keep_order
 from amp_plugin.data import get_source
 from amp_plugin.evaluate import EvalContext, evaluate_models, get_task
 from amp_plugin.families.open_clip import OpenClipCLIP
@@ -121,6 +123,44 @@ def test_criterion_contract(name):
     if info.needs != "nothing":
         with pytest.raises(ValueError, match=name):
             loss(torch.randn(8, 16), None)
+
+
+# ---- search measures -----------------------------------------------------------------------
+@pytest.mark.parametrize("name", amp.list_measures())
+def test_search_measure_contract(name):
+    cls = measure_class(name)
+    assert cls.name == name and cls.description and cls.needs <= NEEDS
+    model = small_vit(depth=2)
+    tower, _ = amp.vision_tower(model)
+    x = digit_images(96)
+    imp = amp.AMPImportance(20.0, show_progress=False)
+    scores = imp.accumulate(model, [x[:32]])
+    views = amp.find_mlps(tower)
+    first, last = list(views)
+    evaluate = EntropyEval(copy.deepcopy(model), imp, [x[32:64], x[64:]], views,
+                           show_progress=False, measure=name)
+    base = evaluate(last)
+    assert isinstance(base, float) and torch.isfinite(torch.tensor(base))
+    if "original" in cls.needs:  # compared with the original: 0 on the original itself
+        assert abs(base) < 1e-6 and len(evaluate.references) == 2
+    view = amp.find_mlps(amp.vision_tower(evaluate.model)[0])[first]
+    with masked_or_sliced(evaluate.tower, view, keep_order(scores[first])[:4]):
+        cut = evaluate(first)
+    assert torch.isfinite(torch.tensor(cut)) and cut != base
+    if "original" in cls.needs:
+        assert cut > base
+    # the global allocation and the greedy search both run on it
+    budget = amp.AMPPruner(copy.deepcopy(model), x[:1], imp, [x[32:64], x[64:]], 0.0,
+                           measure=name, target={"mlp_params": 0.5, "tolerance": 0.02},
+                           allocation=amp.GlobalAllocation(coarse_points=4, refine_rounds=1),
+                           show_progress=False).step()
+    alloc = budget.extra["allocation"]
+    assert alloc["reached"] and alloc["measure"] == name
+    assert abs(budget.mlp_params["after"] / budget.mlp_params["before"] - 0.5) <= 0.01
+    greedy = amp.AMPPruner(copy.deepcopy(model), x[:1], imp, [x[32:64], x[64:]], 1e-3,
+                           measure=name, max_steps=3, show_progress=False).step()
+    for t in greedy.trace:  # the greedy rule: the measure rises by at most the threshold
+        assert t.accepted == (t.entropy - t.reference <= 1e-3)
 
 
 # ---- data sources --------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from ..core.adapter import vision_tower
 from ..core.criterion import entropy_loss
 from ..core.importance import AMPImportance
+from ..core.measures.kl import KL
 from ..core.mlp import find_mlps
 from ..core.models import create_model
 from ..core.pruner import AMPPruner
@@ -69,6 +70,17 @@ def reference_search(model: nn.Module, scores: dict[str, torch.Tensor], val: lis
     return {n: int(m.sum()) for n, m in masks.items()}
 
 
+@torch.no_grad()
+def kl_to_original(original: nn.Module, pruned: nn.Module, val: list[torch.Tensor],
+                   inv_temperature: float) -> float:
+    """The search measure `kl` of `pruned` against `original`, by full forward passes."""
+    measure = KL(inv_temperature)
+    t0, a0 = vision_tower(original)
+    t1, a1 = vision_tower(pruned)
+    return sum(float(measure(a1.features(t1, x), None, measure.reference(a0.features(t0, x))))
+               for x in val) / len(val)
+
+
 def _block_costs(model: nn.Module, x: torch.Tensor) -> tuple[float, float]:
     """(FLOPs of a block outside its MLP, FLOPs per MLP hidden neuron) for input x."""
     tower, adapter = vision_tower(model)
@@ -114,7 +126,9 @@ def bench_search(layers: int = 12, width: int = 384, val_images: int = 64,
                  dtype: str = "float32", show_progress: bool = True) -> dict:
     """Reference procedure vs AMPPruner with the full state cache vs AMPPruner under a
     cache budget (`cache_mib`; default a quarter of the full cache, which makes the cache
-    checkpointed), on the same random-weight ViT and digits images, on `device` in `dtype`.
+    checkpointed), on the same random-weight ViT and digits images, on `device` in `dtype`;
+    then a global allocation by KL at the MLP parameters the greedy search kept, its cost in
+    image-block forwards beside the greedy search's and the KL of both to the original.
     Calibration: 64 other images; validation: `val_images` in batches of `batch_size`
     (default: one). The two cached runs alternate `repeats` times and the fastest of each
     counts (the machine may be shared)."""
@@ -156,8 +170,17 @@ def bench_search(layers: int = 12, width: int = 384, val_images: int = 64,
                            **limits).step()
         seconds = time.perf_counter() - t0
         if key not in runs or seconds < runs[key][1]:
-            runs[key] = (result, seconds)
-    (full, full_seconds), (limited, limited_seconds) = runs["full"], runs["budget"]
+            runs[key] = (result, seconds, m)
+    (full, full_seconds, greedy_model), (limited, limited_seconds, _) = (runs["full"],
+                                                                         runs["budget"])
+    # global allocation by KL at the MLP parameters the greedy search kept
+    kept = full.mlp_params["after"] / full.mlp_params["before"]
+    glob_model = copy.deepcopy(model)
+    t0 = time.perf_counter()
+    glob = AMPPruner(glob_model, val[0][:1], imp, val, threshold, show_progress=show_progress,
+                     cache_device_bytes=1 << 50, measure="kl", allocation="global",
+                     target={"mlp_params": kept}).step()
+    glob_seconds = time.perf_counter() - t0
     hidden = next(iter(full.original_sizes.values()))
     attn, per_neuron = _block_costs(ref_model, val[0])
     bound = suffix_bound(full.trace, hidden, layers, attn, per_neuron, 6)
@@ -178,6 +201,13 @@ def bench_search(layers: int = 12, width: int = 384, val_images: int = 64,
         "peak_fraction_bound": (math.sqrt(layers) + 2) / layers,
         "recomputed_blocks": limited.extra["recomputed_blocks"],
         "mlp_params": full.mlp_params, "hidden_sizes": full.hidden_sizes,
+        "image_block_forwards": {"greedy": full.extra["image_block_forwards"],
+                                 "global": glob.extra["allocation"]["image_block_forwards"]},
+        "global": {"hidden_sizes": glob.hidden_sizes, "mlp_params": glob.mlp_params,
+                   "seconds": glob_seconds,
+                   "curve_points": glob.extra["allocation"]["curve_points"],
+                   "kl": glob.extra["allocation"]["verified"],
+                   "greedy_kl": kl_to_original(model, greedy_model, val, inv_temperature)},
         "threads": torch.get_num_threads(), "repeats": repeats, "device": device_name(dev),
         "dtype": dtype,
     }

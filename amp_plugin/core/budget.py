@@ -157,25 +157,31 @@ def smallest_sizes(views: Mapping[str, MLPView], max_steps: int,
             for n, v in views.items()}
 
 
-def check_reachable(target: Target, model: SizeModel, views: Mapping[str, MLPView],
-                    max_steps: int, round_to: int | None) -> float:
-    """The goal in the measure's units; raises, before any search, when even the smallest
-    sizes the search can reach keep more than the goal allows, or the goal exceeds the
-    original."""
+def check_goal(target: Target, model: SizeModel, smallest: Mapping[str, int], why: str
+               ) -> float:
+    """The goal in the measure's units; raises, before any search, when even the
+    `smallest` sizes the search can reach (`why` says what bounds them) keep more than the
+    goal allows, or the goal exceeds the original."""
     original = model.before[target.measure]
     goal = target.goal(original)
-    low = model.at(target.measure, smallest_sizes(views, max_steps, round_to))
+    low = model.at(target.measure, smallest)
     if goal * (1 + target.tolerance) < low:
         raise ValueError(
             f"target {target.measure}={target.value:g} ({goal:,.0f} of {original:,.0f}) cannot "
-            f"be met: with max_steps={max_steps}"
-            f"{f', round_to={round_to}' if round_to else ''} each MLP keeps at least 1/"
-            f"{2 ** max_steps} of its neurons; closest reachable: {low:,.0f} "
-            f"({low / original:.1%})")
+            f"be met: {why}; closest reachable: {low:,.0f} ({low / original:.1%})")
     if goal > original * (1 + target.tolerance):
         raise ValueError(f"target {target.measure}={target.value:g} ({goal:,.0f}) is above the "
                          f"original model's {original:,.0f}")
     return goal
+
+
+def check_reachable(target: Target, model: SizeModel, views: Mapping[str, MLPView],
+                    max_steps: int, round_to: int | None) -> float:
+    """`check_goal` for the binary search: each MLP keeps at least 1/2^max_steps."""
+    return check_goal(target, model, smallest_sizes(views, max_steps, round_to),
+                      f"with max_steps={max_steps}"
+                      f"{f', round_to={round_to}' if round_to else ''} each MLP keeps at least "
+                      f"1/{2 ** max_steps} of its neurons")
 
 
 def _next_threshold(t: float, lo: float | None, hi: float | None, tried: set[float]

@@ -65,6 +65,7 @@ class StateCache:
         self.nbytes = 0  # held now
         self.peak_bytes = 0
         self.recomputed_blocks = 0
+        self.block_forwards = 0  # image-block forwards run by filling and recomputing
         self.why = ""
         self._mem: dict[tuple[int, int], tuple] = {}
         self._sizes: dict[tuple[int, int], int] = {}
@@ -98,6 +99,7 @@ class StateCache:
                 if i == last or (self.checkpoints is not None and i >= max(wanted)):
                     break
                 state = adapter.run_block(tower, i, state)
+                self.block_forwards += x.shape[0]
         return self.describe()
 
     def _choose(self, per_block: int) -> list[int]:
@@ -159,8 +161,8 @@ class StateCache:
         return (start, 0) in self._sizes
 
     def get(self, start: int, batch: int) -> tuple:
-        if not self._has(start):
-            self._recompute(start)
+        if (start, batch) not in self._sizes:
+            self._recompute(start, batch)
         if self.tier == "disk":
             state = torch.load(self._dir / f"{start}_{batch}.pt", weights_only=True)
         else:
@@ -168,20 +170,29 @@ class StateCache:
         return _move(state, self._device)
 
     @torch.no_grad()
-    def _recompute(self, start: int) -> None:
-        """States entering `start` from the nearest checkpoint below it; the blocks in
-        between are not searched yet, so they are the ones the checkpoint went through."""
+    def _recompute(self, start: int, batch: int) -> None:
+        """The states of `batch` entering `start` from the nearest checkpoint below it (a
+        batch at a time: a search that reads the first batches only recomputes those); the
+        blocks in between are not searched yet, so they are the ones the checkpoint went
+        through. `recomputed_blocks` counts each block once per recomputation of its states
+        (at batch 0)."""
         if self.checkpoints is None or start not in self._starts:
             raise KeyError(f"no cached states enter block {start}")
         base = max(c for c in self.checkpoints if c <= start)
         if not self._has(base):
             raise KeyError(f"the checkpoint at block {base} was already freed")
-        for b in range(self._batches):
-            state = self.get(base, b)
-            for i in range(base, start):
-                state = self._adapter.run_block(self._tower, i, state)
-            self._put((start, b), state)
-        self.recomputed_blocks += start - base
+        state = self.get(base, batch)
+        for i in range(base, start):
+            state = self._adapter.run_block(self._tower, i, state)
+        self.block_forwards += (start - base) * state[0].shape[0]
+        self._put((start, batch), state)
+        if batch == 0:
+            self.recomputed_blocks += start - base
+
+    def recomputable(self, start: int) -> bool:
+        """Whether the states entering `start` can be computed again from a checkpoint
+        (checkpointed mode, not itself a checkpoint)."""
+        return self.checkpoints is not None and start not in self.checkpoints
 
     def drop(self, start: int) -> None:
         """Free the states entering block `start` (its search is over)."""

@@ -18,10 +18,12 @@ from torch import nn
 
 from ..utils.tensors import device_of
 from .adapter import vision_tower
+from .allocation import GlobalAllocation, global_allocation
 from .budget import SizeModel, Target, budget_search
 from .cache import StateCache
 from .cost import count_flops, count_mlp_params, count_params
 from .importance import AMPImportance
+from .measures import DEFAULT_MEASURE, SearchMeasure, make_measure
 from .mlp import MLPView, find_mlps
 from .search import (
     HEAD_KEPT,
@@ -80,6 +82,17 @@ class AMPPruner:
     With `target` (a `Target` or e.g. {"mlp_params": 0.6}) the threshold is searched instead
     (budget mode, `core.budget`): every search runs on masks over the same cached states,
     `threshold` is where the bisection starts, and only the final sizes are pruned.
+
+    `measure` names what the search bounds or minimises (`core.measures`: "entropy_rise",
+    the authors' rule and the default, "kl", "cosine"). `allocation="global"` (or
+    `GlobalAllocation` settings) decides every size at once from per-block distortion
+    curves (`core.allocation`): with `target`, the least summed distortion that meets it;
+    without, the largest cut whose summed distortion stays <= `threshold`. Only the final
+    sizes are pruned; `PruneResult.extra["allocation"]` records the curves, the sizes and
+    the predicted and verified distortion.
+
+        AMPPruner(model, example, imp, val, 0.0, measure="kl", allocation="global",
+                  target={"mlp_params": 0.3}).step()
     """
 
     def __init__(
@@ -103,11 +116,17 @@ class AMPPruner:
         on_decided: Callable[[SearchState], None] | None = None,
         search_head: bool = False,
         target: Target | Mapping | None = None,
+        measure: str | SearchMeasure = DEFAULT_MEASURE,
+        allocation: str | GlobalAllocation | Mapping = "greedy",
     ):
         check_search_args(threshold, max_steps, round_to)
         self.target = Target.parse(target) if target is not None else None
         if target is not None and resume is not None:
             raise ValueError("a budget search (target) is not resumable: resume=None")
+        self.measure = make_measure(measure, importance)  # an unknown name fails here
+        self.allocation = GlobalAllocation.parse(allocation)
+        if self.allocation is not None and resume is not None:
+            raise ValueError("a global allocation is not resumable: resume=None")
         if not len(val_batches):
             raise ValueError("val_batches is empty")
         self.model = model
@@ -155,18 +174,20 @@ class AMPPruner:
         if kept_whole:
             self.log(f"kept whole: {', '.join(f'{n} ({r})' for n, r in kept_whole.items())}")
         inputs = mlp_inputs(tower, example, views)
+        pending = {n: v for n, v in views.items()
+                   if self.resume is None or n not in self.resume.sizes}
+        # built on the original model: the states entering the pending MLPs' blocks do not
+        # depend on the decided (later) ones, and a measure's original references must not
+        self.cache = StateCache(*self.cache_limits)
+        evaluate = EntropyEval(self.model, self.importance, self.val_batches, pending,
+                               self.cache, self.show_progress, self.feature_fn, self.measure)
+        self.log(f"validation states cached: {evaluate.mode}")
         if self.resume is not None:  # a resumed search: the decided sizes, as decided
             for name, size in self.resume.sizes.items():
                 commit_keep = kept_neurons(scores[name], size)
                 if commit_keep is not None:
                     prune_mlp(mlp_graph(views[name], inputs[name]), views[name], commit_keep)
             self.log(f"search resumed after {len(self.resume.sizes)} decided MLPs")
-        pending = {n: v for n, v in views.items()
-                   if self.resume is None or n not in self.resume.sizes}
-        self.cache = StateCache(*self.cache_limits)
-        evaluate = EntropyEval(self.model, self.importance, self.val_batches, pending,
-                               self.cache, self.show_progress, self.feature_fn)
-        self.log(f"validation states cached: {evaluate.mode}")
 
         def commit(name: str, view: MLPView, keep: torch.Tensor | None) -> None:
             if keep is not None:
@@ -177,7 +198,15 @@ class AMPPruner:
         index_of = {n: i for i, n in enumerate(original)}
         threshold, extra = self.threshold, {}
         try:
-            if self.target is None:
+            if self.allocation is not None:
+                out = global_allocation(
+                    views, scores, evaluate, candidate, SizeModel(tower, views, example),
+                    self.allocation, self.threshold, self.target, self.round_to, index_of,
+                    self.show_progress, self.log)
+                for name in list(views)[::-1]:  # only the sizes allocated are pruned
+                    commit(name, views[name], out.keep[name])
+                evaluations, extra = out.evaluations, {"allocation": out.record}
+            elif self.target is None:
                 out = adaptive_search(
                     views, scores, evaluate, candidate, commit, threshold=self.threshold,
                     max_steps=self.max_steps, round_to=self.round_to, index_of=index_of,
@@ -194,17 +223,24 @@ class AMPPruner:
                 out, threshold = budget.outcome, budget.threshold
                 evaluations = sum(it.evaluations for it in budget.iterations)
                 extra = {"budget": budget.to_dict()}
+            entropy = out.entropy
+            if self.allocation is None and self.measure.name != DEFAULT_MEASURE:
+                # the search's values are the measure's: the entropy is reported beside it
+                value, after = evaluate.values("", None, entropy=True)
+                extra["measure"] = {"name": self.measure.name, **out.entropy, "final": value}
+                entropy = {"before": evaluate.original_entropy, "after": after}
+            extra["image_block_forwards"] = evaluate.image_block_forwards
         finally:
             evaluate.close()
             self.model.train(was_training)
         return PruneResult(
             hidden_sizes={n: v.hidden for n, v in find_mlps(tower).items()},
             original_sizes=original,
-            trace=out.trace,
+            trace=getattr(out, "trace", []),
             params=dict(before=before["params"], after=count_params(tower)),
             mlp_params=dict(before=before["mlp"], after=count_mlp_params(tower)),
             flops=dict(before=before["flops"], after=count_flops(tower, example)),
-            entropy=out.entropy,
+            entropy=entropy,
             threshold=threshold,
             max_steps=self.max_steps,
             round_to=self.round_to,

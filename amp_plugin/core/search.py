@@ -20,17 +20,19 @@ import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field
+from itertools import islice
 
 import torch
 from torch import nn
 
-from ..utils.dist import agree
+from ..utils.dist import agree, global_batch_size
 from ..utils.finite import NonFiniteError
 from ..utils.progress import Bar
 from ..utils.tensors import device_of, split_batch, to_device
 from .adapter import vision_tower
 from .cache import StateCache
 from .importance import AMPImportance
+from .measures import DEFAULT_MEASURE, SearchMeasure, make_measure
 from .mlp import MLPView, find_mlps
 
 
@@ -128,31 +130,40 @@ def head_mlps(model: nn.Module) -> list[str]:
 
 
 class EntropyEval:
-    """E_val(model) of ALGORITHM.md 3 for a search over the MLPs `views` of `model`.
+    """E_val(model) of ALGORITHM.md 3 for a search over the MLPs `views` of `model`, or the
+    mean of another search measure (`core.measures`) over the validation batches.
 
     The blocks before the one searched never change while it is searched, so the states
     entering each searched block are computed once and a trial runs only the blocks from
     there on (none for an MLP of the pooling head: its trials run the head alone). With a
     custom `feature_fn`, or an MLP elsewhere, every trial is a full forward pass instead.
+    A measure against the original model gets the original's reference for every batch,
+    computed here once (the model must be the original when this is built).
+    `block_forwards` counts the image-block forwards run (a full pass of an image: L).
     """
 
     def __init__(self, model: nn.Module, importance: AMPImportance, val_batches: Iterable,
                  views: Mapping[str, MLPView], cache: StateCache | None = None,
-                 show_progress: bool = True, feature_fn: Callable | None = None):
+                 show_progress: bool = True, feature_fn: Callable | None = None,
+                 measure: str | SearchMeasure = DEFAULT_MEASURE):
         self.model, self.importance = model, importance
         self.feature_fn = feature_fn or importance.feature_fn
         self.criterion = importance.criterion
+        self.measure = make_measure(measure, importance)
         # a list, or a re-iterable loader streaming the batches (only `full()` re-reads it)
         self.val_batches = val_batches
         if not len(val_batches):
             raise ValueError("val_batches is empty")
         self.tower, self.adapter = vision_tower(model)
+        self.n_blocks = len(self.adapter.blocks(self.tower))
         self.block_of = None
         if self.feature_fn is None:
             self.block_of = mlp_positions(self.tower, self.adapter, views)
         self.cache = None
         self.mode = "none (full forward per trial)"
         self.extras: list = []  # what the criterion needs besides images, per batch (small)
+        self.block_forwards = 0
+        self._batch_images: list[int] = []
         if self.block_of:  # None: full passes; empty: nothing left to search
             self.cache = cache or StateCache()
 
@@ -160,53 +171,115 @@ class EntropyEval:
                 for batch in val_batches:
                     x, extra = split_batch(batch)
                     self.extras.append(extra)
+                    self._batch_images.append(x.shape[0])
                     yield x
             self.mode = self.cache.fill(self.tower, self.adapter, images(), len(val_batches),
                                         starts=sorted(set(self.block_of.values())),
                                         show_progress=show_progress)
         self._pending = dict(self.block_of or {})
         self.keep_states = False  # budget mode searches several times over the same states
+        self.references: list | None = None
+        self.original_entropy: float | None = None
+        if "original" in self.measure.needs:
+            self.references = self._original_references()
 
     @property
     def nbytes(self) -> int:
         return self.cache.nbytes if self.cache is not None else 0
+
+    @property
+    def image_block_forwards(self) -> int:
+        """Image-block forwards so far: the cache's (filling, recomputing) and the trials'."""
+        return self.block_forwards + (self.cache.block_forwards if self.cache else 0)
 
     def _features(self, state, extra) -> torch.Tensor:
         feats = self.adapter.head(self.tower, state)
         return self.adapter.project(self.tower, feats) if self.importance.projects(
             extra) else feats
 
-    @torch.no_grad()
-    def __call__(self, name: str) -> float:
-        """E_val with the model as it is now, for a trial of MLP `name`."""
-        if self.block_of is None or name not in self._pending:
-            return self.full()
-        start, device = self.block_of[name], device_of(self.model)
-        n_blocks, total = len(self.adapter.blocks(self.tower)), 0.0
-        for b, extra in enumerate(self.extras):
+    def _batch_features(self, start: int | None, count: int | None):
+        """(features, extra) of the first `count` validation batches (all: None) with the
+        model as it is now: from the states entering block `start`, or by full passes."""
+        device = device_of(self.model)
+        if start is None:
+            for batch in islice(self.val_batches, count):
+                images, extra = split_batch(batch)
+                images = images.to(device)
+                feats = (self.feature_fn(self.model, images) if self.feature_fn is not None
+                         else self.importance.features(self.model, images, extra))
+                self.block_forwards += self.n_blocks * images.shape[0]
+                yield feats, to_device(extra, device)
+            return
+        for b, extra in enumerate(self.extras[:count]):
             state = self.cache.get(start, b)
-            for i in range(start, n_blocks):
+            for i in range(start, self.n_blocks):
                 state = self.adapter.run_block(self.tower, i, state)
-            total += float(self.criterion(self._features(state, extra), to_device(extra, device)))
-        return agree(total / len(self.val_batches))
+            self.block_forwards += (self.n_blocks - start) * state[0].shape[0]
+            yield self._features(state, extra), to_device(extra, device)
 
     @torch.no_grad()
+    def _original_references(self) -> list:
+        """The measure's reference of every batch, and E_val, of the model as it is now."""
+        start = max(self.block_of.values()) if self.block_of else None
+        refs, ent = [], 0.0
+        for feats, extra in self._batch_features(start, None):
+            refs.append(self.measure.reference(feats))
+            ent += float(self.criterion(feats, extra))
+        self.original_entropy = agree(ent / len(refs))
+        return refs
+
+    def batches_for(self, images: int | None) -> int | None:
+        """How many of the first validation batches hold `images` images (rounded down,
+        at least one; counted over all ranks); None: all of them."""
+        if images is None:
+            return None
+        if not self._batch_images:  # full passes: read the batch sizes off the data
+            self._batch_images = [split_batch(b)[0].shape[0] for b in self.val_batches]
+        per_batch = global_batch_size(self._batch_images[0])
+        return max(1, min(len(self._batch_images), images // per_batch))
+
+    def _start(self, name: str) -> int | None:
+        if self.block_of is None or name not in self._pending:
+            return None
+        return self.block_of[name]
+
+    @torch.no_grad()
+    def values(self, name: str, batches: int | None = None, entropy: bool = False
+               ) -> tuple[float, float | None]:
+        """(the measure, and the criterion's entropy when asked) with the model as it is
+        now, for a trial of MLP `name`, over the first `batches` validation batches (all:
+        None); one forward per batch serves both."""
+        count = len(self.val_batches) if batches is None else min(batches,
+                                                                  len(self.val_batches))
+        total, ent = 0.0, 0.0
+        for b, (feats, extra) in enumerate(self._batch_features(self._start(name), count)):
+            ref = self.references[b] if self.references is not None else None
+            total += float(self.measure(feats, extra, ref))
+            if entropy:
+                ent += float(self.criterion(feats, extra))
+        return agree(total / count), (agree(ent / count) if entropy else None)
+
+    def __call__(self, name: str, batches: int | None = None) -> float:
+        """The measure (E_val by default) with the model as it is now, for a trial of MLP
+        `name`, over the first `batches` validation batches (all: None)."""
+        return self.values(name, batches)[0]
+
     def full(self) -> float:
-        """E_val by full forward passes."""
-        device, total = device_of(self.model), 0.0
-        for batch in self.val_batches:
-            images, extra = split_batch(batch)
-            images = images.to(device)
-            feats = (self.feature_fn(self.model, images) if self.feature_fn is not None
-                     else self.importance.features(self.model, images, extra))
-            total += float(self.criterion(feats, to_device(extra, device)))
-        return agree(total / len(self.val_batches))
+        """The measure by full forward passes."""
+        return self.values("", None)[0]
 
     def done(self, name: str) -> None:
         """MLP `name` is decided: free the states of its block once no MLP needs them."""
         start = self._pending.pop(name, None)
         if (start is not None and self.cache is not None and not self.keep_states
                 and start not in self._pending.values()):
+            self.cache.drop(start)
+
+    def release(self, name: str) -> None:
+        """Trials of MLP `name` are over for now: free its block's states where they can be
+        computed again from a checkpoint (kept otherwise: they may be needed again)."""
+        start = (self.block_of or {}).get(name)
+        if start is not None and self.cache is not None and self.cache.recomputable(start):
             self.cache.drop(start)
 
     def rewind(self) -> None:
@@ -252,11 +325,14 @@ Candidate = Callable[[str, MLPView, torch.Tensor], AbstractContextManager]
 Commit = Callable[[str, MLPView, torch.Tensor | None], None]
 
 
-def _finite(entropy: float, name: str, size: int) -> float:
-    if not math.isfinite(entropy):
-        raise NonFiniteError(f"prune: the validation entropy is {entropy} with MLP {name} at "
-                             f"{size} neurons")
-    return entropy
+def measure_label(measure: str) -> str:
+    return "validation entropy" if measure == DEFAULT_MEASURE else f"search measure {measure}"
+
+
+def _finite(value: float, name: str, size: int, what: str = "validation entropy") -> float:
+    if not math.isfinite(value):
+        raise NonFiniteError(f"prune: the {what} is {value} with MLP {name} at {size} neurons")
+    return value
 
 
 def kept_neurons(scores: torch.Tensor, size: int) -> torch.Tensor | None:
@@ -292,12 +368,13 @@ def adaptive_search(
     trace = state.trace
     names = [n for n in list(views)[::-1] if n not in state.sizes]
     cache = f"cache: {evaluate.mode.split(' (')[0]}"
+    what = measure_label(evaluate.measure.name)
     with Bar(description, len(views), show_progress, status=cache) as bar:
         bar.advance(len(views) - len(names))
         for name in names:
             view = views[name]
             if state.e_prev is None:
-                state.e_prev = _finite(evaluate(name), name, view.hidden)
+                state.e_prev = _finite(evaluate(name), name, view.hidden, what)
                 state.evaluations += 1
                 state.e_start = state.e_prev if state.e_start is None else state.e_start
             order = keep_order(scores[name]).to(view.output.weight.device)
@@ -311,7 +388,7 @@ def adaptive_search(
                          f"{cache}")
                 if size not in measured:
                     with candidate(name, view, order[:size]):
-                        measured[size] = _finite(evaluate(name), name, size)
+                        measured[size] = _finite(evaluate(name), name, size, what)
                     state.evaluations += 1
                 ok = measured[size] - reference <= threshold
                 trace.append(Trial(name, index_of[name], size, measured[size], ok, reference))

@@ -30,7 +30,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save
 from torch import nn
 
-from ..config import STAGES, DataConfig, Recipe
+from ..config import STAGES, DataConfig, Recipe, SearchConfig
 from ..core.adapter import get_adapter, vision_tower
 from ..core.criterion import criterion_info
 from ..core.importance import AMPImportance, ScoreState
@@ -346,8 +346,10 @@ class Run:
 
     def stage_prune(self) -> dict:
         r = self.recipe
-        # the cache settings change where states are kept, never the result
-        fp = fingerprint(self._score_fp(), r.amp.model_dump(exclude={"cache"}))
+        # the cache settings change where states are kept, never the result; default search
+        # settings leave the fingerprint of runs made before they existed as it was
+        fp = fingerprint(self._score_fp(), r.amp.model_dump(
+            exclude={"cache"} | ({"search"} if r.amp.search == SearchConfig() else set())))
         done = self._done("prune", fp, self.dir.pruned)
         if done is not None:
             self.log("prune: kept from an earlier run")
@@ -371,15 +373,18 @@ class Run:
                                                      "state": state.to_dict()})
 
         c = r.amp.cache
+        # budget mode and global allocation decide every size at the end: nothing to resume
+        one_shot = r.amp.target is not None or r.amp.search.allocation == "global"
         example = split_batch(next(iter(val)))[0][:1]
         pruner = AMPPruner(
             model, example, imp, val, r.amp.threshold, r.amp.max_steps,
             r.amp.round_to, cache_device_bytes=int(c.device_gib * 2**30),
             cache_host_bytes=int(c.host_gib * 2**30), cache_dir=c.dir,
             cache_disk_bytes=None if c.disk_gib is None else int(c.disk_gib * 2**30),
-            show_progress=self.show_progress, log=self.log, resume=resume,
-            on_decided=None if r.amp.target else on_decided, search_head=r.amp.search_head,
-            target=r.amp.target.spec() if r.amp.target else None)
+            show_progress=self.show_progress, log=self.log,
+            resume=None if one_shot else resume, on_decided=None if one_shot else on_decided,
+            search_head=r.amp.search_head, target=r.amp.target.spec() if r.amp.target else None,
+            measure=r.amp.search.measure, allocation=r.amp.search.allocation_spec())
         try:
             result = pruner.step().to_dict()
         except NonFiniteError as e:
@@ -399,7 +404,16 @@ class Run:
         self._models["pruned"] = model
         b, a = result["mlp_params"]["before"], result["mlp_params"]["after"]
         self.log(f"prune: MLP parameters {b:,} -> {a:,} ({100 * (1 - a / b):.1f}% removed), "
-                 f"{result['evaluations']} entropy evaluations, cache: {result['cache']}")
+                 f"{result['evaluations']} "
+                 f"{'entropy' if r.amp.search.measure == 'entropy_rise' else r.amp.search.measure}"
+                 " evaluations, "
+                 f"cache: {result['cache']}")
+        alloc = result["extra"].get("allocation")
+        if alloc is not None:
+            self.log(f"prune: global allocation by {alloc['measure']}: predicted "
+                     f"{alloc['predicted']:.4g}, verified {alloc['verified']:.4g}, "
+                     f"{alloc['curve_points']} curve points"
+                     + (f"; {alloc['message']}" if alloc["message"] else ""))
         return result
 
     def distiller(self):

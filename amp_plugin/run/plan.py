@@ -133,7 +133,8 @@ def data_cost(n_blocks: int, flops: int, state_bytes: int, calib_images: int, va
     chosen = {"mode": "full", "bytes": full_bytes, "search_flops": cached}
     if full_bytes > budget:  # as StateCache decides: checkpoints spaced to fit the budget
         fit_bytes, fit_flops = checkpointed(int(budget // per_block))
-        chosen = {"mode": "checkpointed", "bytes": fit_bytes, "search_flops": fit_flops}
+        chosen = {"mode": "checkpointed", "bytes": fit_bytes, "search_flops": fit_flops,
+                  "checkpoints": checkpoint_plan(starts, int(budget // per_block))}
         if fit_bytes > budget:
             chosen["mode"] = "does not fit: raise amp.cache or lower data.val_images"
     return {
@@ -144,6 +145,62 @@ def data_cost(n_blocks: int, flops: int, state_bytes: int, calib_images: int, va
                                  "budget": budget},
         "chosen": chosen,
     }
+
+
+def refinement_points(hidden: int, grid: int, coarse_points: int, refine_rounds: int) -> int:
+    """Grid points one solve's refinement adds to a curve at most: each round measures the
+    points halfway to the chosen size's two neighbours, until they are one grid unit apart."""
+    step = hidden / coarse_points / grid  # coarse spacing in grid units
+    return 2 * min(refine_rounds, max(0, math.ceil(math.log2(step)))) if step > 1 else 0
+
+
+def recompute_forwards(n_blocks: int, checkpoints: list[int] | None, images: int) -> int:
+    """Image-block forwards to recompute the states entering every block from the
+    checkpoints below them once (0 with the full cache)."""
+    if checkpoints is None:
+        return 0
+    return sum(i - max(c for c in checkpoints if c <= i) for i in range(n_blocks)) * images
+
+
+def global_cost(hidden: list[int], val_images: int, curve_images: int, grid: int,
+                coarse_points: int, refine_rounds: int, verifications: int,
+                original_references: bool = True, checkpoints: list[int] | None = None
+                ) -> dict[str, Any]:
+    """Image-block forwards of the global allocation (`core.allocation`) over MLPs of
+    `hidden` sizes, one per block in forward order (block l of L), beside the greedy
+    binary search's, both with the state cache.
+
+    Greedy: the caching pass (blocks 0..L-2), one reference evaluation (block L-1), and
+    max_steps trials of block l, each running blocks l..L-1. Global: the caching pass, the
+    original's references and values (block L-1), each curve point of block l running
+    blocks l..L-1 on the curve images (coarse points plus what one solve's refinement adds),
+    and `verifications` passes of all blocks on all images. With a checkpointed cache the
+    states of the curve images are recomputed from the checkpoints once per sweep over the
+    blocks (the coarse grid, then each refinement round)."""
+    n = len(hidden)
+    cache = (n - 1) * val_images
+    from ..core.allocation import coarse_sizes
+
+    points = [len(coarse_sizes(h, grid, coarse_points))
+              + refinement_points(h, grid, coarse_points, refine_rounds) for h in hidden]
+    curves = sum(p * (n - i) for i, p in enumerate(points)) * curve_images
+    bases = (1 + original_references) * val_images + (curve_images < val_images) * curve_images
+    verification = verifications * n * val_images
+    sweeps = 1 + max(p // 2 for p in [refinement_points(h, grid, coarse_points, refine_rounds)
+                                      for h in hidden])
+    cache += sweeps * recompute_forwards(n, checkpoints, curve_images)
+    total = cache + bases + curves + verification
+    return {"curve_images": curve_images, "points_per_curve": max(points),
+            "points": sum(points), "image_block_forwards": {
+                "cache": cache, "references_and_bases": bases, "curves": curves,
+                "verification": verification, "total": total},
+            "full_forward_equivalents": round(total / (n * val_images), 1),
+            "curves_full_forward_equivalents": round(curves / (n * val_images), 1)}
+
+
+def greedy_block_forwards(n_blocks: int, max_steps: int, val_images: int) -> int:
+    """Image-block forwards of the cached greedy search (see `global_cost`)."""
+    return (n_blocks - 1 + 1 + max_steps * n_blocks * (n_blocks + 1) // 2) * val_images
 
 
 def budget_cost(cost: dict[str, Any], max_searches: int) -> dict[str, Any]:
@@ -161,7 +218,35 @@ def budget_cost(cost: dict[str, Any], max_searches: int) -> dict[str, Any]:
     }
 
 
-def plan(recipe: Recipe, ranks: int = 1) -> dict[str, Any]:
+def allocation_cost(recipe: Recipe, hidden: list[int], val_images: int,
+                    curve_images: int | None = None, checkpoints: list[int] | None = None
+                    ) -> dict[str, Any]:
+    """Greedy search and global allocation side by side, in image-block forwards, at the
+    recipe's search settings (`curve_images` overrides amp.search.curve_images), with the
+    cache checkpointed at `checkpoints` (None: full)."""
+    a, s = recipe.amp, recipe.amp.search
+    batch = recipe.data.batch_size
+    curve = curve_images or s.curve_images or val_images
+    curve = max(batch, min(val_images, curve // batch * batch))
+    grid = a.round_to or s.grid
+    threshold_mode = a.target is None
+    glob = global_cost(hidden, val_images, curve, grid, s.coarse_points, s.refine_rounds,
+                       s.max_verifications if threshold_mode else 1,
+                       s.measure != "entropy_rise", checkpoints)
+    n = len(hidden)
+    greedy = (greedy_block_forwards(n, a.max_steps, val_images)
+              + recompute_forwards(n, checkpoints, val_images))
+    glob.update(grid=grid, coarse_points=s.coarse_points, refine_rounds=s.refine_rounds,
+                verifications=s.max_verifications if threshold_mode else 1,
+                cache="checkpointed" if checkpoints else "full")
+    return {"blocks": n, "val_images": val_images, "greedy": {
+        "image_block_forwards": greedy,
+        "full_forward_equivalents": round(greedy / (n * val_images), 1)},
+        "global": glob, "curves_over_greedy": glob["image_block_forwards"]["curves"] / greedy,
+        "chosen": s.allocation}
+
+
+def plan(recipe: Recipe, ranks: int = 1, curve_images: int | None = None) -> dict[str, Any]:
     t0 = time.perf_counter()
     spec = recipe.model
     model = build_meta(spec)
@@ -193,6 +278,9 @@ def plan(recipe: Recipe, ranks: int = 1) -> dict[str, Any]:
     cost["at_data_size"] = data_cost(len(views), flops, tokens * width * bytes_per,
                                      calib_images, val_imgs, recipe.amp.max_steps, ranks,
                                      recipe.amp.cache)
+    cost["allocation"] = allocation_cost(recipe, [v.hidden for v in views.values()],
+                                         val_imgs, curve_images,
+                                         cost["at_data_size"]["chosen"].get("checkpoints"))
     return {
         "recipe": recipe.name,
         "model": spec.model_dump(),

@@ -4,7 +4,8 @@ The schema is `amp_plugin.config`; here a file is read, `--set` overrides are ap
 the result is validated, and what only the registries know is checked: the data source
 exists, it gives what the criterion needs (text, labels), the eval tasks exist and can
 be fed, and every file or folder the recipe names exists. Errors name the file and key
-path; nothing is written to the run directory until the recipe is valid.
+path; nothing is written to the run directory until the recipe is valid. A recipe may
+start from another (`extends: other.yaml`) and change only what differs.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from ..config import Recipe
 from ..core.criterion import criterion_info
 from ..data import get_source, list_sources
 from ..evaluate import get_task, list_tasks
+from ..utils.io import deep_merge
 
 RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
 DEFAULT_RECIPE = "demo_digits"
@@ -77,6 +79,13 @@ def registry_errors(r: Recipe) -> list[str]:
         gives = ", ".join(sorted(source.gives)) or "images only"
         errors.append(f"amp.criterion: {r.amp.criterion!r} needs {info.needs.replace('_', ' ')}"
                       f" with each batch, but data.kind {r.data.kind!r} gives {gives}")
+    n = r.amp.search.curve_images
+    if n is not None and n < r.data.batch_size:
+        errors.append(f"amp.search.curve_images: {n} is fewer than one batch (data.batch_size "
+                      f"{r.data.batch_size})")
+    if n is not None and r.data.val_images != "all" and n > r.data.val_images:
+        errors.append(f"amp.search.curve_images: {n} is more than data.val_images "
+                      f"{r.data.val_images}")
     for i, name in enumerate((r.eval.tasks or []) if r.eval else []):
         if name not in list_tasks():
             errors.append(f"eval.tasks.{i}: unknown task {name!r}; expected one of "
@@ -109,10 +118,7 @@ def parse_yaml(text: str):
     return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
 
 
-def load_recipe(recipe: str | Path | None = None, overrides: dict | None = None,
-                check_paths: bool = True) -> Recipe:
-    """Read and validate a recipe; raises RecipeError naming the file and key path."""
-    path = resolve_recipe_path(recipe)
+def _read_mapping(path: Path) -> dict:
     try:
         raw = parse_yaml(path.read_bytes().decode("utf-8"))
     except UnicodeDecodeError as e:
@@ -121,6 +127,34 @@ def load_recipe(recipe: str | Path | None = None, overrides: dict | None = None,
         raise RecipeError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(raw, dict):
         raise RecipeError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
+    return raw
+
+
+def read_raw(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """A recipe file as plain data, with `extends: OTHER.yaml` resolved: the other recipe
+    (a path relative to this file, or a shipped name) with this file's keys merged over it
+    (sections merge key by key; lists and values replace)."""
+    raw = _read_mapping(path)
+    base = raw.pop("extends", None)
+    if base is None:
+        return raw
+    if not isinstance(base, str):
+        raise RecipeError(f"{path}: extends: expected a recipe file name, got {base!r}")
+    local = path.parent / base
+    try:
+        base_path = local if local.is_file() else resolve_recipe_path(base)
+    except RecipeError:
+        raise RecipeError(f"{path}: extends: recipe file not found: {base}") from None
+    if base_path.resolve() in seen + (path.resolve(),):
+        raise RecipeError(f"{path}: extends: {base} extends this file again (a cycle)")
+    return deep_merge(read_raw(base_path, seen + (path.resolve(),)), raw)
+
+
+def load_recipe(recipe: str | Path | None = None, overrides: dict | None = None,
+                check_paths: bool = True) -> Recipe:
+    """Read and validate a recipe; raises RecipeError naming the file and key path."""
+    path = resolve_recipe_path(recipe)
+    raw = read_raw(path)
     for dotted, value in (overrides or {}).items():
         node = raw
         *parents, leaf = dotted.split(".")

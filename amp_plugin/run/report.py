@@ -28,6 +28,7 @@ from ..utils.io import atomic_write, deep_merge, read_json, to_jsonable, write_j
 from .layout import RunDir
 
 PLOTS = ("hidden_sizes.png", "search_trace.png")
+CURVES_PLOT = "allocation_curves.png"  # global allocation only
 ROLE_TITLES = {"teacher": "original", "pruned": "pruned", "distilled": "distilled"}
 PRUNE_KEYS = ("hidden_sizes", "original_sizes", "params", "mlp_params", "flops", "entropy",
               "max_steps", "round_to", "evaluations", "cache", "trace")
@@ -58,8 +59,15 @@ def build_report(recipe: Recipe, run_dir: str | Path | RunDir,
             "validation": (rd.stage_meta("prune") or {}).get("data")}
     if any(data.values()):
         report["data"] = data
-    if "budget" in prune.get("extra", {}):  # budget mode: target, every outer iteration
-        report["budget"] = prune["extra"]["budget"]
+    extra = prune.get("extra", {})
+    if "budget" in extra:  # budget mode: target, every outer iteration
+        report["budget"] = extra["budget"]
+    report["search"] = {"measure": recipe.amp.search.measure,
+                        "allocation": recipe.amp.search.allocation}
+    if "allocation" in extra:  # global: curves, sizes, predicted and verified distortion
+        report["allocation"] = extra["allocation"]
+    if "measure" in extra:  # greedy on another measure: its values beside the entropy
+        report["search"]["values"] = extra["measure"]
     report.update({k: ev[k] for k in _eval_sections() if k in ev})
     distill = rd.stage_meta("distill")
     if distill is not None:
@@ -190,7 +198,14 @@ def render_table(report: dict) -> Table:
                 mark = footnotes.setdefault(r.footnote, "*" * (len(footnotes) + 1))
                 label = f"{label} {mark}"
             table.add_row(label, *cells, note)
-    notes = [f"threshold {report['threshold']:g}"] if "threshold" in report else []
+    alloc = report.get("allocation")
+    notes = [f"threshold {report['threshold']:g}"] if "threshold" in report and not (
+        alloc and alloc.get("mode") == "budget") else []
+    if alloc:
+        notes.insert(0, f"global allocation by {alloc['measure']} (predicted "
+                        f"{alloc['predicted']:.4g}, verified {alloc['verified']:.4g})")
+    elif (report.get("search") or {}).get("measure", "entropy_rise") != "entropy_rise":
+        notes.insert(0, f"greedy search on {report['search']['measure']}")
     if "inv_temperature" in report:
         notes.append(f"1/T {report['inv_temperature']:g}")
     if "evaluations" in report:
@@ -310,12 +325,56 @@ def plot_search_trace(report: dict, path: Path) -> Path:
     return _save(fig, path)
 
 
+def plot_allocation_curves(report: dict, path: Path) -> Path:
+    """Each block's distortion against its kept fraction (that block alone cut), one line
+    per block, with the size the global allocation chose marked on it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    alloc = report["allocation"]
+    curves = alloc["curves"]
+    fig, ax = plt.subplots(figsize=(8.0, 5.0))
+    cmap = plt.get_cmap("viridis")
+    for i, (name, c) in enumerate(curves.items()):
+        hidden = c["hidden"]
+        xs = [s / hidden for s in c["sizes"]] + [1.0]
+        ys = list(c["distortion"]) + [0.0]
+        color = cmap(i / max(1, len(curves) - 1))
+        label = f"block {block_label(name, c['index'])}" if len(curves) <= 16 else None
+        ax.plot(xs, ys, "-o", color=color, markersize=2.5, linewidth=1.1, label=label)
+        chosen = alloc["hidden_sizes"].get(name)
+        if chosen is not None:
+            at = (0.0 if chosen == hidden else dict(zip(c["sizes"], c["distortion"],
+                                                        strict=True)).get(chosen))
+            if at is not None:
+                ax.plot([chosen / hidden], [at], "*", color=color, markersize=11,
+                        markeredgecolor="black", markeredgewidth=0.5, zorder=4)
+    ax.set_xlabel("kept fraction of the block's MLP neurons (the other blocks whole)")
+    ax.set_ylabel(f"distortion ({alloc['measure']}, minus the original's)")
+    ax.set_xlim(0, 1.02)
+    what = (f"target {alloc['target']['measure']} {alloc['target']['value']:g}"
+            if alloc.get("target") else f"threshold {alloc['threshold']:g}")
+    ax.set_title(f"{report.get('name', '')}: global allocation ({what}); stars: chosen sizes"
+                 f"\npredicted {alloc['predicted']:.4g} (sum of the curves), verified "
+                 f"{alloc['verified']:.4g} (all blocks cut at once)", fontsize=10)
+    ax.grid(alpha=0.3)
+    if len(curves) <= 16:
+        ax.legend(fontsize=8, ncol=2, framealpha=0.9)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
 def plot_report(report: dict, out_dir: str | Path) -> list[Path]:
-    """The PNG plots the report has data for (hidden sizes, search trace)."""
+    """The PNG plots the report has data for (hidden sizes, search trace, allocation
+    curves)."""
     out_dir = Path(out_dir)
     paths = []
     if report.get("original_sizes") and report.get("hidden_sizes"):
         paths.append(plot_hidden_sizes(report, out_dir / PLOTS[0]))
     if report.get("trace"):
         paths.append(plot_search_trace(report, out_dir / PLOTS[1]))
+    if (report.get("allocation") or {}).get("curves"):
+        paths.append(plot_allocation_curves(report, out_dir / CURVES_PLOT))
     return paths
