@@ -92,7 +92,7 @@ def plot_study(result: dict, out: Path) -> list[Path]:
     axes[-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
     fig.suptitle(f"Per-block sizes at equal MLP parameters, no distillation: prototype "
                  f"(original's class means) and re-fit kNN\n(mean ± sd over "
-                 f"{len(result['config']['seeds'])} seeds)")
+                 f"{len(result['config']['seeds'])} seeds)", y=1.06)
     paths.append(_save(fig, out / "adaptive_vs_uniform.png"))
 
     # criteria: pruned and distilled kNN at equal parameters
