@@ -22,6 +22,12 @@ def study_cmd(
     deep_teacher_seed: int = typer.Option(None, help="one deeper teacher (this seed) for "
                                                      "every seed, instead of one per seed"),
     budgets: str = typer.Option("0.2,0.35,0.5,0.65", help="MLP-parameter fractions kept"),
+    measures: str = typer.Option("kl,cosine,entropy_rise",
+                                 help="search measures allocated globally at each budget"),
+    distill_budgets: str = typer.Option("0.2,0.5", help="budgets whose sizings are also "
+                                                       "distilled (empty: none)"),
+    distill_hows: str = typer.Option("authors,uniform,global_kl",
+                                     help="sizings distilled at those budgets"),
     val_sizes: str = typer.Option("64,128,256,512,768", help="validation images tried"),
     max_searches: int = typer.Option(8, help="budget mode: AMP searches at most"),
     tolerance: float = typer.Option(0.02, help="budget mode: relative tolerance"),
@@ -29,8 +35,9 @@ def study_cmd(
                                      help="redo study.md and the plots from STUDY_DIR/study.json"),
     set_: list[str] = SetOpt,
 ) -> None:
-    """Criterion, adaptive vs uniform, distillation and validation-set size, over seeds
-    (a benchmark: 11 minutes measured on an idle 2-core CPU, longer on a shared one)."""
+    """Criteria; the authors' per-block rule vs uniform sizes vs global allocation at equal
+    MLP parameters, before and after distillation; validation-set size; over seeds (a
+    benchmark: tens of minutes on 2 CPU cores, see docs/study)."""
     from amp_plugin.bench.study import StudyConfig, rerender, run_study
 
     console = Console()
@@ -44,8 +51,14 @@ def study_cmd(
                       teachers=tuple(t.strip() for t in teachers.split(",")),
                       budgets=tuple(float(b) for b in budgets.split(",")),
                       val_sizes=tuple(int(n) for n in val_sizes.split(",")),
+                      measures=_names(measures), distill_hows=_names(distill_hows),
+                      distill_budgets=tuple(float(b) for b in _names(distill_budgets)),
                       max_searches=max_searches, tolerance=tolerance,
                       deep_teacher_seed=deep_teacher_seed, log=console.log)
     result = run_study(cfg)
     console.print((out / "study.md").read_text())
     console.log(f"study: {out / 'study.json'} ({result['seconds']['total'] / 60:.1f} min)")
+
+
+def _names(csv: str) -> tuple[str, ...]:
+    return tuple(n.strip() for n in csv.split(",") if n.strip())

@@ -127,9 +127,10 @@ def _rows():
             rows.append(dict(base, experiment="criterion", criterion=crit, kept=kept,
                              hidden_sizes={"a": 10}, threshold=1e-3, reached=seed != 2,
                              **_metrics(knn), **_metrics(knn + 1, "_distilled")))
-        for how in ("adaptive", "uniform"):
+        for how, m in (("authors", knn - 20), ("uniform", knn), ("global_kl", knn + 2 + seed)):
             rows.append(dict(base, experiment="budget", how=how, budget=0.5, kept=kept,
-                             hidden_sizes={"a": 10}, reached=True, **_metrics(knn)))
+                             hidden_sizes={"a": 10}, reached=how != "authors" or seed != 0,
+                             **_metrics(m), **_metrics(m + 1 + seed, "_distilled")))
         for n, size in ((64, 8 + seed), (128, 10)):
             rows.append(dict(base, experiment="val_size", val_images=n, kept=kept,
                              hidden_sizes={"a": size}, original_sizes={"a": 20},
@@ -161,10 +162,22 @@ def test_summary_and_report_from_rows(tmp_path):
     assert v64["size_change"]["mean"] == pytest.approx(statistics.fmean([0.1, 0.05, 0.0]))
     md = (tmp_path / "study.md").read_text()
     assert "target missed in 1 of 3 seeds" in md and "| 50% |" in md
+    assert "| 50% | authors' rule (greedy entropy rise) | 50.0 ± 2.0 (target missed in 1 of " \
+           "3 seeds) |" in md
     # every table shows the fixed-side metrics first, re-fit kNN and probe after them
     header = ("| prototype | kNN, original's index | identification | cosine to original | "
               "kNN re-fit | probe re-fit |")
-    assert md.count(header) == 4
+    assert md.count(header) == 6  # + the distilled sizings and the paired differences
+    # paired by seed against uniform: global_kl - uniform = 2, 3, 4 points, distilled too
+    # ((knn + 2 + seed) + 1 + seed) - (knn + 1 + seed)
+    g = s["paired"]["global_kl"][0]
+    assert g["budget"] == 0.5
+    assert g["prototype"] == pytest.approx({"mean": 3.0, "sd": 1.0, "n": 3})
+    assert g["knn_distilled"] == pytest.approx({"mean": 3.0, "sd": 1.0, "n": 3})
+    assert s["paired"]["authors"][0]["prototype"]["mean"] == pytest.approx(-20.0)
+    assert "uniform" not in s["paired"]
+    assert (s["budget"]["authors"][0]["seeds"], s["budget"]["authors"][0]["reached"]) == (3, 2)
+    assert "| 50% | global, KL | pruned | 3.0 ± 1.0 |" in md
     assert "| original | 85.0 ± 0.0 | 90.0 ± 0.0 | 100.0 ± 0.0 | 1.000 ± 0.000 | 95.0 ± 0.0 " \
            "| 94.0 ± 0.0 |" in md
     assert "| 50% | uniform | 50.0 ± 2.0 | 82.0 ± 2.0 |" in md

@@ -3,8 +3,10 @@
     criterion     entropy Taylor vs one-hot cross-entropy Taylor (digit labels, through a
                   logistic-regression head) vs Torch-Pruning's MagnitudeImportance, each at
                   the same kept MLP parameters (budget mode), before and after distillation
-    adaptive      AMP's per-block sizes vs the same MLP parameters kept uniformly (top-scored
-                  neurons in every block), at several budgets
+    budget        at several budgets of MLP parameters: the authors' per-block rule (budget
+                  mode), the same MLP parameters kept uniformly (top-scored neurons in every
+                  block), and global allocation by each search measure; some of them also
+                  distilled; differences to uniform paired by seed
     distillation  original vs pruned vs distilled (from the criterion runs)
     val_size      sizes and accuracy vs the number of validation images of the search
 
@@ -79,6 +81,11 @@ class StudyConfig:
     deep_depth: int = 8
     deep_epochs: int = 60
     budgets: tuple[float, ...] = (0.2, 0.35, 0.5, 0.65)
+    # sizes at each budget: the authors' rule (greedy entropy rise), uniform, and global
+    # allocation by each search measure
+    measures: tuple[str, ...] = ("kl", "cosine", "entropy_rise")
+    distill_budgets: tuple[float, ...] = (0.2, 0.5)  # budget rows also distilled here
+    distill_hows: tuple[str, ...] = ("authors", "uniform", "global_kl")
     criterion_budget: float = 0.5
     val_sizes: tuple[int, ...] = (64, 128, 256, 512, 768)
     tolerance: float = 0.02
@@ -246,6 +253,25 @@ def amp_prune(cfg: StudyConfig, teacher: nn.Module, scores: dict, val: list,
     return model, result.to_dict()
 
 
+def global_prune(cfg: StudyConfig, teacher: nn.Module, scores: dict, val: list,
+                 keep: float, measure: str) -> tuple[nn.Module, dict]:
+    """Global allocation by `measure` keeping `keep` of the MLP parameters."""
+    a = cfg.recipe.amp
+    model = copy.deepcopy(teacher)
+    imp = AMPImportance(a.inv_temperature, show_progress=False).load_scores(scores, model)
+    target = {"mlp_params": keep, "tolerance": cfg.tolerance}
+    result = AMPPruner(model, val[0][:1], imp, val, a.threshold, a.max_steps,
+                       show_progress=False, target=target, measure=measure,
+                       allocation="global").step()
+    return model, result.to_dict()
+
+
+def _reached(result: dict) -> bool:
+    """Whether a budget-mode or global search met its target (uniform sizes always do)."""
+    extra = result.get("extra") or {}
+    return bool((extra.get("budget") or extra.get("allocation") or {}).get("reached", True))
+
+
 def uniform_prune(teacher: nn.Module, scores: dict, mlp_params: int,
                   example: torch.Tensor) -> tuple[nn.Module, dict]:
     """The same MLP parameters kept in every block (top-scored neurons of each)."""
@@ -332,20 +358,33 @@ def _seed_rows(cfg: StudyConfig, seed: int) -> tuple[list[dict], dict[str, float
                              hidden_sizes=res["hidden_sizes"], threshold=res["threshold"],
                              reached=res["extra"]["budget"]["reached"], **acc,
                              **{f"{k}_distilled": v for k, v in after.items()}))
-        # 2: adaptive vs uniform across budgets (entropy scores)
+        # 2: sizes at equal kept MLP parameters across budgets (entropy scores): the
+        # authors' rule, uniform, and global allocation by each measure
         for keep in cfg.budgets:
-            cfg.log(f"seed {seed}, {name} teacher: adaptive vs uniform at {keep:.0%}")
+            cfg.log(f"seed {seed}, {name} teacher: sizes at {keep:.0%}")
             pruned, res = at_budget.get(keep) or timed(
                 "search", amp_prune, cfg, teacher, scores["entropy"], val, keep)
             before = res["mlp_params"]["before"]
+            # uniform keeps what the authors' rule kept, so the two compare at equal size
             uni, ures = uniform_prune(teacher, scores["entropy"], res["mlp_params"]["after"],
                                       val[0][:1])
-            for how, model, r in (("adaptive", pruned, res), ("uniform", uni, ures)):
-                after = r["mlp_params"]["after"] if how == "adaptive" else r["mlp_params"]
-                rows.append(dict(base, experiment="budget", how=how, budget=keep,
-                                 kept=after / before, hidden_sizes=r["hidden_sizes"],
-                                 reached=res["extra"]["budget"]["reached"],
-                                 **timed("evaluation", probe, model, teacher)))
+            variants = [("authors", pruned, res["mlp_params"]["after"], res),
+                        ("uniform", uni, ures["mlp_params"], ures)]
+            for m in cfg.measures:
+                g, gres = timed("search", global_prune, cfg, teacher, scores["entropy"], val,
+                                res["mlp_params"]["after"] / before, m)
+                variants.append((f"global_{m}", g, gres["mlp_params"]["after"], gres))
+            for how, model, after, r in variants:
+                row = dict(base, experiment="budget", how=how, budget=keep,
+                           kept=after / before, hidden_sizes=r["hidden_sizes"],
+                           reached=_reached(r),
+                           **timed("evaluation", probe, model, teacher))
+                if keep in cfg.distill_budgets and how in cfg.distill_hows:
+                    student = timed("distillation", distill, cfg, teacher, model,
+                                    work / f"{name}_{seed}_{how}_{keep}", seed)
+                    row.update({f"{k}_distilled": v for k, v in
+                                timed("evaluation", probe, student, teacher).items()})
+                rows.append(row)
         # 4: validation-set size, at the recipe's threshold
         for n in cfg.val_sizes:
             cfg.log(f"seed {seed}, {name} teacher: {n} validation images")
@@ -405,6 +444,8 @@ def _config_dict(cfg: StudyConfig) -> dict:
     a = cfg.recipe.amp
     return dict(seeds=list(cfg.seeds), deep_depth=cfg.deep_depth, deep_epochs=cfg.deep_epochs,
                 budgets=list(cfg.budgets), criterion_budget=cfg.criterion_budget,
+                measures=list(cfg.measures), distill_budgets=list(cfg.distill_budgets),
+                distill_hows=list(cfg.distill_hows),
                 val_sizes=list(cfg.val_sizes), tolerance=cfg.tolerance,
                 max_searches=cfg.max_searches, distill_epochs=cfg.distill_epochs,
                 threshold=a.threshold, inv_temperature=a.inv_temperature,
@@ -417,6 +458,27 @@ def _config_dict(cfg: StudyConfig) -> dict:
 def mean_sd(values: list[float]) -> dict[str, float]:
     return {"mean": statistics.fmean(values),
             "sd": statistics.stdev(values) if len(values) > 1 else 0.0, "n": len(values)}
+
+
+def paired_differences(rows: list[dict], budgets, keys, reference: str = "uniform"
+                       ) -> dict[str, list[dict]]:
+    """Each sizing minus `reference` at the same budget and seed: mean and sd over seeds of
+    the paired difference (the spread the study's claims are judged by)."""
+    by = {(r["how"], r["budget"], r["seed"]): r for r in rows}
+    out: dict[str, list[dict]] = {}
+    for how in dict.fromkeys(r["how"] for r in rows):
+        if how == reference:
+            continue
+        points = []
+        for b in budgets:
+            pairs = [(r, by[(reference, b, r["seed"])]) for r in rows
+                     if r["how"] == how and r["budget"] == b
+                     and (reference, b, r["seed"]) in by]
+            diffs = {k: mean_sd([a[k] - u[k] for a, u in pairs]) for k in keys
+                     if pairs and all(k in a and k in u for a, u in pairs)}
+            points.append(dict(budget=b, **diffs))
+        out[how] = points
+    return out
 
 
 def summarize(rows: list[dict], config: dict) -> dict:
@@ -445,13 +507,15 @@ def summarize(rows: list[dict], config: dict) -> dict:
             ("kept", *METRICS, *(f"{m}_distilled" for m in METRICS))),
             **reached(lambda r, c=c: r["teacher"] == t and r.get("criterion") == c))
             for c in CRITERIA}
-        hows = list(dict.fromkeys(r["how"] for r in rows if r["experiment"] == "budget"))
-        s["budget"] = {how: [dict(budget=b, **group(
-            lambda r, b=b, how=how: r["teacher"] == t and r["experiment"] == "budget"
-            and r["how"] == how and r["budget"] == b, ("kept", *METRICS)),
-            **reached(lambda r, b=b: r["teacher"] == t and r["experiment"] == "budget"
-                      and r["how"] == "adaptive" and r["budget"] == b))
+        budget_rows = [r for r in rows if r["teacher"] == t and r["experiment"] == "budget"]
+        hows = list(dict.fromkeys(r["how"] for r in budget_rows))
+        both = ("kept", *METRICS, *(f"{m}_distilled" for m in METRICS))
+        s["budget"] = {how: [dict(budget=b, **(group(
+            lambda r, b=b, how=how: r in budget_rows and r["how"] == how and r["budget"] == b,
+            both) or {}), **reached(lambda r, b=b, how=how: r in budget_rows
+                                    and r["how"] == how and r["budget"] == b))
             for b in config["budgets"]] for how in hows}
+        s["paired"] = paired_differences(budget_rows, config["budgets"], both[1:])
         vs = []
         for n in config["val_sizes"]:
             sel = [r for r in rows if r["teacher"] == t and r.get("val_images") == n]

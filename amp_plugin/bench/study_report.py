@@ -13,7 +13,12 @@ CRITERION_TITLES = {"entropy": "entropy Taylor (AMP)", "one_hot": "one-hot CE Ta
 METRIC_TITLES = {"prototype": "prototype", "original_knn": "kNN, original's index",
                  "identification": "identification", "cosine_to_original": "cosine to original",
                  "knn": "kNN re-fit", "linear": "probe re-fit"}
-HOW_COLORS = {"adaptive": "tab:blue", "uniform": "tab:orange"}
+HOW_COLORS = {"authors": "tab:blue", "adaptive": "tab:blue", "uniform": "tab:orange",
+              "global_kl": "tab:green", "global_cosine": "tab:purple",
+              "global_entropy_rise": "tab:brown"}
+HOW_TITLES = {"authors": "authors' rule (greedy entropy rise)", "uniform": "uniform",
+              "global_kl": "global, KL", "global_cosine": "global, cosine",
+              "global_entropy_rise": "global, |entropy change|"}
 
 
 def _title(result: dict, teacher: str) -> str:
@@ -74,17 +79,20 @@ def plot_study(result: dict, out: Path) -> list[Path]:
             for metric, style in (("prototype", "-o"), ("knn", "--s")):
                 if not all(metric in p for p in pts):
                     continue
+                if metric == "knn" and how not in ("authors", "adaptive", "uniform",
+                                                   "global_kl"):
+                    continue  # fewer lines: re-fit kNN for the main three
                 ax.errorbar(x, [p[metric]["mean"] for p in pts],
                             yerr=[p[metric]["sd"] for p in pts], fmt=style, color=color,
-                            capsize=3, label=f"{how}, {METRIC_TITLES[metric]}")
+                            capsize=3, label=f"{HOW_TITLES.get(how, how)}, {METRIC_TITLES[metric]}")
         ax.set_title(_title(result, t))
         ax.set_xlabel("MLP parameters kept (%)")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("top-1 on the digits test split (%)")
-    axes[-1].legend(fontsize=8, loc="lower right")
+    axes[-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
     fig.suptitle(f"Per-block sizes at equal MLP parameters, no distillation: prototype "
                  f"(original's class means) and re-fit kNN\n(mean ± sd over "
-                 f"{len(result['config']['seeds'])} seeds)")
+                 f"{len(result['config']['seeds'])} seeds)", y=1.06)
     paths.append(_save(fig, out / "adaptive_vs_uniform.png"))
 
     # criteria: pruned and distilled kNN at equal parameters
@@ -209,14 +217,34 @@ def study_markdown(result: dict, plots: list[Path]) -> str:
             lines.append(f"| {title} | pruned | {kept} | {_metric_cells(r)} |")
             lines.append(f"| {title} | distilled | {kept} | {_metric_cells(r, '_distilled')} |")
         hows = list(st["budget"])
-        lines += ["", f"### Per-block sizes: {' vs '.join(hows)} (no distillation)", "",
+        lines += ["", "### Per-block sizes at equal MLP parameters (no distillation)", "",
                   *_metric_header(["budget", "sizes", "MLP params kept (%)"])]
         for i, b in enumerate(c["budgets"]):
             for how in hows:
                 p = st["budget"][how][i]
-                unreached = _unreached(p) if how == "adaptive" else ""
-                lines.append(f"| {100 * b:.0f}% | {how} | {_pm(p['kept'], 100)}{unreached} | "
-                             f"{_metric_cells(p)} |")
+                lines.append(f"| {100 * b:.0f}% | {HOW_TITLES.get(how, how)} | "
+                             f"{_pm(p['kept'], 100)}{_unreached(p)} | {_metric_cells(p)} |")
+        distilled = [(how, i, b) for how in hows for i, b in enumerate(c["budgets"])
+                     if "prototype_distilled" in st["budget"][how][i]]
+        if distilled:
+            lines += ["", f"### The same after {c['distill_epochs']} epochs of distillation",
+                      "", *_metric_header(["budget", "sizes", "MLP params kept (%)"])]
+            for how, i, b in sorted(distilled, key=lambda x: (x[2], hows.index(x[0]))):
+                p = st["budget"][how][i]
+                lines.append(f"| {100 * b:.0f}% | {HOW_TITLES.get(how, how)} | "
+                             f"{_pm(p['kept'], 100)} | {_metric_cells(p, '_distilled')} |")
+        paired = st.get("paired") or {}
+        if paired:
+            lines += ["", "### Minus uniform sizes, paired by seed (mean ± sd of the "
+                      "difference, points)", "",
+                      *_metric_header(["budget", "sizes", "model"])]
+            for how, pts in paired.items():
+                for p in pts:
+                    for suffix, model in (("", "pruned"), ("_distilled", "distilled")):
+                        if f"prototype{suffix}" in p:
+                            lines.append(f"| {100 * p['budget']:.0f}% | "
+                                         f"{HOW_TITLES.get(how, how)} | {model} | "
+                                         f"{_metric_cells(p, suffix)} |")
         lines += ["", f"### Validation-set size (threshold {c['threshold']:g})", "",
                   *_metric_header(["val images", "size change vs largest (% of hidden)",
                                    "MLP params kept (%)"])]
