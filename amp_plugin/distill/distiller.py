@@ -40,7 +40,7 @@ from ..config import DistillConfig
 from ..core.adapter import Adapter, vision_tower
 from ..core.serialization import load_pruned, read_manifest, save_pruned
 from ..utils.dist import timeout as ddp_timeout
-from ..utils.io import atomic_write, deep_merge, fingerprint
+from ..utils.io import append_line, atomic_write, deep_merge, fingerprint
 from ..utils.progress import progress
 from ..utils.tensors import DTYPES
 from .data import DistillData, distill_data
@@ -475,8 +475,7 @@ class Distiller:
                       "seconds": round(time.perf_counter() - start, 3)}
             records.append(record)
             if self.rank == 0:
-                with self.paths.log.open("a") as f:
-                    f.write(json.dumps(record) + "\n")
+                append_line(self.paths.log, json.dumps(record))
             self.step = step
             if step % self.cfg.checkpoint_every == 0 or step == self.total_steps:
                 self.save_checkpoint()

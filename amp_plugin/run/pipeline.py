@@ -121,8 +121,10 @@ class Run:
                              f"({str(e).splitlines()[0]})") from None
 
     def start(self, stages: list[str]) -> None:
-        """Check the stages, lock the run directory (rank 0; a second run is refused
-        naming this one), then write the recipe as run."""
+        """Check the run directory (no link out of it, writable) and the stages, lock the
+        run directory (rank 0; a second run is refused naming this one), then write the
+        recipe as run."""
+        self.dir.check_writable()
         self.preflight(stages)
         if ddp.is_main():
             self._lock = FolderLock(self.dir.lock).acquire()

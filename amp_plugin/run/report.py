@@ -95,6 +95,7 @@ def update_report(run_dir: str | Path | RunDir, updates: dict) -> Path:
 def render_report(run_dir: str | Path | RunDir) -> Table:
     """Re-read RUN_DIR/report.json, rewrite it and its plots; returns the table."""
     rd = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
+    rd.check_writable()
     report = read_json(rd.report_json)
     if report is None:
         raise FileNotFoundError(f"{rd.report_json} does not exist (run the report "

@@ -77,6 +77,14 @@ def atomic_write(path: str | Path, data: bytes | str | Callable[[IO[bytes]], obj
     return path
 
 
+def append_line(path: str | Path, line: str) -> None:
+    """Append one line to a log file, never through a symbolic link (appending in place is
+    the point of a log; a link would carry the line to another file)."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+    with os.fdopen(fd, "a") as f:
+        f.write(line + "\n")
+
+
 def temp_dir_beside(path: str | Path) -> Path:
     """An empty hidden folder next to `path`, to be filled and then `replace_dir`-ed."""
     path = Path(path)
@@ -88,8 +96,12 @@ def temp_dir_beside(path: str | Path) -> Path:
 
 
 def replace_dir(tmp: Path, path: Path) -> None:
-    """Move the finished folder `tmp` to `path`, replacing what was there."""
-    if path.exists():
+    """Move the finished folder `tmp` to `path`, replacing what was there (a symbolic link
+    there is replaced, never followed)."""
+    if path.is_symlink():
+        path.unlink()
+        os.replace(tmp, path)
+    elif path.exists():
         old = tmp.with_name(tmp.name + ".old")
         os.replace(path, old)
         os.replace(tmp, path)
