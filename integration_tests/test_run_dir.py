@@ -60,13 +60,36 @@ def digest(folder: Path) -> dict[str, str]:
     return out
 
 
+UMASK = 0o027  # not the usual 022: modes that only a umask gives
+
+
 @pytest.fixture(scope="module")
 def done(tmp_path_factory) -> tuple[Path, Path]:
-    """(recipe, run directory) of a completed run of every stage."""
+    """(recipe, run directory) of a completed run of every stage, under umask 027."""
     tmp = tmp_path_factory.mktemp("done")
     r = recipe(tmp, tmp / "run")
-    amp.run(load_recipe(r), tmp / "run", show_progress=False)
+    old = os.umask(UMASK)
+    try:
+        amp.run(load_recipe(r), tmp / "run", show_progress=False)
+    finally:
+        os.umask(old)
     return r, tmp / "run"
+
+
+# ---- file modes -------------------------------------------------------------------------
+def test_every_file_of_a_run_follows_the_umask(done):
+    """Every folder and file a run of all stages writes (the saved models, written by
+    safetensors, and DeepSpeed's checkpoints and scripts included) has the mode a plain
+    open or mkdir gives under the umask: 0750 folders, 0640 files, 0750 scripts."""
+    _, run = done
+    modes = {str(p.relative_to(run)): p.stat().st_mode & 0o777 for p in run.rglob("*")}
+    assert {"pruned/model.safetensors", "distilled/model.safetensors", "report.json",
+            "distill/checkpoints/global_step2/mp_rank_00_model_states.pt",
+            ".lock"} <= set(modes)
+    scripts = {k for k in modes if k.endswith(".py")}
+    assert scripts and all(k.startswith("distill/checkpoints/") for k in scripts)
+    expected = {k: 0o750 if (run / k).is_dir() or k in scripts else 0o640 for k in modes}
+    assert modes == expected
 
 
 # ---- symbolic links never carry a write or a deletion out of the run directory ------------

@@ -40,7 +40,7 @@ from ..config import DistillConfig
 from ..core.adapter import Adapter, vision_tower
 from ..core.serialization import load_pruned, read_manifest, save_pruned
 from ..utils.dist import timeout as ddp_timeout
-from ..utils.io import append_line, atomic_write, deep_merge, fingerprint
+from ..utils.io import append_line, atomic_write, deep_merge, fingerprint, follow_umask
 from ..utils.progress import progress
 from ..utils.tensors import DTYPES
 from .data import DistillData, distill_data
@@ -489,6 +489,7 @@ class Distiller:
             self.step), save_latest=False)
         dist.barrier()
         if self.rank == 0:
+            follow_umask(ckpt)  # DeepSpeed's copies of its recovery scripts are 0744
             atomic_write(ckpt / "latest", tag)
             tags = sorted((p.name for p in ckpt.glob("global_step*") if p.is_dir()),
                           key=_tag_step)

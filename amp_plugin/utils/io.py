@@ -11,6 +11,7 @@ import math
 import os
 import re
 import shutil
+import stat
 import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -95,6 +96,20 @@ def temp_dir_beside(path: str | Path) -> Path:
     return tmp
 
 
+def follow_umask(root: str | Path) -> None:
+    """Give every file and folder below `root` the mode a plain open / mkdir would under
+    the umask (writers such as safetensors and mkstemp make 0600 files; DeepSpeed makes its
+    scripts 0744): executables keep their execute bits, links are left alone."""
+    mask = _umask()
+    for top, _, files in os.walk(root):
+        os.chmod(top, 0o777 & ~mask)
+        for name in files:
+            p = os.path.join(top, name)
+            st = os.lstat(p)
+            if stat.S_ISREG(st.st_mode):
+                os.chmod(p, (0o777 if st.st_mode & 0o111 else 0o666) & ~mask)
+
+
 def replace_dir(tmp: Path, path: Path) -> None:
     """Move the finished folder `tmp` to `path`, replacing what was there (a symbolic link
     there is replaced, never followed)."""
@@ -116,6 +131,7 @@ def atomic_dir(path: str | Path, fill: Callable[[Path], object]) -> Path:
     tmp = temp_dir_beside(path)
     try:
         fill(tmp)
+        follow_umask(tmp)
         replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
