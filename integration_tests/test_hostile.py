@@ -505,6 +505,26 @@ def test_command_line_mistakes(tmp_path, args, message):
     ({"images": [{"id": 1, "file_name": "a.png"}],
       "annotations": [{"image_id": 1, "caption": None}]},
      "annotations[0].caption is None, expected a non-empty string (image_id 1)"),
+    ({"images": [{"id": 1, "file_name": "a.png"}],
+      "annotations": [{"image_id": 1, "caption": "a"}, {"image_id": [1], "caption": "b"}]},
+     "annotations[1].image_id is [1] (list), expected an integer or string id"),
+    ({"images": [{"id": 1, "file_name": "a.png"}],
+      "annotations": [{"image_id": {"id": 1}, "caption": "a"}]},
+     "annotations[0].image_id is {'id': 1} (dict), expected an integer or string id"),
+    ({"images": [{"id": 1, "file_name": "a.png"}],
+      "annotations": [{"image_id": True, "caption": "a"}]},
+     "annotations[0].image_id is True (bool), expected an integer or string id"),
+    ({"images": [{"id": 1, "file_name": "a.png"}, {"id": [2], "file_name": "b.png"}],
+      "annotations": [{"image_id": 1, "caption": "a"}]},
+     "images[1].id is [2] (list), expected an integer or string id"),
+    ({"images": [{"id": 1, "file_name": 7}], "annotations": [{"image_id": 1, "caption": "a"}]},
+     "images[0].file_name is 7, expected a file name relative to data.root"),
+    ({"images": [{"id": 1, "file_name": "../../etc/passwd"}],
+      "annotations": [{"image_id": 1, "caption": "a"}]},
+     "images[0].file_name is '../../etc/passwd', expected a file name relative to data.root"),
+    ({"images": [{"id": 1, "file_name": "a.png"}], "annotations": [[1, "a"]]},
+     "annotations[0] needs 'image_id' and 'caption'"),
+    ("[" * 100000 + "]" * 100000, "nested too deeply"),
 ])
 def test_bad_coco_captions(tmp_path, captions, message):
     from amp_plugin.data.coco import read_captions
@@ -514,3 +534,27 @@ def test_bad_coco_captions(tmp_path, captions, message):
     with pytest.raises(ValueError) as err:
         read_captions(f, tmp_path)
     assert f"data.captions: {f}" in str(err.value) and message in str(err.value)
+
+
+def test_coco_captions_are_checked_before_any_work(tmp_path):
+    """`amp run` in its own process: a captions file with a list as an image id is named
+    (key and annotation index) before the model is built or the run directory made."""
+    from amp_plugin.data.digits import write_digit_images
+
+    images = tmp_path / "images"
+    paths = write_digit_images(images, range(0, 8))
+    anns = [{"image_id": i, "caption": "a digit"} for i in range(8)]
+    anns[5]["image_id"] = [5]
+    captions = tmp_path / "captions.json"
+    captions.write_text(json.dumps({
+        "images": [{"id": i, "file_name": str(p.relative_to(images))}
+                   for i, p in enumerate(paths)], "annotations": anns}))
+    data = {**DATA, "kind": "coco", "root": str(images), "captions": str(captions),
+            "calib_images": 4, "val_images": 4, "batch_size": 2}
+    proc = amp_process("run", recipe(tmp_path, data=data), "--no-progress")
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 2, output
+    assert (f"data.captions: {captions}: annotations[5].image_id is [5] (list), expected an "
+            "integer or string id") in " ".join(output.split())
+    assert "Traceback" not in output
+    assert not (tmp_path / "run").exists()

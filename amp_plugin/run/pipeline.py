@@ -105,6 +105,8 @@ class Run:
                 raise DistillError(f"the prune stage's output: {self.dir.pruned} is not a "
                                    "pruned-model directory (run the prune stage first, or "
                                    "set distill.student)")
+        if {"score", "prune"} & set(stages):
+            get_source(r.data.kind).check(r.data)  # e.g. a captions file, read and checked
         if r.train is None and {"score", "prune", "distill"} & set(stages):
             self._check_input_size(self.original())  # reads and checks the weights first
 
