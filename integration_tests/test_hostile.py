@@ -558,3 +558,178 @@ def test_coco_captions_are_checked_before_any_work(tmp_path):
             "integer or string id") in " ".join(output.split())
     assert "Traceback" not in output
     assert not (tmp_path / "run").exists()
+
+
+# ---- tampered stage outputs: refused naming the file, or computed again with a log line ----
+@pytest.fixture(scope="module")
+def pruned_run(tmp_path_factory) -> tuple[Path, Path]:
+    """(recipe, run directory) of a completed score and prune run."""
+    tmp = tmp_path_factory.mktemp("pruned_run")
+    r = recipe(tmp)
+    amp.run(load_recipe(r), tmp / "run", stages=["score", "prune"], show_progress=False)
+    return r, tmp / "run"
+
+
+def wide_cli(*args: str):
+    """The command line with log lines wide enough to hold a message and its paths."""
+    return CliRunner().invoke(app, [str(a) for a in args], env={"COLUMNS": "2000"})
+
+
+def _copy_run(pruned_run, tmp_path) -> tuple[Path, Path]:
+    import shutil
+
+    r, run = pruned_run
+    shutil.copytree(run, tmp_path / "run")
+    return r, tmp_path / "run"
+
+
+def _huge_header(path: Path) -> None:
+    # the first 8 bytes give the header's length: here 2**62 bytes, in a 40-byte file
+    path.write_bytes((2**62).to_bytes(8, "little") + b'{"a": 1}' + b"\0" * 24)
+
+
+def _lying_header(path: Path) -> None:
+    # a well-formed header whose one tensor claims 2**40 floats
+    header = json.dumps({"blocks.0.mlp": {"dtype": "F32", "shape": [2**40],
+                                          "data_offsets": [0, 2**42]}}).encode()
+    path.write_bytes(len(header).to_bytes(8, "little") + header + b"\0" * 16)
+
+
+SCORE_TAMPERS = {
+    "shape": (lambda s: {**s, "blocks.0.mlp": s["blocks.0.mlp"][:64]},
+              "blocks.0.mlp has shape (64,), the model's MLP has 128 hidden neurons"),
+    "dtype": (lambda s: {**s, "blocks.1.mlp": s["blocks.1.mlp"].long()},
+              "blocks.1.mlp is int64, expected floating-point values"),
+    "nan": (lambda s: {**s, "blocks.1.mlp": s["blocks.1.mlp"].clone().index_fill_(
+        0, torch.tensor([3]), float("nan"))}, "blocks.1.mlp holds NaN or inf values"),
+    "names": (lambda s: {"blocks.0.mlp": s["blocks.0.mlp"], "head.mlp": s["blocks.1.mlp"]},
+              "holds other MLPs than the model's (missing ['blocks.1.mlp'], unexpected "
+              "['head.mlp'])"),
+    "huge header": (_huge_header, "not a readable safetensors file"),
+    "lying header": (_lying_header, "not a readable safetensors file"),
+}
+
+
+def _tamper_scores(run: Path, kind: str) -> str:
+    """Rewrite scores.safetensors and record its new hash in scores.json, as an edit of
+    both files would: only the content check can tell."""
+    import hashlib
+
+    edit, message = SCORE_TAMPERS[kind]
+    path = run / "scores.safetensors"
+    if kind.endswith("header"):
+        edit(path)
+    else:
+        save_file(edit(load_file(str(path))), str(path))
+    meta = json.loads((run / "scores.json").read_text())
+    meta["output_sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    (run / "scores.json").write_text(json.dumps(meta))
+    return f"{path}: {message}"
+
+
+@pytest.mark.parametrize("kind", list(SCORE_TAMPERS))
+def test_tampered_scores_are_computed_again(pruned_run, tmp_path, kind):
+    r, run = _copy_run(pruned_run, tmp_path)
+    good = {k: v.clone() for k, v in load_file(str(run / "scores.safetensors")).items()}
+    sizes = json.loads((run / "prune.json").read_text())["result"]["hidden_sizes"]
+    message = _tamper_scores(run, kind)
+    (run / "prune.json").unlink()  # the search reads the scores again
+    out = wide_cli("run", r, "--out", run, "--no-progress")
+    assert out.exit_code == 0, out.output
+    text = " ".join(out.output.split())
+    assert f"score: {message}" in text and "; computing the scores again" in text
+    again = load_file(str(run / "scores.safetensors"))
+    assert set(again) == set(good) and all(torch.equal(good[k], again[k]) for k in good)
+    assert json.loads((run / "prune.json").read_text())["result"]["hidden_sizes"] == sizes
+
+
+def test_tampered_scores_are_named_when_only_the_search_runs(pruned_run, tmp_path):
+    r, run = _copy_run(pruned_run, tmp_path)
+    message = _tamper_scores(run, "nan")
+    (run / "prune.json").unlink()
+    out = wide_cli("run", r, "--out", run, "--stage", "prune", "--no-progress")
+    assert out.exit_code == 2, out.output
+    assert f"{message}: run the score stage again" in " ".join(out.output.split())
+    assert not (run / "prune.json").exists()
+
+
+PRUNE_TAMPERS = {
+    "too wide": (lambda res: res["hidden_sizes"].update({"blocks.0.mlp": 10**9}),
+                 "result.hidden_sizes.blocks.0.mlp is 1000000000, outside 0..128 (the MLP's "
+                 "hidden width)"),
+    "negative": (lambda res: res["hidden_sizes"].update({"blocks.1.mlp": -5}),
+                 "result.hidden_sizes.blocks.1.mlp is -5, outside 0..128"),
+    "not numbers": (lambda res: res.update(hidden_sizes="all"),
+                    "result.hidden_sizes is 'all', expected an object of whole numbers"),
+    "other widths": (lambda res: res["original_sizes"].update({"blocks.0.mlp": 4096}),
+                     "result.original_sizes {'blocks.0.mlp': 4096, 'blocks.1.mlp': 128} are "
+                     "not the model's MLP widths"),
+}
+
+
+@pytest.mark.parametrize("kind", list(PRUNE_TAMPERS))
+def test_tampered_search_results_are_searched_again(pruned_run, tmp_path, kind):
+    r, run = _copy_run(pruned_run, tmp_path)
+    good = json.loads((run / "prune.json").read_text())
+    edit, message = PRUNE_TAMPERS[kind]
+    bad = json.loads(json.dumps(good))
+    edit(bad["result"])
+    (run / "prune.json").write_text(json.dumps(bad))
+    # the report alone refuses the file (exit 2) ...
+    if kind != "other widths":  # (the report knows no model: its own original sizes)
+        out = wide_cli("run", r, "--out", run, "--stage", "report", "--no-progress")
+        assert out.exit_code == 2, out.output
+        assert f"{run / 'prune.json'}: {message}" in " ".join(out.output.split())
+    # ... the prune stage searches again, to the same result
+    out = wide_cli("run", r, "--out", run, "--no-progress")
+    assert out.exit_code == 0, out.output
+    assert f"prune: {run / 'prune.json'}: {message}" in " ".join(out.output.split())
+    assert "searching again" in out.output
+    again = json.loads((run / "prune.json").read_text())["result"]
+    for key in ("hidden_sizes", "original_sizes", "trace", "mlp_params", "entropy"):
+        assert again[key] == good["result"][key], key
+
+
+def test_search_result_differing_from_the_pruned_model_is_searched_again(pruned_run, tmp_path):
+    r, run = _copy_run(pruned_run, tmp_path)
+    good = json.loads((run / "prune.json").read_text())
+    bad = json.loads(json.dumps(good))
+    bad["result"]["hidden_sizes"] = {k: 8 for k in bad["result"]["hidden_sizes"]}
+    (run / "prune.json").write_text(json.dumps(bad))
+    out = wide_cli("run", r, "--out", run, "--no-progress")
+    assert out.exit_code == 0, out.output
+    assert "are not the pruned model's" in " ".join(out.output.split())
+    assert json.loads((run / "prune.json").read_text())["result"]["hidden_sizes"] == (
+        good["result"]["hidden_sizes"])
+    (run / "prune.json").write_text("{not json")
+    out = wide_cli("run", r, "--out", run, "--no-progress")
+    assert out.exit_code == 0, out.output
+    assert f"prune: {run / 'prune.json'}: not valid JSON" in " ".join(out.output.split())
+    assert json.loads((run / "prune.json").read_text())["result"]["hidden_sizes"] == (
+        good["result"]["hidden_sizes"])
+
+
+def test_tampered_progress_files_start_the_stage_over(pruned_run, tmp_path):
+    """The partial sums of a killed score stage and the state of a killed search are
+    checked like the outputs: damaged or out of range, the stage starts over (logged)."""
+    r, run = _copy_run(pruned_run, tmp_path)
+    good = {k: v.clone() for k, v in load_file(str(run / "scores.safetensors")).items()}
+    result = json.loads((run / "prune.json").read_text())
+    for name in ("scores.safetensors", "scores.json", "prune.json"):
+        (run / name).unlink()
+    _huge_header(run / "scores.rank0.partial")
+    (run / "prune.partial.json").write_text(json.dumps({
+        "fingerprint": result["fingerprint"],
+        "state": {"sizes": {"blocks.1.mlp": 999}, "trace": [], "e_prev": None,
+                  "e_start": None, "evaluations": 0}}))
+    out = wide_cli("run", r, "--out", run, "--no-progress")
+    assert out.exit_code == 0, out.output
+    text = " ".join(out.output.split())
+    assert (f"score: {run / 'scores.rank0.partial'}: not a readable safetensors file"
+            in text and "starting the score stage over" in text)
+    assert (f"prune: {run / 'prune.partial.json'}: state.sizes.blocks.1.mlp is 999, not a "
+            "size of one of the model's MLPs; starting the search over") in text
+    again = load_file(str(run / "scores.safetensors"))
+    assert all(torch.equal(good[k], again[k]) for k in good)
+    assert json.loads((run / "prune.json").read_text())["result"]["hidden_sizes"] == (
+        result["result"]["hidden_sizes"])

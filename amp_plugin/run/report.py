@@ -26,6 +26,7 @@ from ..evaluate import get_task, list_tasks
 from ..evaluate.base import ROLES
 from ..utils.io import atomic_write, deep_merge, read_json, to_jsonable, write_json
 from .layout import RunDir
+from .outputs import check_prune_result
 
 PLOTS = ("hidden_sizes.png", "search_trace.png")
 ROLE_TITLES = {"teacher": "original", "pruned": "pruned", "distilled": "distilled"}
@@ -44,6 +45,8 @@ def build_report(recipe: Recipe, run_dir: str | Path | RunDir,
     evaluation (eval.json), the distillation result and the seconds per stage."""
     rd = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
     prune = (rd.stage_meta("prune") or {}).get("result", {})
+    if prune:  # the sizes of a search: whole numbers within the widths they were cut from
+        check_prune_result(rd.prune_meta, prune)
     ev = rd.stage_meta("eval") or {}
     report: dict[str, Any] = {
         "name": recipe.name,
