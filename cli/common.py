@@ -25,12 +25,18 @@ def fail(message: str) -> None:
 
 def user_errors(fn):
     """Report the library's user errors (RecipeError, DistillError, MaskError, other
-    ValueErrors and missing files) as one red message and exit status 2."""
+    ValueErrors, missing files, a full disk) as one red message and exit status 2."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except (ValueError, FileNotFoundError) as e:
+            fail(str(e))
+        except OSError as e:
+            from amp_plugin.utils.io import NoSpaceError  # (imported only when needed)
+
+            if not isinstance(e, NoSpaceError):
+                raise
             fail(str(e))
     return wrapper
 

@@ -42,6 +42,13 @@ def recipe(tmp: Path, run: Path, name: str = "r", **sections) -> Path:
     return path
 
 
+def child_env(**extra: str) -> dict[str, str]:
+    """This process's environment without the one-rank group an in-process distillation
+    set up (a child would try to listen on the same port)."""
+    group = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT"}
+    return {**{k: v for k, v in os.environ.items() if k not in group}, **extra}
+
+
 def cli(*args):
     return CliRunner().invoke(app, [str(a) for a in args])
 
@@ -213,8 +220,189 @@ def test_an_amp_process_refuses_a_linked_checkpoint_folder(done, tmp_path):
     before = digest(outside)
     out = subprocess.run([sys.executable, "-m", "amp_cli.app", "run", str(r), "--out", str(run),
                           "--no-progress", "--set", "distill.max_steps=4"],
-                         capture_output=True, text=True)
+                         capture_output=True, text=True, env=child_env())
     assert out.returncode == 2, out.stdout + out.stderr
     assert f"{run / 'distill/checkpoints'} is a symbolic link to {target}" in " ".join(
         out.stderr.split())
     assert digest(outside) == before
+
+
+# ---- read-only and full file systems ---------------------------------------------------------
+@pytest.fixture
+def tmpfs(tmp_path):
+    """mount(folder, options): a real tmpfs at `folder` (None where this process may not
+    mount one); unmounted after the test."""
+    mounted = []
+
+    def mount(folder: Path, options: str) -> Path | None:
+        folder.mkdir(parents=True, exist_ok=True)
+        if shutil.which("mount") is None or subprocess.run(
+                ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)],
+                capture_output=True).returncode != 0:
+            return None
+        mounted.append(folder)
+        return folder
+
+    yield mount
+    for folder in reversed(mounted):
+        subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+
+
+def _read_only_copy(original: Path, tmp_path: Path, tmpfs) -> Path:
+    """A copy of a run directory on a read-only file system (a tmpfs remounted read-only),
+    or, where no tmpfs can be mounted, in folders without write permission (which bind
+    every user but root)."""
+    fs = tmpfs(tmp_path / "fs", "size=64m")
+    if fs is not None:
+        shutil.copytree(original, fs / "run", symlinks=True)
+        assert subprocess.run(["mount", "-o", "remount,ro", str(fs)]).returncode == 0
+        return fs / "run"
+    if os.geteuid() == 0:
+        pytest.skip("no tmpfs can be mounted here, and permissions do not bind root")
+    run = tmp_path / "fs" / "run"
+    shutil.copytree(original, run, symlinks=True)
+    for p in [run.parent, run, *run.rglob("*")]:
+        if p.is_dir():
+            p.chmod(0o555)
+    return run
+
+
+def test_a_read_only_run_directory_is_refused_before_any_work(done, tmp_path, tmpfs):
+    r, original = done
+    run = _read_only_copy(original, tmp_path, tmpfs)
+    before = digest(run)
+    proc = subprocess.run([sys.executable, "-m", "amp_cli.app", "run", str(r), "--out",
+                           str(run), "--no-progress"], capture_output=True, text=True,
+                          env=child_env())
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert (f"run directory {run}: {run} is read-only for this process"
+            in " ".join(proc.stderr.split()))
+    assert "stage" not in proc.stdout  # no stage began
+    # a run directory still to be made, in a read-only folder
+    out = cli("run", r, "--out", run.parent / "new" / "run", "--no-progress")
+    assert out.exit_code == 2, out.output
+    assert f"run directory {run.parent / 'new' / 'run'}: {run.parent} is read-only" in " ".join(
+        out.output.split())
+    assert digest(run) == before
+
+
+def _fill(fs: Path, leave: int) -> Path:
+    """A file taking all the room of `fs` but `leave` bytes."""
+    filler = fs / "filler"
+    with open(filler, "wb") as f:
+        f.truncate(0)
+        block = b"\1" * (1 << 20)
+        left = shutil.disk_usage(fs).free - leave
+        while left > 0:
+            left -= f.write(block[:min(left, len(block))])
+    return filler
+
+
+def outputs(run: Path) -> dict[str, str]:
+    """The stage outputs of a run directory, by content (not the lock, the hash cache or
+    the modes)."""
+    return {k: v.rsplit("0o", 1)[0] for k, v in digest(run).items() if not k.startswith(".")}
+
+
+def _size(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def _same_weights(a: Path, b: Path) -> None:
+    from safetensors.torch import load_file
+
+    wa, wb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+    assert set(wa) == set(wb)
+    assert all(wa[k].equal(wb[k]) for k in wa)
+
+
+def test_a_full_disk_stops_prune_and_distill_naming_the_directory(done, tmp_path, tmpfs):
+    """A run directory on a 4 MiB tmpfs: filled up before the pruned model is saved, and
+    again before the first distillation checkpoint. Each time: exit 2 naming the folder
+    and the bytes needed, every completed output kept, no partial file left; once room is
+    made, a rerun finishes with the outputs of an uninterrupted run."""
+    r, ref = done
+    fs = tmpfs(tmp_path / "fs", "size=4m")
+    if fs is None:
+        pytest.skip("no tmpfs can be mounted here (the file size limit stand-in below runs)")
+    run = fs / "run"
+    out = cli("run", r, "--out", run, "--stage", "score", "--no-progress")
+    assert out.exit_code == 0, out.output
+    kept = outputs(run)
+
+    model_bytes = _size(ref / "pruned")
+    filler = _fill(fs, model_bytes // 2)
+    out = cli("run", r, "--out", run, "--stage", "score", "--stage", "prune", "--no-progress")
+    assert out.exit_code == 2, out.output
+    text = " ".join(out.output.split())
+    assert f"{run}: cannot write pruned/: no space left on device (about " in text
+    needed = int(text.split("(about ")[1].split(" bytes needed")[0].replace(",", ""))
+    assert 0.9 * model_bytes < needed <= model_bytes  # weights and manifest, no header
+    assert "what was written before is kept" in text
+    assert {k: v for k, v in outputs(run).items() if k in kept} == kept  # the scores stay
+    assert not any(p.name.startswith(".pruned") for p in run.iterdir())  # no partial copy
+    filler.unlink()
+    out = cli("run", r, "--out", run, "--stage", "score", "--stage", "prune", "--no-progress")
+    assert out.exit_code == 0, out.output
+    assert "score: kept from an earlier run" in out.output
+    for key in ("hidden_sizes", "trace", "entropy", "mlp_params"):
+        assert json.loads((run / "prune.json").read_text())["result"][key] == json.loads(
+            (ref / "prune.json").read_text())["result"][key], key
+    _same_weights(run / "pruned", ref / "pruned")
+
+    kept = outputs(run)
+    checkpoint = _size(ref / "distill" / "checkpoints" / "global_step2")
+    filler = _fill(fs, checkpoint // 2)
+    out = cli("run", r, "--out", run, "--no-progress")
+    assert out.exit_code == 2, out.output
+    text = " ".join(out.output.split())
+    ckpt = run / "distill" / "checkpoints"
+    assert f"{ckpt}: cannot write the checkpoint global_step1: no space left on device" in text
+    needed = int(text.split("(about ")[1].split(" bytes needed")[0].replace(",", ""))
+    assert 0.9 * checkpoint < needed <= checkpoint  # tensors; not the pickles around them
+    assert {k: v for k, v in outputs(run).items() if k in kept} == kept
+    assert not (ckpt / "global_step1").exists() and not (run / "distilled").exists()
+    filler.unlink()
+    out = cli("run", r, "--out", run, "--no-progress")
+    assert out.exit_code == 0, out.output
+    _same_weights(run / "distilled", ref / "distilled")
+    assert json.loads((run / "report.json").read_text())["accuracy"] == json.loads(
+        (ref / "report.json").read_text())["accuracy"]
+
+
+FSIZE_RUN = """
+import resource, sys
+from amp_cli.app import app
+limit = int(sys.argv[1])
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))  # writes past it fail with EFBIG
+sys.argv = ["amp", *sys.argv[2:]]
+app()
+"""
+
+
+def test_a_file_size_limit_during_distill_is_named_and_a_rerun_finishes(done, tmp_path):
+    """The stand-in for a full disk where no file system can be mounted: a process file
+    size limit (RLIMIT_FSIZE), under which a write fails with EFBIG as a full disk fails
+    with ENOSPC. The optimizer states of the first checkpoint do not fit."""
+    r, ref = done
+    run = tmp_path / "run"
+    shutil.copytree(ref, run)
+    for name in ("distill", "distilled", "eval.json", "report.json", "plots"):
+        shutil.rmtree(run / name) if (run / name).is_dir() else (run / name).unlink()
+    kept = outputs(run)
+    states = ref / "distill" / "checkpoints" / "global_step2"
+    limit = max(p.stat().st_size for p in states.iterdir()) // 2
+    assert limit > _size(ref / "pruned")  # the weights alone would fit
+    proc = subprocess.run([sys.executable, "-c", FSIZE_RUN, str(limit), "run", str(r), "--out",
+                           str(run), "--stage", "distill", "--no-progress"],
+                          capture_output=True, text=True, env=child_env(COLUMNS="2000"))
+    assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
+    text = " ".join(proc.stderr.split())
+    ckpt = run / "distill" / "checkpoints"
+    assert f"{ckpt}: cannot write the checkpoint global_step1: a write failed (about " in text
+    assert "Traceback" not in proc.stderr
+    assert {k: v for k, v in outputs(run).items() if k in kept} == kept
+    assert not (ckpt / "global_step1").exists()
+    out = cli("run", r, "--out", run, "--no-progress")
+    assert out.exit_code == 0, out.output
+    _same_weights(run / "distilled", ref / "distilled")

@@ -45,6 +45,8 @@ from ..utils.io import (
     content_fingerprint,
     deep_merge,
     fingerprint,
+    no_space,
+    out_of_room,
     read_json,
     write_json,
 )
@@ -546,7 +548,13 @@ class Run:
             for stage in stages:
                 self.log(f"[bold]stage {stage}[/bold]")
                 t0 = time.perf_counter()
-                out[stage] = getattr(self, f"stage_{stage}")()
+                try:
+                    out[stage] = getattr(self, f"stage_{stage}")()
+                except (OSError, RuntimeError) as e:  # a write no helper named: the directory
+                    if not out_of_room(e):
+                        raise
+                    raise no_space(self.dir.root, None, f"the {stage} stage's outputs",
+                                   str(e)) from e
                 self.seconds.setdefault(stage, time.perf_counter() - t0)
         finally:
             self.close()
