@@ -49,6 +49,8 @@ def parse_overrides(items: list[str] | None) -> dict:
             raise typer.BadParameter(f"--set expects key.path=value, got {item!r}")
         try:
             out[key.strip()] = yaml.safe_load(value)
+        except RecursionError:
+            raise typer.BadParameter(f"--set {key}: the value is nested too deeply") from None
         except yaml.YAMLError as e:
             raise typer.BadParameter(f"--set {item!r}: the value is not plain YAML data "
                                      f"({str(e).splitlines()[0]})") from None

@@ -733,3 +733,182 @@ def test_tampered_progress_files_start_the_stage_over(pruned_run, tmp_path):
     assert all(torch.equal(good[k], again[k]) for k in good)
     assert json.loads((run / "prune.json").read_text())["result"]["hidden_sizes"] == (
         result["result"]["hidden_sizes"])
+
+
+# ---- bombs and odd files: refused quickly or read as the transform expects, never a hang ----
+def _laughs(levels: int = 9) -> str:
+    """The "billion laughs": each level names the previous one 9 times (9**9 values)."""
+    lines = ['a0: &a0 "lol"']
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, levels + 1)]
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.parametrize("kind", ["aliases", "aliases in --set", "itself", "large", "deep"])
+def test_recipe_bombs_are_refused_quickly(tmp_path, kind):
+    r = recipe(tmp_path)
+    args = []
+    if kind == "aliases":  # in the model's free-form kwargs, which validation would walk
+        text = r.read_text().replace("kwargs:", "kwargs:\n    laughs: *a9\n    x_:", 1)
+        r.write_text(_laughs() + text)
+        message = f"{r}: holds "
+    elif kind == "aliases in --set":
+        args = ["--set", "model.kwargs.laughs=" + "{" + ", ".join(
+            _laughs(8).strip().splitlines()) + "}"]
+        message = "values once its YAML aliases are expanded"
+    elif kind == "itself":  # PyYAML builds a list that holds itself
+        r.write_text(r.read_text() + "extra: &me [1, *me]\n")
+        message = f"{r}: a value holds itself (a YAML alias inside its own anchor)"
+    elif kind == "large":
+        r.write_text(r.read_text() + "".join(f"# {i:0100d}\n" for i in range(12000)))
+        message = f"{r}: more than 1,048,576 bytes, too large for a recipe"
+    else:
+        r.write_text(r.read_text() + "extra: " + "[" * 20000 + "]" * 20000 + "\n")
+        message = f"{r}: nested too deeply to be a recipe"
+    t0 = time.perf_counter()
+    out = cli("run", r, *args, "--no-progress")
+    seconds = time.perf_counter() - t0
+    assert out.exit_code == 2, out.output
+    text = " ".join(out.output.split())
+    assert message in text
+    if kind.startswith("aliases"):  # at least the 9**8 (9**9) strings of the laughs
+        count = int(text.split("holds ")[1].split(" values once")[0].replace(",", ""))
+        assert count > 9 ** (8 if "--set" in kind else 9)
+    assert seconds < 10, seconds  # refused before anything walks the expanded data
+    assert not (tmp_path / "run").exists()
+
+
+def _png_bomb(path: Path, side: int = 100_000) -> None:
+    """A PNG whose header claims side x side pixels (10 G): 100 bytes on disk."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+
+    ihdr = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)  # 8-bit grey
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr)
+                     + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+
+
+def _odd_images(folder: Path) -> dict[str, tuple]:
+    """Images in modes other than 8-bit RGB, each of one colour: {file: the RGB colour
+    the transform should see}."""
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True)
+    want = {}
+
+    def save(name, im, rgb, **kw):
+        im.save(folder / name, **kw)
+        want[name] = rgb
+
+    save("one_pixel.png", Image.new("RGB", (1, 1), (5, 6, 7)), (5, 6, 7))
+    save("cmyk.tif", Image.new("CMYK", (12, 9), (0, 255, 0, 0)), (255, 0, 255))
+    grey16 = Image.fromarray(np.full((10, 10), 200 * 257, dtype=np.uint16))
+    assert grey16.mode == "I;16"
+    save("grey16.png", grey16, (200, 200, 200))  # a plain conversion would give white
+    palette = Image.new("P", (8, 8), 1)
+    palette.putpalette([0, 0, 0, 40, 90, 160] + [0] * 762)
+    save("palette.png", palette, (40, 90, 160), transparency=0)
+    save("alpha.png", Image.new("RGBA", (8, 8), (10, 20, 30, 0)), (10, 20, 30))
+    save("grey_alpha.png", Image.new("LA", (8, 8), (77, 128)), (77, 77, 77))
+    return want
+
+
+def test_images_in_odd_modes_are_read_as_the_transform_expects(tmp_path):
+    """1x1, CMYK, 16-bit grey, palette with transparency, RGBA and grey+alpha files give
+    exactly what the evaluation transform gives for the same colour in 8-bit RGB."""
+    from PIL import Image
+
+    from amp_plugin.data.images import image_files
+    from amp_plugin.data.transforms import eval_transform
+
+    want = _odd_images(tmp_path / "images" / "odd")
+    tf = eval_transform(32, [0.5] * 3, [0.5] * 3)
+    ds = image_files(tmp_path / "images", tf)
+    assert len(ds) == len(want)
+    for (file, _), (x, _) in zip(ds.samples, ds):
+        size = Image.open(file).size
+        expected = tf(Image.new("RGB", size, want[Path(file).name]))
+        assert torch.equal(x, expected), file
+
+
+def _bad_file(victim: Path, kind: str) -> None:
+    victim.unlink()
+    if kind == "bomb":
+        _png_bomb(victim)
+    elif kind == "fifo":
+        os.mkfifo(victim)  # opening it to read would wait for a writer forever
+    elif kind == "link loop":
+        victim.symlink_to(victim.with_name("other.link"))  # (not an image name itself)
+        victim.with_name("other.link").symlink_to(victim)
+    elif kind == "float":
+        from PIL import Image
+
+        Image.new("F", (8, 8), 0.5).save(victim.with_suffix(".tif"))
+        victim.with_suffix(".tif").rename(victim.with_suffix(".tiff"))
+
+
+@pytest.mark.parametrize("kind,message", [
+    ("bomb", "exceeds limit"),
+    ("fifo", "not a regular file"),
+    ("link loop", "Too many levels of symbolic links"),
+    ("float", "float pixels of no known range"),
+])
+def test_odd_files_in_an_image_folder_are_named_never_a_hang(tmp_path, kind, message):
+    """`amp run` on a folder of digits and odd images (in its own process under a timeout
+    where a read could block: a hang fails the test); one file that cannot be read is named
+    with the reason."""
+    from amp_plugin.data.digits import write_digit_images
+
+    root = tmp_path / "images"
+    write_digit_images(root, range(0, 60))
+    _odd_images(root / "odd")  # read fine, mixed in
+    victim = sorted((root / "zero").glob("*.png"))[0]
+    _bad_file(victim, kind)
+    if kind == "float":
+        victim = victim.with_suffix(".tiff")
+    data = {**DATA, "kind": "imagefolder", "root": str(root), "calib_images": "all",
+            "val_images": 32, "batch_size": 32}  # every file is read
+    r = recipe(tmp_path, data=data)
+    if kind == "fifo":
+        proc = amp_process("run", r, "--no-progress", env={**os.environ, "COLUMNS": "2000"})
+        output, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 2, output
+    else:
+        result = wide_cli("run", r, "--no-progress")
+        output = result.output
+        assert result.exit_code == 2, output
+    text = " ".join(output.split())
+    assert f"data.root: {victim} is not a readable image (" in text and message in text
+    assert "Traceback" not in output
+    # skipped on request, the rest of the folder (the odd images included) is used
+    cfg = load_recipe(r, {"data.skip_bad_images": True}).data
+    calib, val = get_source("imagefolder").amp_batches(cfg, 0)
+    assert sum(len(b) for b in calib) == 60 + 6 - 32 and sum(len(b) for b in val) == 32
+
+
+def test_a_loop_of_links_in_an_image_folder_is_named(tmp_path):
+    from amp_plugin.data.digits import write_digit_images
+
+    root = tmp_path / "images"
+    write_digit_images(root, range(0, 120))
+    (root / "zero" / "again").symlink_to(root, target_is_directory=True)
+    r = recipe(tmp_path, data={**DATA, "kind": "imagefolder", "root": str(root)})
+    t0 = time.perf_counter()
+    out = cli("run", r, "--no-progress")
+    assert out.exit_code == 2, out.output
+    assert (f"data.root: {root / 'zero' / 'again'} is {root} again (a loop of symbolic "
+            "links)") in " ".join(out.output.split())
+    assert time.perf_counter() - t0 < 60
+    # a link to a folder elsewhere is followed as before
+    (root / "zero" / "again").unlink()
+    (tmp_path / "more").mkdir()
+    write_digit_images(tmp_path / "more", range(200, 210))
+    (root / "zero" / "more").symlink_to(tmp_path / "more" / "one", target_is_directory=True)
+    from amp_plugin.data.images import image_files
+
+    files = [p for p, _ in image_files(root).samples]
+    assert len(files) == 120 + len(list((tmp_path / "more" / "one").glob("*.png")))

@@ -271,13 +271,11 @@ def test_a_read_only_run_directory_is_refused_before_any_work(done, tmp_path, tm
     r, original = done
     run = _read_only_copy(original, tmp_path, tmpfs)
     before = digest(run)
-    proc = subprocess.run([sys.executable, "-m", "amp_cli.app", "run", str(r), "--out",
-                           str(run), "--no-progress"], capture_output=True, text=True,
-                          env=child_env())
-    assert proc.returncode == 2, proc.stdout + proc.stderr
-    assert (f"run directory {run}: {run} is read-only for this process"
-            in " ".join(proc.stderr.split()))
-    assert "stage" not in proc.stdout  # no stage began
+    out = cli("run", r, "--out", run, "--no-progress")
+    assert out.exit_code == 2, out.output
+    assert f"run directory {run}: {run} is read-only for this process" in " ".join(
+        out.output.split())
+    assert "stage" not in out.output  # no stage began
     # a run directory still to be made, in a read-only folder
     out = cli("run", r, "--out", run.parent / "new" / "run", "--no-progress")
     assert out.exit_code == 2, out.output

@@ -24,6 +24,7 @@ from ..core.adapter import get_adapter
 from ..utils.progress import progress
 from .base import DataSource, register_source
 from .digits import write_digit_images
+from .images import load_rgb
 from .transforms import eval_transform
 
 
@@ -109,10 +110,7 @@ class CaptionedImages(Dataset):
         return len(self.files)
 
     def __getitem__(self, i: int):
-        from PIL import Image
-
-        with Image.open(self.files[i]) as im:
-            return self.tf(im.convert("RGB")), self.text[i]
+        return self.tf(load_rgb(self.files[i])), self.text[i]
 
 
 def caption_datasets(cfg: DataConfig, seed: int, model: nn.Module, show_progress: bool = True

@@ -190,9 +190,9 @@ def _resolve_text(value, which: str, dataset_key: str, default):
 def classification_dataset(cfg: ZeroShotDataset, transform):
     """(dataset, classnames, templates) of a zero-shot set, read from its local folder."""
     if cfg.dataset == "imagefolder":
-        from torchvision.datasets import ImageFolder
+        from ..data.images import image_files
 
-        ds = ImageFolder(cfg.root, transform=transform)
+        ds = image_files(cfg.root, transform, key="eval.zeroshot_classification.root")
         own_classes, own_templates = ds.classes, None
     else:
         if cfg.dataset == "imagenetv2":

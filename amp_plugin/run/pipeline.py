@@ -472,9 +472,9 @@ class Run:
         r = self.recipe
         cfg = r.distill or DistillConfig()
         if cfg.root is not None:
-            from torchvision.datasets import ImageFolder
+            from ..data.images import image_files
 
-            images, tensor_input = ImageFolder(cfg.root), False
+            images, tensor_input = image_files(cfg.root, key="distill.root"), False
         else:
             images, tensor_input = get_source(r.data.kind).train_images(r.data, r.seed)
         student = Path(cfg.student) if cfg.student else self.dir.pruned
