@@ -50,12 +50,18 @@ def fail(message: str) -> None:
 
 def user_errors(fn):
     """Report the library's user errors (RecipeError, DistillError, MaskError, other
-    ValueErrors and missing files) as one red message and exit status 2."""
+    ValueErrors, missing files, a full disk) as one red message and exit status 2."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except (ValueError, FileNotFoundError) as e:
+            fail(str(e))
+        except OSError as e:
+            from amp_plugin.utils.io import NoSpaceError  # (imported only when needed)
+
+            if not isinstance(e, NoSpaceError):
+                raise
             fail(str(e))
     return wrapper
 
@@ -68,6 +74,8 @@ def parse_overrides(items: list[str] | None) -> dict:
             raise typer.BadParameter(f"--set expects key.path=value, got {item!r}")
         try:
             out[key.strip()] = yaml.safe_load(value)
+        except RecursionError:
+            raise typer.BadParameter(f"--set {key}: the value is nested too deeply") from None
         except yaml.YAMLError as e:
             raise typer.BadParameter(f"--set {item!r}: the value is not plain YAML data "
                                      f"({str(e).splitlines()[0]})") from None

@@ -236,6 +236,49 @@ def test_cached_classifier_matches_fresh(clip_model, tokenizer, data_root, tmp_p
     assert not torch.allclose(rebuilt, other)
 
 
+def test_damaged_classifier_cache_is_computed_again(clip_model, tokenizer, data_root,
+                                                    tmp_path, caplog):
+    """A cache file that is damaged, claims more data than it holds, or holds a tensor of
+    another shape or with NaN is only a cache: built again (logged), never used."""
+    from safetensors.torch import load_file
+
+    _, classnames, templates = _clip_classification_loader(clip_model, data_root)
+    cache = tmp_path / "digits.safetensors"
+    want = text_classifier(clip_model, tokenizer, classnames, templates, cache_path=cache)
+    good = cache.read_bytes()
+    header_len = int.from_bytes(good[:8], "little")
+
+    def nan(t):
+        return t.clone().fill_(float("nan"))
+
+    damages = {
+        "truncated": lambda: cache.write_bytes(good[:header_len + 12]),
+        "huge header": lambda: cache.write_bytes((2**62).to_bytes(8, "little") + good[8:]),
+        "other classes": lambda: _rewrite(cache, lambda t: t[:, :3]),
+        "nan": lambda: _rewrite(cache, nan),
+    }
+    for name, damage in damages.items():
+        cache.write_bytes(good)
+        damage()
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="amp"):
+            got = text_classifier(clip_model, tokenizer, classnames, templates,
+                                  cache_path=cache)
+        assert torch.allclose(got, want, atol=1e-6), name
+        if name != "other classes":  # a readable 2-D classifier of another class count
+            assert f"{cache}: not a" in caplog.text and "computing it again" in caplog.text, name
+        assert torch.allclose(load_file(str(cache))["classifier"], want.cpu(), atol=1e-6)
+
+
+def _rewrite(path, edit) -> None:
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), "pt") as f:
+        meta, t = f.metadata(), f.get_tensor("classifier").clone()
+    save_file({"classifier": edit(t).contiguous()}, str(path), metadata=meta)
+
+
 @torch.no_grad()
 def test_zero_shot_retrieval_equals_direct(clip_model, tokenizer, data_root):
     from amp_plugin.config import RetrievalDataset

@@ -505,6 +505,26 @@ def test_command_line_mistakes(tmp_path, args, message):
     ({"images": [{"id": 1, "file_name": "a.png"}],
       "annotations": [{"image_id": 1, "caption": None}]},
      "annotations[0].caption is None, expected a non-empty string (image_id 1)"),
+    ({"images": [{"id": 1, "file_name": "a.png"}],
+      "annotations": [{"image_id": 1, "caption": "a"}, {"image_id": [1], "caption": "b"}]},
+     "annotations[1].image_id is [1] (list), expected an integer or string id"),
+    ({"images": [{"id": 1, "file_name": "a.png"}],
+      "annotations": [{"image_id": {"id": 1}, "caption": "a"}]},
+     "annotations[0].image_id is {'id': 1} (dict), expected an integer or string id"),
+    ({"images": [{"id": 1, "file_name": "a.png"}],
+      "annotations": [{"image_id": True, "caption": "a"}]},
+     "annotations[0].image_id is True (bool), expected an integer or string id"),
+    ({"images": [{"id": 1, "file_name": "a.png"}, {"id": [2], "file_name": "b.png"}],
+      "annotations": [{"image_id": 1, "caption": "a"}]},
+     "images[1].id is [2] (list), expected an integer or string id"),
+    ({"images": [{"id": 1, "file_name": 7}], "annotations": [{"image_id": 1, "caption": "a"}]},
+     "images[0].file_name is 7, expected a file name relative to data.root"),
+    ({"images": [{"id": 1, "file_name": "../../etc/passwd"}],
+      "annotations": [{"image_id": 1, "caption": "a"}]},
+     "images[0].file_name is '../../etc/passwd', expected a file name relative to data.root"),
+    ({"images": [{"id": 1, "file_name": "a.png"}], "annotations": [[1, "a"]]},
+     "annotations[0] needs 'image_id' and 'caption'"),
+    ("[" * 100000 + "]" * 100000, "nested too deeply"),
 ])
 def test_bad_coco_captions(tmp_path, captions, message):
     from amp_plugin.data.coco import read_captions
@@ -514,3 +534,381 @@ def test_bad_coco_captions(tmp_path, captions, message):
     with pytest.raises(ValueError) as err:
         read_captions(f, tmp_path)
     assert f"data.captions: {f}" in str(err.value) and message in str(err.value)
+
+
+def test_coco_captions_are_checked_before_any_work(tmp_path):
+    """`amp run` in its own process: a captions file with a list as an image id is named
+    (key and annotation index) before the model is built or the run directory made."""
+    from amp_plugin.data.digits import write_digit_images
+
+    images = tmp_path / "images"
+    paths = write_digit_images(images, range(0, 8))
+    anns = [{"image_id": i, "caption": "a digit"} for i in range(8)]
+    anns[5]["image_id"] = [5]
+    captions = tmp_path / "captions.json"
+    captions.write_text(json.dumps({
+        "images": [{"id": i, "file_name": str(p.relative_to(images))}
+                   for i, p in enumerate(paths)], "annotations": anns}))
+    data = {**DATA, "kind": "coco", "root": str(images), "captions": str(captions),
+            "calib_images": 4, "val_images": 4, "batch_size": 2}
+    proc = amp_process("run", recipe(tmp_path, data=data), "--no-progress")
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 2, output
+    assert (f"data.captions: {captions}: annotations[5].image_id is [5] (list), expected an "
+            "integer or string id") in " ".join(output.split())
+    assert "Traceback" not in output
+    assert not (tmp_path / "run").exists()
+
+
+# ---- tampered stage outputs: refused naming the file, or computed again with a log line ----
+@pytest.fixture(scope="module")
+def pruned_run(tmp_path_factory) -> tuple[Path, Path]:
+    """(recipe, run directory) of a completed score and prune run."""
+    tmp = tmp_path_factory.mktemp("pruned_run")
+    r = recipe(tmp)
+    amp.run(load_recipe(r), tmp / "run", stages=["score", "prune"], show_progress=False)
+    return r, tmp / "run"
+
+
+def wide_cli(*args: str):
+    """The command line with log lines wide enough to hold a message and its paths."""
+    return CliRunner().invoke(app, [str(a) for a in args], env={"COLUMNS": "2000"})
+
+
+def _copy_run(pruned_run, tmp_path) -> tuple[Path, Path]:
+    import shutil
+
+    r, run = pruned_run
+    shutil.copytree(run, tmp_path / "run")
+    return r, tmp_path / "run"
+
+
+def _huge_header(path: Path) -> None:
+    # the first 8 bytes give the header's length: here 2**62 bytes, in a 40-byte file
+    path.write_bytes((2**62).to_bytes(8, "little") + b'{"a": 1}' + b"\0" * 24)
+
+
+def _lying_header(path: Path) -> None:
+    # a well-formed header whose one tensor claims 2**40 floats
+    header = json.dumps({"blocks.0.mlp": {"dtype": "F32", "shape": [2**40],
+                                          "data_offsets": [0, 2**42]}}).encode()
+    path.write_bytes(len(header).to_bytes(8, "little") + header + b"\0" * 16)
+
+
+SCORE_TAMPERS = {
+    "shape": (lambda s: {**s, "blocks.0.mlp": s["blocks.0.mlp"][:64]},
+              "blocks.0.mlp has shape (64,), the model's MLP has 128 hidden neurons"),
+    "dtype": (lambda s: {**s, "blocks.1.mlp": s["blocks.1.mlp"].long()},
+              "blocks.1.mlp is int64, expected floating-point values"),
+    "nan": (lambda s: {**s, "blocks.1.mlp": s["blocks.1.mlp"].clone().index_fill_(
+        0, torch.tensor([3]), float("nan"))}, "blocks.1.mlp holds NaN or inf values"),
+    "names": (lambda s: {"blocks.0.mlp": s["blocks.0.mlp"], "head.mlp": s["blocks.1.mlp"]},
+              "holds other MLPs than the model's (missing ['blocks.1.mlp'], unexpected "
+              "['head.mlp'])"),
+    "huge header": (_huge_header, "not a readable safetensors file"),
+    "lying header": (_lying_header, "not a readable safetensors file"),
+}
+
+
+def _tamper_scores(run: Path, kind: str) -> str:
+    """Rewrite scores.safetensors and record its new hash in scores.json, as an edit of
+    both files would: only the content check can tell."""
+    import hashlib
+
+    edit, message = SCORE_TAMPERS[kind]
+    path = run / "scores.safetensors"
+    if kind.endswith("header"):
+        edit(path)
+    else:
+        save_file(edit(load_file(str(path))), str(path))
+    meta = json.loads((run / "scores.json").read_text())
+    meta["output_sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    (run / "scores.json").write_text(json.dumps(meta))
+    return f"{path}: {message}"
+
+
+@pytest.mark.parametrize("kind", list(SCORE_TAMPERS))
+def test_tampered_scores_are_computed_again(pruned_run, tmp_path, kind):
+    r, run = _copy_run(pruned_run, tmp_path)
+    good = {k: v.clone() for k, v in load_file(str(run / "scores.safetensors")).items()}
+    sizes = json.loads((run / "prune.json").read_text())["result"]["hidden_sizes"]
+    message = _tamper_scores(run, kind)
+    (run / "prune.json").unlink()  # the search reads the scores again
+    out = wide_cli("run", r, "--out", run, "--no-progress")
+    assert out.exit_code == 0, out.output
+    text = " ".join(out.output.split())
+    assert f"score: {message}" in text and "; computing the scores again" in text
+    again = load_file(str(run / "scores.safetensors"))
+    assert set(again) == set(good) and all(torch.equal(good[k], again[k]) for k in good)
+    assert json.loads((run / "prune.json").read_text())["result"]["hidden_sizes"] == sizes
+
+
+def test_tampered_scores_are_named_when_only_the_search_runs(pruned_run, tmp_path):
+    r, run = _copy_run(pruned_run, tmp_path)
+    message = _tamper_scores(run, "nan")
+    (run / "prune.json").unlink()
+    out = wide_cli("run", r, "--out", run, "--stage", "prune", "--no-progress")
+    assert out.exit_code == 2, out.output
+    assert f"{message}: run the score stage again" in " ".join(out.output.split())
+    assert not (run / "prune.json").exists()
+
+
+PRUNE_TAMPERS = {
+    "too wide": (lambda res: res["hidden_sizes"].update({"blocks.0.mlp": 10**9}),
+                 "result.hidden_sizes.blocks.0.mlp is 1000000000, outside 0..128 (the MLP's "
+                 "hidden width)"),
+    "negative": (lambda res: res["hidden_sizes"].update({"blocks.1.mlp": -5}),
+                 "result.hidden_sizes.blocks.1.mlp is -5, outside 0..128"),
+    "not numbers": (lambda res: res.update(hidden_sizes="all"),
+                    "result.hidden_sizes is 'all', expected an object of whole numbers"),
+    "other widths": (lambda res: res["original_sizes"].update({"blocks.0.mlp": 4096}),
+                     "result.original_sizes {'blocks.0.mlp': 4096, 'blocks.1.mlp': 128} are "
+                     "not the model's MLP widths"),
+}
+
+
+@pytest.mark.parametrize("kind", list(PRUNE_TAMPERS))
+def test_tampered_search_results_are_searched_again(pruned_run, tmp_path, kind):
+    r, run = _copy_run(pruned_run, tmp_path)
+    good = json.loads((run / "prune.json").read_text())
+    edit, message = PRUNE_TAMPERS[kind]
+    bad = json.loads(json.dumps(good))
+    edit(bad["result"])
+    (run / "prune.json").write_text(json.dumps(bad))
+    # the report alone refuses the file (exit 2) ...
+    if kind != "other widths":  # (the report knows no model: its own original sizes)
+        out = wide_cli("run", r, "--out", run, "--stage", "report", "--no-progress")
+        assert out.exit_code == 2, out.output
+        assert f"{run / 'prune.json'}: {message}" in " ".join(out.output.split())
+    # ... the prune stage searches again, to the same result
+    out = wide_cli("run", r, "--out", run, "--no-progress")
+    assert out.exit_code == 0, out.output
+    assert f"prune: {run / 'prune.json'}: {message}" in " ".join(out.output.split())
+    assert "searching again" in out.output
+    again = json.loads((run / "prune.json").read_text())["result"]
+    for key in ("hidden_sizes", "original_sizes", "trace", "mlp_params", "entropy"):
+        assert again[key] == good["result"][key], key
+
+
+def test_search_result_differing_from_the_pruned_model_is_searched_again(pruned_run, tmp_path):
+    r, run = _copy_run(pruned_run, tmp_path)
+    good = json.loads((run / "prune.json").read_text())
+    bad = json.loads(json.dumps(good))
+    bad["result"]["hidden_sizes"] = {k: 8 for k in bad["result"]["hidden_sizes"]}
+    (run / "prune.json").write_text(json.dumps(bad))
+    out = wide_cli("run", r, "--out", run, "--no-progress")
+    assert out.exit_code == 0, out.output
+    assert "are not the pruned model's" in " ".join(out.output.split())
+    assert json.loads((run / "prune.json").read_text())["result"]["hidden_sizes"] == (
+        good["result"]["hidden_sizes"])
+    (run / "prune.json").write_text("{not json")
+    out = wide_cli("run", r, "--out", run, "--no-progress")
+    assert out.exit_code == 0, out.output
+    assert f"prune: {run / 'prune.json'}: not valid JSON" in " ".join(out.output.split())
+    assert json.loads((run / "prune.json").read_text())["result"]["hidden_sizes"] == (
+        good["result"]["hidden_sizes"])
+
+
+def test_tampered_progress_files_start_the_stage_over(pruned_run, tmp_path):
+    """The partial sums of a killed score stage and the state of a killed search are
+    checked like the outputs: damaged or out of range, the stage starts over (logged)."""
+    r, run = _copy_run(pruned_run, tmp_path)
+    good = {k: v.clone() for k, v in load_file(str(run / "scores.safetensors")).items()}
+    result = json.loads((run / "prune.json").read_text())
+    for name in ("scores.safetensors", "scores.json", "prune.json"):
+        (run / name).unlink()
+    _huge_header(run / "scores.rank0.partial")
+    (run / "prune.partial.json").write_text(json.dumps({
+        "fingerprint": result["fingerprint"],
+        "state": {"sizes": {"blocks.1.mlp": 999}, "trace": [], "e_prev": None,
+                  "e_start": None, "evaluations": 0}}))
+    out = wide_cli("run", r, "--out", run, "--no-progress")
+    assert out.exit_code == 0, out.output
+    text = " ".join(out.output.split())
+    assert (f"score: {run / 'scores.rank0.partial'}: not a readable safetensors file"
+            in text and "starting the score stage over" in text)
+    assert (f"prune: {run / 'prune.partial.json'}: state.sizes.blocks.1.mlp is 999, not a "
+            "size of one of the model's MLPs; starting the search over") in text
+    again = load_file(str(run / "scores.safetensors"))
+    assert all(torch.equal(good[k], again[k]) for k in good)
+    assert json.loads((run / "prune.json").read_text())["result"]["hidden_sizes"] == (
+        result["result"]["hidden_sizes"])
+
+
+# ---- bombs and odd files: refused quickly or read as the transform expects, never a hang ----
+def _laughs(levels: int = 9) -> str:
+    """The "billion laughs": each level names the previous one 9 times (9**9 values)."""
+    lines = ['a0: &a0 "lol"']
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, levels + 1)]
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.parametrize("kind", ["aliases", "aliases in --set", "itself", "large", "deep"])
+def test_recipe_bombs_are_refused_quickly(tmp_path, kind):
+    r = recipe(tmp_path)
+    args = []
+    if kind == "aliases":  # in the model's free-form kwargs, which validation would walk
+        text = r.read_text().replace("kwargs:", "kwargs:\n    laughs: *a9\n    x_:", 1)
+        r.write_text(_laughs() + text)
+        message = f"{r}: holds "
+    elif kind == "aliases in --set":
+        args = ["--set", "model.kwargs.laughs=" + "{" + ", ".join(
+            _laughs(8).strip().splitlines()) + "}"]
+        message = "values once its YAML aliases are expanded"
+    elif kind == "itself":  # PyYAML builds a list that holds itself
+        r.write_text(r.read_text() + "extra: &me [1, *me]\n")
+        message = f"{r}: a value holds itself (a YAML alias inside its own anchor)"
+    elif kind == "large":
+        r.write_text(r.read_text() + "".join(f"# {i:0100d}\n" for i in range(12000)))
+        message = f"{r}: more than 1,048,576 bytes, too large for a recipe"
+    else:
+        r.write_text(r.read_text() + "extra: " + "[" * 20000 + "]" * 20000 + "\n")
+        message = f"{r}: nested too deeply to be a recipe"
+    t0 = time.perf_counter()
+    out = cli("run", r, *args, "--no-progress")
+    seconds = time.perf_counter() - t0
+    assert out.exit_code == 2, out.output
+    text = " ".join(out.output.split())
+    assert message in text
+    if kind.startswith("aliases"):  # at least the 9**8 (9**9) strings of the laughs
+        count = int(text.split("holds ")[1].split(" values once")[0].replace(",", ""))
+        assert count > 9 ** (8 if "--set" in kind else 9)
+    assert seconds < 10, seconds  # refused before anything walks the expanded data
+    assert not (tmp_path / "run").exists()
+
+
+def _png_bomb(path: Path, side: int = 100_000) -> None:
+    """A PNG whose header claims side x side pixels (10 G): 100 bytes on disk."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+
+    ihdr = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)  # 8-bit grey
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr)
+                     + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+
+
+def _odd_images(folder: Path) -> dict[str, tuple]:
+    """Images in modes other than 8-bit RGB, each of one colour: {file: the RGB colour
+    the transform should see}."""
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True)
+    want = {}
+
+    def save(name, im, rgb, **kw):
+        im.save(folder / name, **kw)
+        want[name] = rgb
+
+    save("one_pixel.png", Image.new("RGB", (1, 1), (5, 6, 7)), (5, 6, 7))
+    save("cmyk.tif", Image.new("CMYK", (12, 9), (0, 255, 0, 0)), (255, 0, 255))
+    grey16 = Image.fromarray(np.full((10, 10), 200 * 257, dtype=np.uint16))
+    assert grey16.mode == "I;16"
+    save("grey16.png", grey16, (200, 200, 200))  # a plain conversion would give white
+    palette = Image.new("P", (8, 8), 1)
+    palette.putpalette([0, 0, 0, 40, 90, 160] + [0] * 762)
+    save("palette.png", palette, (40, 90, 160), transparency=0)
+    save("alpha.png", Image.new("RGBA", (8, 8), (10, 20, 30, 0)), (10, 20, 30))
+    save("grey_alpha.png", Image.new("LA", (8, 8), (77, 128)), (77, 77, 77))
+    return want
+
+
+def test_images_in_odd_modes_are_read_as_the_transform_expects(tmp_path):
+    """1x1, CMYK, 16-bit grey, palette with transparency, RGBA and grey+alpha files give
+    exactly what the evaluation transform gives for the same colour in 8-bit RGB."""
+    from PIL import Image
+
+    from amp_plugin.data.images import image_files
+    from amp_plugin.data.transforms import eval_transform
+
+    want = _odd_images(tmp_path / "images" / "odd")
+    tf = eval_transform(32, [0.5] * 3, [0.5] * 3)
+    ds = image_files(tmp_path / "images", tf)
+    assert len(ds) == len(want)
+    for (file, _), (x, _) in zip(ds.samples, ds):
+        size = Image.open(file).size
+        expected = tf(Image.new("RGB", size, want[Path(file).name]))
+        assert torch.equal(x, expected), file
+
+
+def _bad_file(victim: Path, kind: str) -> None:
+    victim.unlink()
+    if kind == "bomb":
+        _png_bomb(victim)
+    elif kind == "fifo":
+        os.mkfifo(victim)  # opening it to read would wait for a writer forever
+    elif kind == "link loop":
+        victim.symlink_to(victim.with_name("other.link"))  # (not an image name itself)
+        victim.with_name("other.link").symlink_to(victim)
+    elif kind == "float":
+        from PIL import Image
+
+        Image.new("F", (8, 8), 0.5).save(victim.with_suffix(".tif"))
+        victim.with_suffix(".tif").rename(victim.with_suffix(".tiff"))
+
+
+@pytest.mark.parametrize("kind,message", [
+    ("bomb", "exceeds limit"),
+    ("fifo", "not a regular file"),
+    ("link loop", "Too many levels of symbolic links"),
+    ("float", "float pixels of no known range"),
+])
+def test_odd_files_in_an_image_folder_are_named_never_a_hang(tmp_path, kind, message):
+    """`amp run` on a folder of digits and odd images (in its own process under a timeout
+    where a read could block: a hang fails the test); one file that cannot be read is named
+    with the reason."""
+    from amp_plugin.data.digits import write_digit_images
+
+    root = tmp_path / "images"
+    write_digit_images(root, range(0, 60))
+    _odd_images(root / "odd")  # read fine, mixed in
+    victim = sorted((root / "zero").glob("*.png"))[0]
+    _bad_file(victim, kind)
+    if kind == "float":
+        victim = victim.with_suffix(".tiff")
+    data = {**DATA, "kind": "imagefolder", "root": str(root), "calib_images": "all",
+            "val_images": 32, "batch_size": 32}  # every file is read
+    r = recipe(tmp_path, data=data)
+    if kind == "fifo":
+        proc = amp_process("run", r, "--no-progress", env={**os.environ, "COLUMNS": "2000"})
+        output, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 2, output
+    else:
+        result = wide_cli("run", r, "--no-progress")
+        output = result.output
+        assert result.exit_code == 2, output
+    text = " ".join(output.split())
+    assert f"data.root: {victim} is not a readable image (" in text and message in text
+    assert "Traceback" not in output
+    # skipped on request, the rest of the folder (the odd images included) is used
+    cfg = load_recipe(r, {"data.skip_bad_images": True}).data
+    calib, val = get_source("imagefolder").amp_batches(cfg, 0)
+    assert sum(len(b) for b in calib) == 60 + 6 - 32 and sum(len(b) for b in val) == 32
+
+
+def test_a_loop_of_links_in_an_image_folder_is_named(tmp_path):
+    from amp_plugin.data.digits import write_digit_images
+
+    root = tmp_path / "images"
+    write_digit_images(root, range(0, 120))
+    (root / "zero" / "again").symlink_to(root, target_is_directory=True)
+    r = recipe(tmp_path, data={**DATA, "kind": "imagefolder", "root": str(root)})
+    t0 = time.perf_counter()
+    out = cli("run", r, "--no-progress")
+    assert out.exit_code == 2, out.output
+    assert (f"data.root: {root / 'zero' / 'again'} is {root} again (a loop of symbolic "
+            "links)") in " ".join(out.output.split())
+    assert time.perf_counter() - t0 < 60
+    # a link to a folder elsewhere is followed as before
+    (root / "zero" / "again").unlink()
+    (tmp_path / "more").mkdir()
+    write_digit_images(tmp_path / "more", range(200, 210))
+    (root / "zero" / "more").symlink_to(tmp_path / "more" / "one", target_is_directory=True)
+    from amp_plugin.data.images import image_files
+
+    files = [p for p, _ in image_files(root).samples]
+    assert len(files) == 120 + len(list((tmp_path / "more" / "one").glob("*.png")))

@@ -55,11 +55,13 @@ def save_pruned(model: nn.Module, path: str | Path, spec: dict | None = None,
         "meta": meta or {},
     }
 
+    text = json.dumps(manifest, indent=2)
+
     def fill(tmp: Path) -> None:
         save_file(tensors, str(tmp / WEIGHTS))
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        (tmp / MANIFEST).write_text(text)
 
-    return atomic_dir(path, fill)
+    return atomic_dir(path, fill, needed=sum(t.nbytes for t in tensors.values()) + len(text))
 
 
 def is_pruned_dir(path: str | Path) -> bool:

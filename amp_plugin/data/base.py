@@ -38,6 +38,10 @@ class DataSource:
     transforms: tuple[str, ...] = ("eval",)  # data.transform values it can apply
     separate_val = False  # can validate on data.val_root (data.val_from: val_root)
 
+    def check(self, cfg: DataConfig) -> None:
+        """Refuse, before any work, input files whose content is wrong (the recipe checks
+        only that they exist); reading the images waits for the stage that needs them."""
+
     def amp_datasets(self, cfg: DataConfig, seed: int, extra: str | None = None,
                      model: nn.Module | None = None, show_progress: bool = True
                      ) -> tuple[Dataset, Dataset]:

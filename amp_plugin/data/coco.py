@@ -24,7 +24,15 @@ from ..core.adapter import get_adapter
 from ..utils.progress import progress
 from .base import DataSource, register_source
 from .digits import write_digit_images
+from .images import load_rgb
 from .transforms import eval_transform
+
+
+def _check_id(path: Path, key: str, value) -> None:
+    # ids are dictionary keys here: COCO's are integers; strings are taken as well
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ValueError(f"data.captions: {path}: {key} is {value!r} "
+                         f"({type(value).__name__}), expected an integer or string id")
 
 
 def read_captions(path: str | Path, root: str | Path) -> list[tuple[Path, list[str]]]:
@@ -38,15 +46,19 @@ def read_captions(path: str | Path, root: str | Path) -> list[tuple[Path, list[s
         raw = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"data.captions: {path} is not valid JSON ({e})") from None
+    except RecursionError:
+        raise ValueError(f"data.captions: {path} is nested too deeply to be a COCO captions "
+                         "file") from None
     if not isinstance(raw, dict) or not {"images", "annotations"} <= raw.keys() or not all(
             isinstance(raw[k], list) for k in ("images", "annotations")):
         raise ValueError(f"data.captions: {path} is not a COCO captions file "
                          "(expected top-level lists 'images' and 'annotations')")
-    captions: dict[int, list[str]] = defaultdict(list)
+    captions: dict[int | str, list[str]] = defaultdict(list)
     for i, ann in enumerate(raw["annotations"]):
         if not isinstance(ann, dict) or "image_id" not in ann or "caption" not in ann:
             raise ValueError(f"data.captions: {path}: annotations[{i}] needs 'image_id' "
                              "and 'caption'")
+        _check_id(path, f"annotations[{i}].image_id", ann["image_id"])
         if not isinstance(ann["caption"], str) or not ann["caption"].strip():
             raise ValueError(f"data.captions: {path}: annotations[{i}].caption is "
                              f"{ann['caption']!r}, expected a non-empty string (image_id "
@@ -56,8 +68,14 @@ def read_captions(path: str | Path, root: str | Path) -> list[tuple[Path, list[s
     for i, im in enumerate(raw["images"]):
         if not isinstance(im, dict) or "id" not in im or "file_name" not in im:
             raise ValueError(f"data.captions: {path}: images[{i}] needs 'id' and 'file_name'")
+        _check_id(path, f"images[{i}].id", im["id"])
+        name = im["file_name"]
+        if not isinstance(name, str) or not name or Path(name).is_absolute() or (
+                ".." in Path(name).parts):
+            raise ValueError(f"data.captions: {path}: images[{i}].file_name is {name!r}, "
+                             "expected a file name relative to data.root")
         if captions.get(im["id"]):
-            out.append((root / im["file_name"], captions[im["id"]]))
+            out.append((root / name, captions[im["id"]]))
     if not out:
         raise ValueError(f"data.captions: {path} has no captioned images")
     return out
@@ -92,10 +110,7 @@ class CaptionedImages(Dataset):
         return len(self.files)
 
     def __getitem__(self, i: int):
-        from PIL import Image
-
-        with Image.open(self.files[i]) as im:
-            return self.tf(im.convert("RGB")), self.text[i]
+        return self.tf(load_rgb(self.files[i])), self.text[i]
 
 
 def caption_datasets(cfg: DataConfig, seed: int, model: nn.Module, show_progress: bool = True
@@ -135,6 +150,9 @@ class Coco(DataSource):
     name = "coco"
     gives = frozenset({"text"})
     required_keys = ("root", "captions")
+
+    def check(self, cfg):
+        read_captions(cfg.captions, cfg.root)
 
     def amp_datasets(self, cfg, seed, extra=None, model=None, show_progress=True):
         if model is None:

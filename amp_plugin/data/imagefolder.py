@@ -13,16 +13,14 @@ from ..config import DataConfig
 from .augment import SeededAugment, dino_augmentation
 from .base import DataSource, Split, choose_disjoint, register_source, subset_size
 from .digits import write_digit_images
+from .images import image_files
 from .transforms import eval_transform
 
 log = logging.getLogger("amp")
 
 
-def image_folder(root: str, cfg: DataConfig):
-    from torchvision import datasets
-
-    return datasets.ImageFolder(root, transform=eval_transform(cfg.image_size, cfg.mean,
-                                                               cfg.std))
+def image_folder(root: str, cfg: DataConfig, key: str = "data.root"):
+    return image_files(root, eval_transform(cfg.image_size, cfg.mean, cfg.std), key)
 
 
 def source_file(dataset, index: int) -> str:
@@ -49,13 +47,14 @@ class CheckedImages(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, i: int):
-        from PIL import UnidentifiedImageError
+        from PIL import Image, UnidentifiedImageError
 
         for k in range(len(self.dataset)):
             j = (i + k) % len(self.dataset)
             try:
                 return self.dataset[j]
-            except (OSError, UnidentifiedImageError, SyntaxError) as e:
+            except (OSError, UnidentifiedImageError, SyntaxError,
+                    Image.DecompressionBombError) as e:
                 file = source_file(self.dataset, j)
                 if not self.skip_bad:
                     raise ValueError(f"data.root: {file} is not a readable image ({e}); fix "
@@ -70,15 +69,15 @@ class CheckedImages(Dataset):
 def folder_datasets(cfg: DataConfig, seed: int):
     """(calibration, validation) datasets of (image tensor, label) items, in their fixed
     order: the whole folders or seeded subsets, disjoint, with the recipe's transform."""
-    from torchvision import datasets
-
     if cfg.transform == "dino":
         tf = dino_augmentation(cfg.image_size, cfg.dino_min_crop, cfg.mean, cfg.std)
-        calib_ds, val_ds = datasets.ImageFolder(cfg.root), datasets.ImageFolder(
-            cfg.val_root if cfg.val_from == "val_root" else cfg.root)
+        calib_ds = image_files(cfg.root)
+        val_ds = (image_files(cfg.val_root, key="data.val_root")
+                  if cfg.val_from == "val_root" else image_files(cfg.root))
     else:
         calib_ds = image_folder(cfg.root, cfg)
-        val_ds = image_folder(cfg.val_root, cfg) if cfg.val_from == "val_root" else calib_ds
+        val_ds = (image_folder(cfg.val_root, cfg, "data.val_root")
+                  if cfg.val_from == "val_root" else calib_ds)
     if cfg.val_from == "val_root":  # two folders: disjoint by construction
         g = torch.Generator().manual_seed(seed + 1)
         n_calib = subset_size(cfg.calib_images, len(calib_ds), "data.calib_images", "data.root")
@@ -138,7 +137,8 @@ class ImageFolderSource(DataSource):
     def labelled_splits(self, cfg, seed, max_train=None):
         if cfg.val_root is None:
             raise ValueError("data.val_root is needed for evaluation on an image folder")
-        train, test = image_folder(cfg.root, cfg), image_folder(cfg.val_root, cfg)
+        train, test = image_folder(cfg.root, cfg), image_folder(cfg.val_root, cfg,
+                                                                "data.val_root")
         g = torch.Generator().manual_seed(seed + 2)
         idx = torch.randperm(len(train), generator=g)[: max_train or len(train)]
         train = CheckedImages(train, cfg.skip_bad_images)
@@ -154,6 +154,4 @@ class ImageFolderSource(DataSource):
                 "workers": 2}
 
     def train_images(self, cfg, seed):
-        from torchvision.datasets import ImageFolder
-
-        return ImageFolder(cfg.root), False
+        return image_files(cfg.root), False

@@ -42,7 +42,17 @@ from ..config import DistillConfig
 from ..core.adapter import Adapter, vision_tower
 from ..core.serialization import load_pruned, read_manifest, save_pruned
 from ..utils.dist import timeout as ddp_timeout
-from ..utils.io import atomic_write, deep_merge, fingerprint
+from ..utils.io import (
+    NoSpaceError,
+    append_line,
+    atomic_write,
+    deep_merge,
+    fingerprint,
+    follow_umask,
+    free_bytes,
+    no_space,
+    room_for,
+)
 from ..utils.progress import progress
 from ..utils.tensors import DTYPES
 from .data import DistillData, distill_data
@@ -520,8 +530,7 @@ class Distiller:
                       "seconds": round(time.perf_counter() - start, 3)}
             records.append(record)
             if self.rank == 0:
-                with self.paths.log.open("a") as f:
-                    f.write(json.dumps(record) + "\n")
+                append_line(self.paths.log, json.dumps(record))
             self.step = step
             if step % self.cfg.checkpoint_every == 0 or step == self.total_steps:
                 self.save_checkpoint()
@@ -531,10 +540,22 @@ class Distiller:
         """DeepSpeed checkpoint of the current step; `latest` moves only once every rank
         has written its shards (DeepSpeed writes it from rank 0 without waiting)."""
         ckpt, tag = self.paths.checkpoints, _tag(self.step)
-        self.engine.save_checkpoint(str(ckpt), tag=tag, client_state=self._client_state(
-            self.step), save_latest=False)
+        needed = self._checkpoint_bytes()
+        room = torch.tensor(float(free_bytes(ckpt) >= needed), device=self.device)
+        dist.all_reduce(room, op=dist.ReduceOp.MIN)  # every rank stops, or none
+        try:
+            if not room.item():
+                raise no_space(ckpt, needed, f"the checkpoint {tag}")
+            with room_for(ckpt, needed, f"the checkpoint {tag}", check=False):
+                self.engine.save_checkpoint(str(ckpt), tag=tag, client_state=self._client_state(
+                    self.step), save_latest=False)
+        except NoSpaceError:
+            if self.rank == 0:  # a partial checkpoint only takes room (`latest` never named it)
+                shutil.rmtree(ckpt / tag, ignore_errors=True)
+            raise
         dist.barrier()
         if self.rank == 0:
+            follow_umask(ckpt)  # DeepSpeed's copies of its recovery scripts are 0744
             atomic_write(ckpt / "latest", tag)
             tags = sorted((p.name for p in ckpt.glob("global_step*") if p.is_dir()),
                           key=_tag_step)
@@ -542,6 +563,18 @@ class Distiller:
                 shutil.rmtree(ckpt / old, ignore_errors=True)
         dist.barrier()
         return tag
+
+    def _checkpoint_bytes(self) -> int:
+        """About the bytes one checkpoint takes: the last one's, or the weights plus an
+        fp32 copy and AdamW's two moments (12 bytes) of every trained parameter."""
+        tags = sorted((p for p in self.paths.checkpoints.glob("global_step*") if p.is_dir()),
+                      key=lambda p: _tag_step(p.name))
+        if tags:
+            return sum(f.stat().st_size for f in tags[-1].rglob("*") if f.is_file())
+        params = list(self.engine.module.parameters())
+        numel = [getattr(p, "ds_numel", p.numel()) for p in params]  # ZeRO-3: partitioned
+        return sum(n * p.element_size() + (12 * n if p.requires_grad else 0)
+                   for n, p in zip(numel, params))
 
     # ---- consolidation -------------------------------------------------------------------
     def consolidate(self) -> Path:

@@ -9,6 +9,7 @@ serves all three (the reference's save_clf / load_clf).
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -20,6 +21,8 @@ from ..core.adapter import get_adapter, vision_tower
 from ..utils.io import atomic_write
 from ..utils.tensors import device_of
 from .base import ROLES, EvalContext, EvalTask, Row, register_task
+
+log = logging.getLogger("amp")
 
 
 def _text_fingerprint(model: nn.Module) -> str:
@@ -48,11 +51,20 @@ def load_classifier(path: str | Path, meta: dict[str, str] | None = None) -> tor
     path = Path(path)
     if not path.is_file():
         return None
-    with safe_open(str(path), framework="pt") as f:
-        stored = f.metadata() or {}
-        if meta is not None and any(stored.get(k) != v for k, v in meta.items()):
-            return None
-        return f.get_tensor("classifier")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            stored = f.metadata() or {}
+            if meta is not None and any(stored.get(k) != v for k, v in meta.items()):
+                return None
+            clf = f.get_tensor("classifier")
+    except Exception as e:  # a damaged cache (safetensors' own error types) is only a cache
+        log.warning("%s: not a readable classifier (%s); computing it again", path, e)
+        return None
+    if clf.ndim != 2 or not clf.is_floating_point() or not bool(torch.isfinite(clf).all()):
+        log.warning("%s: not a classifier (%s %s); computing it again", path,
+                    str(clf.dtype).removeprefix("torch."), tuple(clf.shape))
+        return None
+    return clf
 
 
 def save_classifier(path: str | Path, classifier: torch.Tensor, meta: dict[str, str]) -> Path:
@@ -77,7 +89,7 @@ def text_classifier(model: nn.Module, tokenizer, classnames: Sequence[str], temp
     meta = _classifier_meta(model, classnames, templates)
     if cache_path is not None:
         cached = load_classifier(cache_path, meta)
-        if cached is not None:
+        if cached is not None and cached.shape[1] == len(classnames):
             return cached.to(device_of(model))
     was_training = model.training
     model.eval()
@@ -178,9 +190,9 @@ def _resolve_text(value, which: str, dataset_key: str, default):
 def classification_dataset(cfg: ZeroShotDataset, transform):
     """(dataset, classnames, templates) of a zero-shot set, read from its local folder."""
     if cfg.dataset == "imagefolder":
-        from torchvision.datasets import ImageFolder
+        from ..data.images import image_files
 
-        ds = ImageFolder(cfg.root, transform=transform)
+        ds = image_files(cfg.root, transform, key="eval.zeroshot_classification.root")
         own_classes, own_templates = ds.classes, None
     else:
         if cfg.dataset == "imagenetv2":

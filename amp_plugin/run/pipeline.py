@@ -27,8 +27,7 @@ from pathlib import Path
 import torch
 import yaml
 from rich.console import Console
-from safetensors import safe_open
-from safetensors.torch import load_file, save
+from safetensors.torch import save
 from torch import nn
 
 from ..config import STAGES, DataConfig, Recipe, SearchConfig
@@ -38,7 +37,7 @@ from ..core.importance import AMPImportance, ScoreState
 from ..core.models import create_model
 from ..core.pruner import AMPPruner
 from ..core.search import SearchState
-from ..core.serialization import is_pruned_dir, load_pruned, save_pruned
+from ..core.serialization import is_pruned_dir, load_pruned, read_manifest, save_pruned
 from ..data import amp_loader, get_source
 from ..data.loader import calibration_images
 from ..utils import dist as ddp
@@ -49,12 +48,22 @@ from ..utils.io import (
     content_fingerprint,
     deep_merge,
     fingerprint,
+    no_space,
+    out_of_room,
     read_json,
     write_json,
 )
 from ..utils.lock import FolderLock
 from ..utils.tensors import CastBatches, resolve_device, resolve_dtype, split_batch
 from .layout import RunDir
+from .outputs import (
+    StageOutputError,
+    check_neuron_values,
+    check_prune_result,
+    check_search_state,
+    mlp_widths,
+    read_tensors,
+)
 from .report import trace_summary
 from .teacher import TeacherChoice, choose_teacher, teacher_fingerprint, train_teacher
 
@@ -112,6 +121,8 @@ class Run:
                 raise DistillError(f"the prune stage's output: {self.dir.pruned} is not a "
                                    "pruned-model directory (run the prune stage first, or "
                                    "set distill.student)")
+        if {"score", "prune"} & set(stages):
+            get_source(r.data.kind).check(r.data)  # e.g. a captions file, read and checked
         if r.train is None and {"score", "prune", "distill"} & set(stages):
             self._check_input_size(self.original())  # reads and checks the weights first
         elif r.train is not None and "train" not in stages and (
@@ -131,8 +142,10 @@ class Run:
                              f"({str(e).splitlines()[0]})") from None
 
     def start(self, stages: list[str]) -> None:
-        """Check the stages, lock the run directory (rank 0; a second run is refused
-        naming this one), then write the recipe as run."""
+        """Check the run directory (no link out of it, writable) and the stages, lock the
+        run directory (rank 0; a second run is refused naming this one), then write the
+        recipe as run."""
+        self.dir.check_writable()
         self.preflight(stages)
         if ddp.is_main():
             self._lock = FolderLock(self.dir.lock).acquire()
@@ -230,7 +243,11 @@ class Run:
     def _done(self, stage: str, fp: str, output: Path) -> dict | None:
         """The metadata of a completed stage whose inputs are unchanged and whose output
         still holds what was written (content hash recorded at write time)."""
-        meta = self.dir.stage_meta(stage)
+        try:
+            meta = self.dir.stage_meta(stage)
+        except ValueError as e:  # not JSON, or not an object: only the stage knows it again
+            self.log(f"{stage}: {e}; computing it again")
+            return None
         if meta is None or meta.get("fingerprint") != fp:
             return None
         if not output.exists() or meta.get("output_sha256") != content_fingerprint(
@@ -293,10 +310,11 @@ class Run:
 
     def stage_score(self) -> dict[str, torch.Tensor]:
         fp = self._score_fp()
-        if self._done("score", fp, self.dir.scores):
+        kept = self._kept_scores(fp, redo=True)
+        if kept is not None:
             self.log("score: kept from an earlier run")
             self.reused.add("score")
-            return load_file(str(self.dir.scores))
+            return kept
         checkpointing = self.recipe.amp.grad_checkpointing  # a switch on the model: a copy
         model = self._working_copy(self.original(), mutable=checkpointing)
         if checkpointing:
@@ -325,6 +343,21 @@ class Run:
         self.log(f"score: {len(scores)} MLPs over {imp.num_batches} calibration batches")
         return scores
 
+    def _kept_scores(self, fp: str, redo: bool) -> dict[str, torch.Tensor] | None:
+        """The scores of a completed score stage for these inputs, checked against the
+        model's MLPs; None when there are none, or (`redo`) when the file fails the check
+        (logged: the stage computes them again)."""
+        if not self._done("score", fp, self.dir.scores):
+            return None
+        try:
+            tensors, _ = read_tensors(self.dir.scores)
+            return check_neuron_values(self.dir.scores, tensors, mlp_widths(self.original()))
+        except StageOutputError as e:
+            if not redo:
+                raise StageOutputError(f"{e}: run the score stage again") from None
+            self.log(f"score: {e}; computing the scores again")
+            return None
+
     def _score_checkpoint(self, fp: str, state: ScoreState) -> None:
         """This rank's partial sums, position and sampler (rank, world size), atomically."""
         meta = {"fingerprint": fp, "batches": str(state.batches), "rank": str(ddp.rank()),
@@ -337,12 +370,18 @@ class Run:
         inputs, sampler and position; else None (start over)."""
         path, state = self.dir.score_progress(ddp.rank()), None
         if path.is_file():
-            with safe_open(str(path), "pt") as f:
-                meta = f.metadata() or {}
+            try:
+                sums, meta = read_tensors(path)
                 if meta == {"fingerprint": fp, "batches": meta.get("batches"),
                             "rank": str(ddp.rank()), "world_size": str(ddp.world_size())}:
-                    state = ScoreState({k: f.get_tensor(k) for k in f.keys()},
+                    if not str(meta["batches"]).isdigit():
+                        raise StageOutputError(f"{path}: batches {meta['batches']!r} is not a "
+                                               "count of batches")
+                    state = ScoreState(check_neuron_values(path, sums,
+                                                           mlp_widths(self.original())),
                                        int(meta["batches"]))
+            except StageOutputError as e:
+                self.log(f"score: {e}; starting the score stage over")
         position = float(state.batches if state else -1)
         same = ddp.agree(position) ** 2 == ddp.agree(position * position)  # no spread
         if not same or position < 0:
@@ -356,23 +395,27 @@ class Run:
         # settings leave the fingerprint of runs made before they existed as it was
         fp = fingerprint(self._score_fp(), r.amp.model_dump(
             exclude={"cache"} | ({"search"} if r.amp.search == SearchConfig() else set())))
-        done = self._done("prune", fp, self.dir.pruned)
+        done = self._kept_prune(fp)
         if done is not None:
             self.log("prune: kept from an earlier run")
             self.reused.add("prune")
             return done["result"]
-        if not self._done("score", self._score_fp(), self.dir.scores):
+        scores = self._kept_scores(self._score_fp(), redo=False)
+        if scores is None:
             raise FileNotFoundError(f"{self.dir.scores} is missing or was computed for other "
                                     "inputs: run the score stage first")
-        scores = load_file(str(self.dir.scores))
         search_dtype = resolve_dtype(r.amp.search_dtype or r.amp.dtype)
         model = self._working_copy(self.original(), mutable=True, dtype=search_dtype)
         check_inputs("prune", model, [], "validation")
         val = self.loader("validation", dtype=search_dtype)
         imp = self.importance().load_scores(scores, model)
-        saved = read_json(self.dir.prune_progress)
-        resume = (SearchState.from_dict(saved["state"]) if saved is not None
-                  and saved.get("fingerprint") == fp else None)
+        try:
+            resume = check_search_state(self.dir.prune_progress,
+                                        read_json(self.dir.prune_progress), fp,
+                                        mlp_widths(self.original()))
+        except (StageOutputError, ValueError) as e:  # damaged: not the killed run's state
+            self.log(f"prune: {e}; starting the search over")
+            resume = None
 
         def on_decided(state: SearchState) -> None:
             if ddp.is_main():
@@ -422,6 +465,26 @@ class Run:
                      + (f"; {alloc['message']}" if alloc["message"] else ""))
         return result
 
+    def _kept_prune(self, fp: str) -> dict | None:
+        """prune.json of a completed prune stage for these inputs whose result is the
+        pruned model's (sizes within the original widths and equal to the saved model's);
+        else None (logged when the file fails the check: the search runs again)."""
+        done = self._done("prune", fp, self.dir.pruned)
+        if done is None:
+            return None
+        try:
+            result = check_prune_result(self.dir.prune_meta, done.get("result"),
+                                        mlp_widths(self.original()))
+            saved = read_manifest(self.dir.pruned).get("hidden_sizes")
+            if result["hidden_sizes"] != saved:
+                raise StageOutputError(
+                    f"{self.dir.prune_meta}: result.hidden_sizes {result['hidden_sizes']} are "
+                    f"not the pruned model's {saved}")
+        except StageOutputError as e:
+            self.log(f"prune: {e}; searching again")
+            return None
+        return done
+
     def distiller(self):
         """The `Distiller` of this run's distill section (DeepSpeed set up, resumed)."""
         from ..config import DistillConfig
@@ -430,9 +493,9 @@ class Run:
         r = self.recipe
         cfg = r.distill or DistillConfig()
         if cfg.root is not None:
-            from torchvision.datasets import ImageFolder
+            from ..data.images import image_files
 
-            images, tensor_input = ImageFolder(cfg.root), False
+            images, tensor_input = image_files(cfg.root, key="distill.root"), False
         else:
             images, tensor_input = get_source(r.data.kind).train_images(r.data, r.seed)
         student = Path(cfg.student) if cfg.student else self.dir.pruned
@@ -511,7 +574,13 @@ class Run:
             for stage in stages:
                 self.log(f"[bold]stage {stage}[/bold]")
                 t0 = time.perf_counter()
-                out[stage] = getattr(self, f"stage_{stage}")()
+                try:
+                    out[stage] = getattr(self, f"stage_{stage}")()
+                except (OSError, RuntimeError) as e:  # a write no helper named: the directory
+                    if not out_of_room(e):
+                        raise
+                    raise no_space(self.dir.root, None, f"the {stage} stage's outputs",
+                                   str(e)) from e
                 if stage not in self.reused and stage != "distill":  # distill records its own
                     self.seconds.setdefault(stage, time.perf_counter() - t0)
         finally:

@@ -225,15 +225,68 @@ def parse_yaml(text: str):
     return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
 
 
+# A recipe is a page of settings: these bound what reading one may cost.
+MAX_RECIPE_BYTES = 1 << 20
+MAX_RECIPE_VALUES = 100_000  # after YAML aliases are expanded (an alias bomb: billions)
+
+
+def expanded_size(data) -> int:
+    """How many values `data` holds with every YAML alias expanded (a value an alias names
+    n times counts n times), computed without expanding; ValueError for a value that holds
+    itself."""
+    sizes: dict[int, int] = {}
+    busy: set[int] = set()
+
+    def size(obj) -> int:
+        if not isinstance(obj, (dict, list)):
+            return 1
+        key = id(obj)
+        if key in sizes:
+            return sizes[key]
+        if key in busy:
+            raise ValueError("a value holds itself (a YAML alias inside its own anchor)")
+        busy.add(key)
+        items = [*obj.keys(), *obj.values()] if isinstance(obj, dict) else obj
+        sizes[key] = 1 + sum(size(v) for v in items)
+        busy.discard(key)
+        return sizes[key]
+
+    return size(data)
+
+
+def _check_size(path: Path, raw) -> None:
+    try:
+        n = expanded_size(raw)
+    except ValueError as e:
+        raise RecipeError(f"{path}: {e}") from None
+    if n > MAX_RECIPE_VALUES:
+        raise RecipeError(f"{path}: holds {n:,} values once its YAML aliases are expanded, "
+                          f"more than a recipe's {MAX_RECIPE_VALUES:,}")
+
+
+def _read_text(path: Path) -> str:
+    with open(path, "rb") as f:
+        data = f.read(MAX_RECIPE_BYTES + 1)
+    if len(data) > MAX_RECIPE_BYTES:
+        raise RecipeError(f"{path}: more than {MAX_RECIPE_BYTES:,} bytes, too large for a "
+                          "recipe")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise RecipeError(f"{path}: not a UTF-8 text file (byte {e.start}: {e.reason})"
+                          ) from None
+
+
 def _read_mapping(path: Path) -> dict:
     try:
-        raw = parse_yaml(path.read_bytes().decode("utf-8"))
-    except UnicodeDecodeError as e:
-        raise RecipeError(f"{path}: not a UTF-8 text file (byte {e.start}: {e.reason})") from None
+        raw = parse_yaml(_read_text(path))
     except yaml.YAMLError as e:
         raise RecipeError(f"{path}: not valid YAML: {e}") from None
+    except RecursionError:
+        raise RecipeError(f"{path}: nested too deeply to be a recipe") from None
     if not isinstance(raw, dict):
         raise RecipeError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
+    _check_size(path, raw)  # before anything walks it: merges, validation, fingerprints
     return raw
 
 
@@ -293,6 +346,7 @@ def load_recipe(recipe: str | Path | None = None, overrides: dict | None = None,
                 raise RecipeError(f"--set {dotted}: {where} is {node!r}, not a section with "
                                   "keys")
         node[leaf] = value
+    _check_size(path, raw)  # before anything walks it: validation, dumps, fingerprints
     try:
         parsed = Recipe.model_validate(raw)
     except ValidationError as e:

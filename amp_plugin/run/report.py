@@ -27,6 +27,7 @@ from ..evaluate import get_task, list_tasks
 from ..evaluate.base import ROLES
 from ..utils.io import atomic_write, deep_merge, read_json, to_jsonable, write_json
 from .layout import RunDir
+from .outputs import check_prune_result
 
 PLOTS = ("hidden_sizes.png", "search_trace.png")
 CURVES_PLOT = "allocation_curves.png"  # global allocation only
@@ -50,6 +51,8 @@ def build_report(recipe: Recipe, run_dir: str | Path | RunDir,
     `reused`: the stages this process kept from an earlier run instead of running."""
     rd = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
     prune = (rd.stage_meta("prune") or {}).get("result", {})
+    if prune:  # the sizes of a search: whole numbers within the widths they were cut from
+        check_prune_result(rd.prune_meta, prune)
     ev = rd.stage_meta("eval") or {}
     report: dict[str, Any] = {
         "name": recipe.name,
@@ -115,6 +118,7 @@ def update_report(run_dir: str | Path | RunDir, updates: dict) -> Path:
 def render_report(run_dir: str | Path | RunDir) -> Table:
     """Re-read RUN_DIR/report.json, rewrite it and its plots; returns the table."""
     rd = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
+    rd.check_writable()
     report = read_json(rd.report_json)
     if report is None:
         raise FileNotFoundError(f"{rd.report_json} does not exist (run the report "

@@ -1,18 +1,21 @@
 """Files: atomic writes (a temporary file or folder beside the target, then os.replace, so
-a reader or a killed run never sees half an output), canonical JSON, recursive merges and
-content fingerprints."""
+a reader or a killed run never sees half an output), checked for room first and named
+when the file system fills, canonical JSON, recursive merges and content fingerprints."""
 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
 import math
 import os
 import re
 import shutil
+import stat
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
@@ -57,24 +60,91 @@ def remove_leftovers(path: str | Path) -> list[Path]:
     return removed
 
 
+# ---- room on the file system ---------------------------------------------------------------
+# what a write gets when the file system, a quota or the process's file size limit is full
+_NO_ROOM = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
+class NoSpaceError(OSError):
+    """A write there is no room for; the message names the folder and the bytes needed.
+    The write was atomic: what the folder held before is kept."""
+
+
+def free_bytes(folder: str | Path) -> int:
+    """Free bytes (for this user) on the file system that holds, or would hold, `folder`."""
+    folder = Path(folder).absolute()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return shutil.disk_usage(folder).free
+
+
+def no_space(folder: str | Path, needed: int | None, what: str,
+             reason: str = "no space left on device") -> NoSpaceError:
+    need = f"about {needed:,} bytes needed" if needed else "more room needed"
+    return NoSpaceError(f"{folder}: cannot write {what}: {reason} ({need}, "
+                        f"{free_bytes(folder):,} bytes free); make room and run again: "
+                        "what was written before is kept")
+
+
+# torch.save's zip writer reports a failed or short write without its errno
+_TORCH_WRITE_FAILED = ("file write failed", "unexpected pos")
+
+
+def out_of_room(e: BaseException) -> bool:
+    """Whether `e` is a write that found no room (or, from torch.save, a write that failed)."""
+    if isinstance(e, NoSpaceError):
+        return False  # already named
+    if isinstance(e, OSError):
+        return e.errno in _NO_ROOM
+    return isinstance(e, RuntimeError) and any(m in str(e) for m in _TORCH_WRITE_FAILED)
+
+
+@contextmanager
+def room_for(folder: str | Path, needed: int | None, what: str,
+             check: bool = True) -> Iterator[None]:
+    """Refuse a write of `needed` bytes into `folder` that the file system has no room for
+    before it starts (unless the caller checked: `check` False), and name one that runs out
+    of room (or is over the file size limit) on the way."""
+    if check and needed and free_bytes(folder) < needed:
+        raise no_space(folder, needed, what)
+    try:
+        yield
+    except (OSError, RuntimeError) as e:
+        if not out_of_room(e):
+            raise
+        reason = (os.strerror(e.errno).lower() if isinstance(e, OSError) and e.errno
+                  else "a write failed")
+        raise no_space(folder, needed, what, reason) from e
+
+
 def atomic_write(path: str | Path, data: bytes | str | Callable[[IO[bytes]], object]) -> Path:
     """Write bytes, text, or whatever `data(f)` writes to a binary file, atomically."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_leftovers(path)
-    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), dir=path.parent)
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 is for secrets, not outputs
-        with os.fdopen(fd, "wb") as f:
-            if callable(data):
-                data(f)
-            else:
-                f.write(data.encode() if isinstance(data, str) else data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    payload = data.encode() if isinstance(data, str) else data
+    with room_for(path.parent, None if callable(payload) else len(payload), path.name):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        remove_leftovers(path)
+        fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), dir=path.parent)
+        try:
+            os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 is for secrets, not outputs
+            with os.fdopen(fd, "wb") as f:
+                if callable(payload):
+                    payload(f)
+                else:
+                    f.write(payload)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
     return path
+
+
+def append_line(path: str | Path, line: str) -> None:
+    """Append one line to a log file, never through a symbolic link (appending in place is
+    the point of a log; a link would carry the line to another file)."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+    with os.fdopen(fd, "a") as f:
+        f.write(line + "\n")
 
 
 def temp_dir_beside(path: str | Path) -> Path:
@@ -87,9 +157,27 @@ def temp_dir_beside(path: str | Path) -> Path:
     return tmp
 
 
+def follow_umask(root: str | Path) -> None:
+    """Give every file and folder below `root` the mode a plain open / mkdir would under
+    the umask (writers such as safetensors and mkstemp make 0600 files; DeepSpeed makes its
+    scripts 0744): executables keep their execute bits, links are left alone."""
+    mask = _umask()
+    for top, _, files in os.walk(root):
+        os.chmod(top, 0o777 & ~mask)
+        for name in files:
+            p = os.path.join(top, name)
+            st = os.lstat(p)
+            if stat.S_ISREG(st.st_mode):
+                os.chmod(p, (0o777 if st.st_mode & 0o111 else 0o666) & ~mask)
+
+
 def replace_dir(tmp: Path, path: Path) -> None:
-    """Move the finished folder `tmp` to `path`, replacing what was there."""
-    if path.exists():
+    """Move the finished folder `tmp` to `path`, replacing what was there (a symbolic link
+    there is replaced, never followed)."""
+    if path.is_symlink():
+        path.unlink()
+        os.replace(tmp, path)
+    elif path.exists():
         old = tmp.with_name(tmp.name + ".old")
         os.replace(path, old)
         os.replace(tmp, path)
@@ -98,16 +186,20 @@ def replace_dir(tmp: Path, path: Path) -> None:
         os.replace(tmp, path)
 
 
-def atomic_dir(path: str | Path, fill: Callable[[Path], object]) -> Path:
-    """Build folder `path` atomically: `fill(tmp)` writes into a fresh folder first."""
+def atomic_dir(path: str | Path, fill: Callable[[Path], object],
+               needed: int | None = None) -> Path:
+    """Build folder `path` atomically: `fill(tmp)` writes into a fresh folder first
+    (`needed`: about the bytes it writes, checked against the free space first)."""
     path = Path(path)
-    tmp = temp_dir_beside(path)
-    try:
-        fill(tmp)
-        replace_dir(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with room_for(path.parent, needed, f"{path.name}/"):
+        tmp = temp_dir_beside(path)
+        try:
+            fill(tmp)
+            follow_umask(tmp)
+            replace_dir(tmp, path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     return path
 
 
