@@ -1,5 +1,6 @@
-"""The authors' rule: the validation batch entropy itself (ALGORITHM.md 1), so that the
-greedy search accepts a size when the entropy rises by at most the threshold."""
+"""The authors' rule: the validation batch entropy itself (docs/algorithm.md, section 1),
+so that the greedy search accepts a size when the entropy rises by at most the
+threshold."""
 
 from __future__ import annotations
 
