@@ -177,7 +177,10 @@ class SearchConfig(Strict):
 
     @model_validator(mode="after")
     def _global_settings(self):
-        given = [k for k in GLOBAL_ONLY if k in self.model_fields_set]
+        # a value equal to its default is not a setting (a run directory's recipe.yaml
+        # writes every field out)
+        given = [k for k in GLOBAL_ONLY if k in self.model_fields_set
+                 and getattr(self, k) != type(self).model_fields[k].default]
         if self.allocation == "greedy" and given:
             raise PydanticCustomError(
                 "global_only", "{key} applies to allocation: global (allocation is greedy)",
