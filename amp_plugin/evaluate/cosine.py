@@ -13,10 +13,7 @@ from .labelled import FixedSideTask, check_same_space
 @torch.no_grad()
 def cosine_to_original(orig_test: torch.Tensor, test: torch.Tensor) -> float:
     """Mean over rows of cos(orig_test[i], test[i])."""
-    check_same_space(orig_test, test, "cosine_to_original")
-    if len(orig_test) != len(test):
-        raise ValueError(f"cosine_to_original: {len(orig_test)} original and {len(test)} "
-                         "evaluated embeddings (one per test image each)")
+    check_same_space(orig_test, test, "cosine_to_original", paired=True)
     cos = F.cosine_similarity(orig_test.float(), test.float().to(orig_test.device), dim=1)
     return float(cos.mean())
 

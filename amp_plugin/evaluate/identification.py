@@ -16,10 +16,7 @@ def identification_rate(orig_test: torch.Tensor, test: torch.Tensor,
                         chunk: int = 1024) -> float:
     """% of rows i whose cosine similarity to `orig_test[i]` is the highest among all rows
     of `orig_test` (a tie with another row counts as found: nothing is nearer)."""
-    check_same_space(orig_test, test, "identification_rate")
-    if len(orig_test) != len(test):
-        raise ValueError(f"identification_rate: {len(orig_test)} original and {len(test)} "
-                         "evaluated embeddings (one per test image each)")
+    check_same_space(orig_test, test, "identification_rate", paired=True)
     original = F.normalize(orig_test.float(), dim=1)
     queries = F.normalize(test.float(), dim=1).to(original.device)
     found = 0

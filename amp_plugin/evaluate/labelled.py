@@ -158,11 +158,16 @@ class FixedSideTask(LabelTask):
         return value
 
 
-def check_same_space(original: torch.Tensor, evaluated: torch.Tensor, what: str) -> None:
-    """Refuse features that cannot be compared row by row / in one space."""
+def check_same_space(original: torch.Tensor, evaluated: torch.Tensor, what: str,
+                     paired: bool = False) -> None:
+    """Refuse features that cannot be compared in one space (and, `paired`, row by row:
+    one row per test image on each side)."""
     if original.dim() != 2 or evaluated.dim() != 2:
         raise ValueError(f"{what}: expected (N, D) features, got {tuple(original.shape)} "
                          f"and {tuple(evaluated.shape)}")
     if original.shape[1] != evaluated.shape[1]:
         raise ValueError(f"{what}: the original's features have {original.shape[1]} "
                          f"dimensions, the evaluated model's {evaluated.shape[1]}")
+    if paired and len(original) != len(evaluated):
+        raise ValueError(f"{what}: {len(original)} original and {len(evaluated)} "
+                         "evaluated embeddings (one per test image each)")
