@@ -142,8 +142,8 @@ class AMPImportance(tp.importance.Importance):
         batches; a pass resumed from that `state` over the batches after its position
         ends with the same scores, bit for bit."""
         batches = as_batches(batches, "batches")
+        tower, adapter = vision_tower(model)  # an unsupported family is named first
         require_materialized(model)
-        tower, adapter = vision_tower(model)
         mark_packed_gates(tower)  # a Torch-Pruning pruner built after this prunes them right
         views = find_mlps(tower)
         self._head = {n for n, v in views.items() if adapter.in_head(tower, v.module)}

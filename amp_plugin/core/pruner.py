@@ -136,6 +136,7 @@ class AMPPruner:
         if not isinstance(importance, AMPImportance):
             raise TypeError(f"importance: expected an AMPImportance, got "
                             f"{type(importance).__name__}")
+        vision_tower(model)  # an unsupported family is named before anything else
         require_materialized(model)
         val_batches = reiterable(val_batches, "val_batches")
         if isinstance(val_batches, (list, tuple)):  # a stream is checked as it is read
