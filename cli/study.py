@@ -19,6 +19,8 @@ def study_cmd(
     distill_epochs: int = typer.Option(4, help="distillation epochs per pruned model"),
     cache: Path = typer.Option(Path(".cache/study"), help="where deeper teachers are cached"),
     teachers: str = typer.Option("demo,deep", help="demo and/or deep"),
+    experiments: str = typer.Option("criteria,budget,val_size",
+                                    help="which experiments run (a subset saves time)"),
     deep_teacher_seed: int = typer.Option(None, help="one deeper teacher (this seed) for "
                                                      "every seed, instead of one per seed"),
     budgets: str = typer.Option("0.2,0.35,0.5,0.65", help="MLP-parameter fractions kept"),
@@ -49,6 +51,7 @@ def study_cmd(
                       deep_depth=deep_depth, deep_epochs=deep_epochs,
                       distill_epochs=distill_epochs, cache=cache,
                       teachers=tuple(t.strip() for t in teachers.split(",")),
+                      experiments=_names(experiments),
                       budgets=tuple(float(b) for b in budgets.split(",")),
                       val_sizes=tuple(int(n) for n in val_sizes.split(",")),
                       measures=_names(measures), distill_hows=_names(distill_hows),

@@ -21,6 +21,7 @@ from amp_plugin.bench.study import (
     StudyConfig,
     magnitude_scores,
     rerender,
+    run_study,
     summarize,
     uniform_prune,
 )
@@ -188,3 +189,31 @@ def test_summary_and_report_from_rows(tmp_path):
     assert json.loads((tmp_path / "study.json").read_text())["summary"] == \
         json.loads(json.dumps(result["summary"]))
     assert summarize(result["rows"], config) == result["summary"]
+
+
+def test_a_study_of_some_experiments_reports_just_those(tmp_path):
+    config = dict(seeds=[0, 1, 2], deep_depth=8, deep_epochs=30, budgets=[0.5],
+                  criterion_budget=0.5, val_sizes=[64, 128], tolerance=0.02, max_searches=8,
+                  distill_epochs=1, threshold=2e-3, inv_temperature=20.0, max_steps=6,
+                  calib_images=512, teachers=["demo"], experiments=["budget"],
+                  deep_teacher_seed=None, demo_depth=4)
+    rows = [r for r in _rows() if r["experiment"] in ("original", "budget")]
+    (tmp_path / "study.json").write_text(json.dumps(
+        {"config": config, "rows": rows, "seconds": {"total": 60.0}, "processes": 3}))
+    s = rerender(tmp_path)["summary"]["demo"]
+    assert s["criterion"] == {} and s["val_size"] == []
+    assert s["paired"]["global_kl"][0]["prototype"] == pytest.approx(
+        {"mean": 3.0, "sd": 1.0, "n": 3})
+    md = (tmp_path / "study.md").read_text()
+    assert "### Per-block sizes at equal MLP parameters" in md
+    assert "### Criterion" not in md and "### Validation-set size" not in md
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == ["adaptive_vs_uniform.png"]
+
+
+def test_unknown_experiment_refused_before_any_work(tmp_path):
+    cfg = StudyConfig(out=tmp_path / "s", recipe=load_recipe("demo_digits"),
+                      experiments=("budget", "ablation"))
+    with pytest.raises(ValueError, match="experiments: expected some of criteria, budget, "
+                                         "val_size, got ablation"):
+        run_study(cfg)
+    assert not (tmp_path / "s").exists()

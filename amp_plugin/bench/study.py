@@ -68,6 +68,9 @@ from ..utils.io import atomic_write, write_json
 from .study_report import plot_study, study_markdown
 
 CRITERIA = ("entropy", "one_hot", "magnitude")
+# criteria at one budget (with distillation: recovery), sizings across budgets,
+# validation-set size; `experiments` runs a subset
+EXPERIMENTS = ("criteria", "budget", "val_size")
 FIXED_SIDE = ("prototype", "original_knn", "identification", "cosine_to_original")
 REFIT = ("knn", "linear")
 METRICS = FIXED_SIDE + REFIT  # the order of the study's tables
@@ -93,6 +96,7 @@ class StudyConfig:
     distill_epochs: int = 4
     cache: Path = Path(".cache/study")
     teachers: tuple[str, ...] = ("demo", "deep")
+    experiments: tuple[str, ...] = EXPERIMENTS
     deep_teacher_seed: int | None = None  # one deeper teacher for every seed (draws still vary)
     log: Callable[[str], None] = field(default=lambda msg: None)
 
@@ -343,7 +347,7 @@ def _seed_rows(cfg: StudyConfig, seed: int) -> tuple[list[dict], dict[str, float
                   "magnitude": timed("scores", magnitude_scores, teacher, d)}
         # 1 + 3: criteria at equal kept MLP parameters, before and after distillation
         at_budget = {}  # the entropy run at the criterion budget is also a curve point
-        for crit in CRITERIA:
+        for crit in CRITERIA if "criteria" in cfg.experiments else ():
             cfg.log(f"seed {seed}, {name} teacher: {crit} at {cfg.criterion_budget:.0%}")
             pruned, res = timed("search", amp_prune, cfg, teacher, scores[crit], val,
                                 cfg.criterion_budget)
@@ -360,7 +364,7 @@ def _seed_rows(cfg: StudyConfig, seed: int) -> tuple[list[dict], dict[str, float
                              **{f"{k}_distilled": v for k, v in after.items()}))
         # 2: sizes at equal kept MLP parameters across budgets (entropy scores): the
         # authors' rule, uniform, and global allocation by each measure
-        for keep in cfg.budgets:
+        for keep in cfg.budgets if "budget" in cfg.experiments else ():
             cfg.log(f"seed {seed}, {name} teacher: sizes at {keep:.0%}")
             pruned, res = at_budget.get(keep) or timed(
                 "search", amp_prune, cfg, teacher, scores["entropy"], val, keep)
@@ -386,7 +390,7 @@ def _seed_rows(cfg: StudyConfig, seed: int) -> tuple[list[dict], dict[str, float
                                 timed("evaluation", probe, student, teacher).items()})
                 rows.append(row)
         # 4: validation-set size, at the recipe's threshold
-        for n in cfg.val_sizes:
+        for n in cfg.val_sizes if "val_size" in cfg.experiments else ():
             cfg.log(f"seed {seed}, {name} teacher: {n} validation images")
             pruned, res = timed("search", amp_prune, cfg, teacher, scores["entropy"],
                                 d.val(n))
@@ -402,6 +406,10 @@ def run_study(cfg: StudyConfig) -> dict:
     unknown = set(cfg.teachers) - {"demo", "deep"}
     if unknown or not cfg.teachers:
         raise ValueError(f"teachers: expected demo and/or deep, got {sorted(unknown)}")
+    unknown = set(cfg.experiments) - set(EXPERIMENTS)
+    if unknown or not cfg.experiments:
+        raise ValueError(f"experiments: expected some of {', '.join(EXPERIMENTS)}, got "
+                         f"{', '.join(sorted(unknown)) or 'none'}")
     t0 = time.perf_counter()
     cfg.out.mkdir(parents=True, exist_ok=True)
     teachers(cfg)  # train the deeper teachers once, here
@@ -450,7 +458,8 @@ def _config_dict(cfg: StudyConfig) -> dict:
                 max_searches=cfg.max_searches, distill_epochs=cfg.distill_epochs,
                 threshold=a.threshold, inv_temperature=a.inv_temperature,
                 max_steps=a.max_steps, calib_images=cfg.recipe.data.calib_images,
-                teachers=list(cfg.teachers), deep_teacher_seed=cfg.deep_teacher_seed,
+                teachers=list(cfg.teachers), experiments=list(cfg.experiments),
+                deep_teacher_seed=cfg.deep_teacher_seed,
                 demo_depth=cfg.recipe.model.kwargs.get("depth"))
 
 
@@ -485,6 +494,7 @@ def summarize(rows: list[dict], config: dict) -> dict:
     """Mean and standard deviation over seeds of every measured number (`config`: the
     study's settings as study.json records them)."""
     out: dict = {}
+    ran = config.get("experiments", EXPERIMENTS)  # a study.json of an older version ran all
 
     def group(pred, keys):
         """Mean and sd of `keys` over the rows `pred` selects (keys the rows lack, as in
@@ -506,7 +516,7 @@ def summarize(rows: list[dict], config: dict) -> dict:
             lambda r, c=c: r["teacher"] == t and r.get("criterion") == c,
             ("kept", *METRICS, *(f"{m}_distilled" for m in METRICS))),
             **reached(lambda r, c=c: r["teacher"] == t and r.get("criterion") == c))
-            for c in CRITERIA}
+            for c in CRITERIA} if "criteria" in ran else {}
         budget_rows = [r for r in rows if r["teacher"] == t and r["experiment"] == "budget"]
         hows = list(dict.fromkeys(r["how"] for r in budget_rows))
         both = ("kept", *METRICS, *(f"{m}_distilled" for m in METRICS))
@@ -517,7 +527,7 @@ def summarize(rows: list[dict], config: dict) -> dict:
             for b in config["budgets"]] for how in hows}
         s["paired"] = paired_differences(budget_rows, config["budgets"], both[1:])
         vs = []
-        for n in config["val_sizes"]:
+        for n in config["val_sizes"] if "val_size" in ran else ():
             sel = [r for r in rows if r["teacher"] == t and r.get("val_images") == n]
             ref = {r["seed"]: r for r in rows if r["teacher"] == t
                    and r.get("val_images") == max(config["val_sizes"])}

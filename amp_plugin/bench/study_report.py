@@ -56,14 +56,28 @@ def _save(fig, path: Path) -> Path:
 
 
 def plot_study(result: dict, out: Path) -> list[Path]:
+    """The PNGs of the experiments that ran (study.json may hold a subset)."""
     import matplotlib
 
     matplotlib.use("Agg")
+    s, teachers = result["summary"], result["config"]["teachers"]
+    paths = []
+    if any(s[t]["budget"] for t in teachers):
+        paths.append(_plot_budgets(result, out))
+    if any(s[t]["criterion"] for t in teachers):
+        paths.append(_plot_criteria(result, out))
+    if any(s[t]["val_size"] for t in teachers):
+        paths.append(_plot_val_size(result, out))
+    if any(r["experiment"] == "criterion" for r in result["rows"]):
+        paths.append(_plot_block_sizes(result, out))
+    return paths
+
+
+def _plot_budgets(result: dict, out: Path) -> Path:
+    """Accuracy against MLP parameters kept, one line per sizing."""
     import matplotlib.pyplot as plt
 
     s, teachers = result["summary"], result["config"]["teachers"]
-    paths = []
-    # adaptive vs uniform: accuracy against MLP parameters kept
     fig, axes = plt.subplots(1, len(teachers), figsize=(5.5 * len(teachers), 4),
                              squeeze=False)
     axes = axes[0]
@@ -93,9 +107,14 @@ def plot_study(result: dict, out: Path) -> list[Path]:
     fig.suptitle(f"Per-block sizes at equal MLP parameters, no distillation: prototype "
                  f"(original's class means) and re-fit kNN\n(mean ± sd over "
                  f"{len(result['config']['seeds'])} seeds)", y=1.06)
-    paths.append(_save(fig, out / "adaptive_vs_uniform.png"))
+    return _save(fig, out / "adaptive_vs_uniform.png")
 
-    # criteria: pruned and distilled kNN at equal parameters
+
+def _plot_criteria(result: dict, out: Path) -> Path:
+    """Criteria: pruned and distilled accuracy at equal parameters."""
+    import matplotlib.pyplot as plt
+
+    s, teachers = result["summary"], result["config"]["teachers"]
     fig, axes = plt.subplots(1, len(teachers), figsize=(5.5 * len(teachers), 4),
                              squeeze=False)
     axes = axes[0]
@@ -120,9 +139,13 @@ def plot_study(result: dict, out: Path) -> list[Path]:
         ax.grid(alpha=0.3, axis="y")
     axes[0].set_ylabel(f"{METRIC_TITLES[shown]} top-1 (%)")
     axes[-1].legend(fontsize=8, loc="lower right")
-    paths.append(_save(fig, out / "criteria.png"))
+    return _save(fig, out / "criteria.png")
 
-    # validation-set size
+
+def _plot_val_size(result: dict, out: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    s, teachers = result["summary"], result["config"]["teachers"]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for t in teachers:
         color = "tab:green" if t == "demo" else "tab:purple"
@@ -143,9 +166,13 @@ def plot_study(result: dict, out: Path) -> list[Path]:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(f"threshold {result['config']['threshold']:g}")
-    paths.append(_save(fig, out / "val_size.png"))
+    return _save(fig, out / "val_size.png")
 
-    # per-block sizes of the deeper teacher at the criterion budget, one line per seed
+
+def _plot_block_sizes(result: dict, out: Path) -> Path:
+    """AMP's per-block sizes at the criterion budget, one line per teacher and seed."""
+    import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(7, 3.5))
     for r in result["rows"]:
         if r["experiment"] == "criterion" and r["criterion"] == "entropy":
@@ -161,8 +188,7 @@ def plot_study(result: dict, out: Path) -> list[Path]:
                  "of MLP params")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    paths.append(_save(fig, out / "block_sizes.png"))
-    return paths
+    return _save(fig, out / "block_sizes.png")
 
 
 def _deep_note(c: dict) -> str:
@@ -207,18 +233,20 @@ def study_markdown(result: dict, plots: list[Path]) -> str:
         st = s[t]
         o = st["original"]
         lines += [f"## {_title(result, t)}", "",
-                  *_metric_header(["model"]), f"| original | {_metric_cells(o)} |", "",
-                  f"### Criterion at {100 * c['criterion_budget']:.0f}% of MLP parameters "
-                  "(budget mode)", "",
-                  *_metric_header(["criterion", "model", "MLP params kept (%)"])]
-        for k, title in CRITERION_TITLES.items():
+                  *_metric_header(["model"]), f"| original | {_metric_cells(o)} |", ""]
+        if st["criterion"]:
+            lines += [f"### Criterion at {100 * c['criterion_budget']:.0f}% of MLP parameters "
+                      "(budget mode)", "",
+                      *_metric_header(["criterion", "model", "MLP params kept (%)"])]
+        for k, title in CRITERION_TITLES.items() if st["criterion"] else ():
             r = st["criterion"][k]
             kept = f"{_pm(r['kept'], 100)}{_unreached(r)}"
             lines.append(f"| {title} | pruned | {kept} | {_metric_cells(r)} |")
             lines.append(f"| {title} | distilled | {kept} | {_metric_cells(r, '_distilled')} |")
         hows = list(st["budget"])
-        lines += ["", "### Per-block sizes at equal MLP parameters (no distillation)", "",
-                  *_metric_header(["budget", "sizes", "MLP params kept (%)"])]
+        if hows:
+            lines += ["", "### Per-block sizes at equal MLP parameters (no distillation)", "",
+                      *_metric_header(["budget", "sizes", "MLP params kept (%)"])]
         for i, b in enumerate(c["budgets"]):
             for how in hows:
                 p = st["budget"][how][i]
@@ -245,9 +273,10 @@ def study_markdown(result: dict, plots: list[Path]) -> str:
                             lines.append(f"| {100 * p['budget']:.0f}% | "
                                          f"{HOW_TITLES.get(how, how)} | {model} | "
                                          f"{_metric_cells(p, suffix)} |")
-        lines += ["", f"### Validation-set size (threshold {c['threshold']:g})", "",
-                  *_metric_header(["val images", "size change vs largest (% of hidden)",
-                                   "MLP params kept (%)"])]
+        if st["val_size"]:
+            lines += ["", f"### Validation-set size (threshold {c['threshold']:g})", "",
+                      *_metric_header(["val images", "size change vs largest (% of hidden)",
+                                       "MLP params kept (%)"])]
         for v in st["val_size"]:
             lines.append(f"| {v['val_images']} | {_pm(v['size_change'], 100)} | "
                          f"{_pm(v['kept'], 100)} | {_metric_cells(v)} |")
