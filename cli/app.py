@@ -8,6 +8,7 @@ import typer
 
 from .bench import bench
 from .evaluate import eval_cmd, report_cmd
+from .export import export_cmd
 from .plan import plan_cmd
 from .run import distill, prune, run_cmd, score, validate
 from .study import study_cmd
@@ -36,6 +37,7 @@ app.command()(prune)
 app.command()(distill)
 app.command("eval")(eval_cmd)
 app.command("report")(report_cmd)
+app.command("export")(export_cmd)
 app.command("plan")(plan_cmd)
 app.command("study")(study_cmd)
 app.add_typer(bench, name="bench")
