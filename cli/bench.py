@@ -128,6 +128,9 @@ def throughput_cmd(
         ("FLOPs before / after (G)", f"{r['flops']['before'] / 1e9:.2f} / "
                                      f"{r['flops']['after'] / 1e9:.2f}"),
         ("FLOPs ratio", f"{r['flops_ratio']:.3f}x"),
+        ("val. entropy before / after (round_to)",
+         f"{r['entropy']['before']:.5f} / {r['entropy']['after']:.5f} ({r['round_to']})"
+         if r.get("entropy") else "-"),
         ("timing", f"{r['dtype']}, batch {r['batch_size']}, {r['threads']} threads, "
                    f"{r['runs']} runs per row in turns after {r['warmup']} warm-up"),
     ]))

@@ -137,7 +137,8 @@ def bench_throughput(run=None, model_name: str = "vit_base_patch16_224",
         pruned = load_pruned(rd.pruned)
         image_size = recipe.data.image_size
         name = recipe.name
-        round_to = (rd.stage_meta("prune") or {}).get("result", {}).get("round_to")
+        found = (rd.stage_meta("prune") or {}).get("result", {})
+        round_to, entropy = found.get("round_to"), found.get("entropy")
     else:
         torch.manual_seed(seed)
         original = create_model({"library": "timm", "name": model_name,
@@ -149,8 +150,8 @@ def bench_throughput(run=None, model_name: str = "vit_base_patch16_224",
         imp = AMPImportance(20.0, show_progress=show_progress)
         imp.accumulate(original, [x])
         pruned = copy.deepcopy(original)
-        AMPPruner(pruned, x[:1], imp, [x], threshold, round_to=round_to,
-                  show_progress=show_progress).step()
+        entropy = AMPPruner(pruned, x[:1], imp, [x], threshold, round_to=round_to,
+                            show_progress=show_progress).step().entropy
         name = model_name
         original.cpu()
         pruned.cpu()
@@ -172,6 +173,7 @@ def bench_throughput(run=None, model_name: str = "vit_base_patch16_224",
     return {
         "model": name, "device": device_name(device), "dtype": dtype,
         "batch_size": batch_size, "image_size": image_size, "round_to": round_to,
+        "entropy": entropy,
         "runs": runs, "warmup": warmup, "threads": torch.get_num_threads(),
         "hidden_sizes": {n: v.hidden for n, v in find_mlps(vision_tower(pruned)[0]).items()},
         "mlp_reduction": 1 - mlp["after"] / mlp["before"], "mlp_params": mlp, "flops": flops,
