@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # torch and torchvision come from the local wheel cache here; pyproject only sets ranges.
 TORCH_PKGS ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test lint docs venv bench clean
+.PHONY: demo test test-slow lint docs venv bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -25,7 +25,11 @@ test: venv
 	$(BIN)/ruff check amp_plugin cli integration_tests examples
 	$(BIN)/lint-imports
 	$(MAKE) docs
-	$(BIN)/python -m pytest -q integration_tests
+	$(BIN)/python -m pytest -q -m "not slow" integration_tests
+
+# Tests of minutes each (SIGKILL at every stage, ...), left out of `make test`.
+test-slow: venv
+	$(BIN)/python -m pytest -q -m slow integration_tests
 
 lint: venv
 	$(BIN)/ruff check amp_plugin cli integration_tests examples

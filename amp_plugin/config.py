@@ -373,7 +373,18 @@ class ThroughputConfig(Strict):
     dtype: Literal["float32", "bf16", "fp16"] = "float32"
     device: str = Field(default="auto", description="auto: cuda if available, else cpu")
     warmup: int = Field(default=3, ge=0)
-    runs: int = Field(default=10, gt=0)
+    runs: int = Field(default=20, gt=0, description=(
+        "timed runs per model, the models timed in turns (A B, B A, ...)"))
+    min_run_seconds: float = Field(default=0.05, ge=0, description=(
+        "a run repeats the batch until it lasts this long (short batches are timed in "
+        "groups)"))
+    threads: int | None = Field(default=None, gt=0, description=(
+        "CPU threads while timing (default: torch's); fewer than the cores when the machine "
+        "is shared"))
+    compile: bool = Field(default=False, description="time the models through torch.compile")
+    sdpa: bool | None = Field(default=None, description=(
+        "timm models: fused scaled-dot-product attention on (true) or off (false); "
+        "null: as built"))
 
 
 class EvalConfig(Strict):

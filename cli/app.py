@@ -9,6 +9,7 @@ import typer
 from .bench import bench
 from .common import Command, Group
 from .evaluate import eval_cmd, report_cmd
+from .export import export_cmd
 from .plan import plan_cmd
 from .run import distill, prune, run_cmd, score, validate
 from .study import study_cmd
@@ -38,6 +39,7 @@ app.command(cls=Command)(prune)
 app.command(cls=Command)(distill)
 app.command("eval", cls=Command)(eval_cmd)
 app.command("report", cls=Command)(report_cmd)
+app.command("export", cls=Command)(export_cmd)
 app.command("plan", cls=Command)(plan_cmd)
 app.command("study", cls=Command)(study_cmd)
 app.add_typer(bench, name="bench")

@@ -96,6 +96,7 @@ def search_cmd(
 
 
 @bench.command("throughput", cls=Command)
+@user_errors
 def throughput_cmd(
     run: Path = typer.Option(None, help="run directory: time its original vs pruned model"),
     model: str = typer.Option("vit_base_patch16_224", help="timm model (without --run)"),
@@ -105,27 +106,68 @@ def throughput_cmd(
     batch_size: int = typer.Option(32),
     image_size: int = typer.Option(224),
     dtype: str = typer.Option("float32"),
-    runs: int = typer.Option(10),
+    runs: int = typer.Option(10, min=1, help="timed runs per model and runtime, in turns"),
+    warmup: int = typer.Option(2, min=0, help="untimed batches per model and runtime first"),
+    min_seconds: float = typer.Option(0.05, min=0, help="a timed run repeats the batch until "
+                                      "it lasts this long"),
+    threads: int = typer.Option(None, min=1, help="CPU threads of torch and onnxruntime "
+                                "(default: torch's)"),
+    compile: bool = typer.Option(True, help="also time through torch.compile"),
+    onnx: bool = typer.Option(True, help="also time the ONNX export in onnxruntime (CPU)"),
     json_out: Path = typer.Option(None, "--json", help="also write the numbers here"),
 ) -> None:
-    """Throughput before vs after pruning, realised gain next to the FLOPs ratio."""
+    """Throughput before vs after pruning in eager PyTorch, torch.compile and ONNX
+    Runtime, all timed in turns; realised gain [interval] next to the FLOPs ratio."""
+    import torch
+
     from amp_plugin.bench.throughput import bench_throughput
 
+    if threads is not None:
+        torch.set_num_threads(threads)
+    runtimes = ("eager",) + (("compiled",) if compile else ()) + (("onnxruntime",) if onnx
+                                                                   else ())
     r = bench_throughput(run=run, model_name=model, threshold=threshold,
                          round_to=round_to or None, search_images=search_images,
-                         batch_size=batch_size, image_size=image_size, dtype=dtype, runs=runs)
-    Console().print(_table(f"throughput: {r['model']} on {r['device']}", [
+                         batch_size=batch_size, image_size=image_size, dtype=dtype, runs=runs,
+                         runtimes=runtimes, warmup=warmup, min_seconds=min_seconds)
+    console = Console()
+    console.print(_table(f"throughput: {r['model']} on {r['device']}", [
         ("MLP params removed", f"{r['mlp_reduction']:.1%}"),
         ("hidden sizes", json.dumps(sorted(set(r["hidden_sizes"].values())))),
         ("FLOPs before / after (G)", f"{r['flops']['before'] / 1e9:.2f} / "
                                      f"{r['flops']['after'] / 1e9:.2f}"),
         ("FLOPs ratio", f"{r['flops_ratio']:.3f}x"),
-        ("img/s before / after", f"{r['before']['images_per_s']:.1f} / "
-                                 f"{r['after']['images_per_s']:.1f}"),
-        ("realised gain", f"{r['gain']:.3f}x"),
-        ("gain / FLOPs ratio", f"{r['efficiency']:.3f}"),
+        ("val. entropy before / after (round_to)",
+         f"{r['entropy']['before']:.5f} / {r['entropy']['after']:.5f} ({r['round_to']})"
+         if r.get("entropy") else "-"),
+        ("timing", f"{r['dtype']}, batch {r['batch_size']}, {r['threads']} threads, "
+                   f"{r['runs']} runs per row in turns after {r['warmup']} warm-up"),
     ]))
+    console.print(_runtime_table(r))
+    for runtime, why in r["skipped"].items():
+        console.print(f"{runtime}: skipped ({why})")
     _write(json_out, r)
+
+
+def _runtime_table(r: dict) -> Table:
+    from rich.markup import escape
+
+    def rate(x):
+        return escape(f"{x['images_per_s']:.1f} [{x['q1']:.1f}-{x['q3']:.1f}]")
+
+    t = Table(title=escape("img/s: median [interquartile range]; gain: ratio of medians "
+                           "[>= 95% interval]"))
+    for col in ("runtime", "before", "after", "realised gain", "gain / FLOPs ratio"):
+        t.add_column(col, justify="left" if col == "runtime" else "right")
+    for runtime, row in r["runtimes"].items():
+        g = row["gain"]
+        gain = f"{g['ratio']:.3f}x [{g['low']:.3f}-{g['high']:.3f}]"
+        if not g["differs"]:
+            gain += " (none beyond the spread)"
+        t.add_row(runtime, rate(row["before"]), rate(row["after"]), escape(gain),
+                  escape(f"{row['efficiency']:.3f} [{row['efficiency_low']:.3f}-"
+                         f"{row['efficiency_high']:.3f}]"))
+    return t
 
 
 @bench.command("passes", cls=Command)

@@ -80,18 +80,24 @@ def show(p: dict) -> None:
 
     def passes(n: int) -> str:
         return f"{n / (al['blocks'] * al['val_images']):,.1f}"
-    alloc.add_row("greedy binary search (cached, all images at every trial)",
+    alloc.add_row(f"greedy binary search ({gl['cache']} state cache, all images at every "
+                  "trial)",
                   f"{g['image_block_forwards']:,}", passes(g["image_block_forwards"]))
-    alloc.add_row(f"global: curves ({gl['points']:,} points, <= {gl['points_per_curve']} per "
+    alloc.add_row(f"global: curves (about {gl['points']:,} points, {gl['points_per_curve']} per "
                   f"block, on {gl['curve_images']:,} images; grid {gl['grid']}, "
                   f"{gl['coarse_points']} coarse)", f"{f['curves']:,}", passes(f["curves"]))
+    alloc.add_row(f"global: curves at most (<= {gl['points_per_curve_at_most']} points per "
+                  "block: 2 per refinement round and solve)",
+                  f"{f['curves_at_most']:,}", passes(f["curves_at_most"]))
     alloc.add_row(f"global: verification ({gl['verifications']} x all blocks, all images)",
                   f"{f['verification']:,}", passes(f["verification"]))
-    alloc.add_row("global: cache, references and bases",
+    alloc.add_row("global: cache" + (" (with recomputation)" if gl["cache"] == "checkpointed"
+                                     else "") + ", references and bases",
                   f"{f['cache'] + f['references_and_bases']:,}",
                   passes(f["cache"] + f["references_and_bases"]))
     alloc.add_row("global: total", f"{f['total']:,}", passes(f["total"]))
-    alloc.add_row("curves / greedy search", f"{al['curves_over_greedy']:.2f}", "")
+    alloc.add_row("curves / greedy search (at most)", f"{al['curves_over_greedy']:.2f} "
+                  f"({al['curves_at_most_over_greedy']:.2f})", "")
     console.print(alloc)
 
     a = s["at_data_size"]

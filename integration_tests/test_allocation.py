@@ -291,6 +291,9 @@ def test_recipe_search_section_errors():
     assert r.amp.search.allocation_spec() == {
         "grid": 8, "coarse_points": 8, "refine_rounds": 8, "curve_images": None,
         "max_verifications": 3}
+    # a recipe written out in full (as a run directory keeps it) repeats the defaults
+    for recipe in (r, load_recipe("demo_digits")):
+        assert amp.Recipe.model_validate(recipe.model_dump()).model_dump() == recipe.model_dump()
 
 
 # ---- budgets on the committed demo teacher ---------------------------------------------------

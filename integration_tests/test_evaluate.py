@@ -404,6 +404,10 @@ def test_eval_command_on_run_dir_knn_probe_throughput(tmp_path):
     assert gain["flops"] == pytest.approx(cost["teacher"]["flops"] / cost["pruned"]["flops"])
     assert gain["throughput"] == pytest.approx(ev["throughput"]["pruned"]["images_per_s"]
                                                / ev["throughput"]["teacher"]["images_per_s"])
+    # timed together, in turns, three runs each; the gain's interval holds the gain
+    assert ev["throughput"]["teacher"]["interleaved"] == ["teacher", "pruned"]
+    assert len(ev["throughput"]["pruned"]["runs_images_per_s"]) == 3
+    assert gain["low"] <= gain["throughput"] <= gain["high"]
     assert "img/s" in res.output and "kNN top-1" in res.output
     report = json.loads((run / "report.json").read_text())
     assert report["accuracy"] == ev["accuracy"]

@@ -1,8 +1,9 @@
 """The eval-task protocol and its registry.
 
 A task evaluates one model (original, pruned or distilled) at a time and returns a
-JSON-able result; the results land in eval.json under the task's `key` (per role, or per
-dataset then role), and the report renders them with the task's `rows`. A new task is one
+JSON-able result (a `joint` task gets every model at once, e.g. to time them in turns);
+the results land in eval.json under the task's `key` (per role, or per dataset then
+role), and the report renders them with the task's `rows`. A new task is one
 module in this package with a `@register_task` class, plus one import line in
 `amp_plugin/evaluate/__init__.py`.
 """
@@ -70,6 +71,7 @@ class Row:
     note: str = ""  # rate rows: shown in the change column
     new_section: bool = False
     footnote: str = ""  # said once under the table, the label marked
+    text: dict[str, str] | None = None  # cells as shown (e.g. a value and its spread)
 
 
 class EvalTask:
@@ -79,6 +81,7 @@ class EvalTask:
     needs_text_tower = False
     needs_labels = False
     order = 50             # place in the default task list and in the report table
+    joint = False          # run_joint with every model at once instead of run per model
 
     def section(self) -> str:
         return self.key or self.name
@@ -97,6 +100,12 @@ class EvalTask:
         original model before any evaluation starts."""
 
     def run(self, model: nn.Module, role: str, cfg: EvalConfig, ctx: EvalContext) -> Any:
+        raise NotImplementedError
+
+    def run_joint(self, models: dict[str, nn.Module], cfg: EvalConfig,
+                  ctx: EvalContext) -> dict[str, Any]:
+        """{role: result} for every model at once (tasks with `joint`); the models stay on
+        the host between the other tasks and this one."""
         raise NotImplementedError
 
     def finish(self, section: dict, models: dict[str, dict]) -> None:

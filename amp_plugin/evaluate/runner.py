@@ -28,6 +28,7 @@ def evaluate_models(cfg: EvalConfig, models: Mapping[str, Callable[[], nn.Module
     t0 = time.perf_counter()
     size = cfg.throughput.image_size or ctx.data.image_size
     results: dict = {"models": {}}
+    held: dict[str, nn.Module] = {}  # for the joint tasks, which see every model at once
     for i, (role, load) in enumerate(models.items()):
         model = load().to(ctx.device).float().eval()
         if i == 0:
@@ -39,18 +40,28 @@ def evaluate_models(cfg: EvalConfig, models: Mapping[str, Callable[[], nn.Module
                                    "mlp_params": count_mlp_params(tower),
                                    "flops": count_flops(model, example)}
         for task in chosen:
-            out = task.run(model, role, cfg, ctx)
-            section = results.setdefault(task.section(), {})
-            if task.per_dataset:
-                for dataset, value in out.items():
-                    section.setdefault(dataset, {})[role] = value
-            else:
-                section[role] = out
+            if not task.joint:
+                _store(results, task, role, task.run(model, role, cfg, ctx))
+        if any(task.joint for task in chosen):
+            held[role] = model.cpu() if ctx.device.type == "cuda" else model
         del model
         if ctx.device.type == "cuda":
             torch.cuda.empty_cache()
+    for task in chosen:
+        if task.joint:
+            for role, out in task.run_joint(held, cfg, ctx).items():
+                _store(results, task, role, out)
     for task in chosen:
         task.finish(results.get(task.section(), {}), results["models"])
     results["tasks"] = names
     results["eval_seconds"] = time.perf_counter() - t0
     return results
+
+
+def _store(results: dict, task, role: str, out) -> None:
+    section = results.setdefault(task.section(), {})
+    if task.per_dataset:
+        for dataset, value in out.items():
+            section.setdefault(dataset, {})[role] = value
+    else:
+        section[role] = out

@@ -16,6 +16,7 @@
                            fixed side of prototype, original_knn, identification, cosine)
     classifiers/           cached zero-shot text classifiers
     report.json, plots/    the report (a reader of everything above)
+    export/                `amp export`: <model>.onnx / <model>.pt2, each with <file>.json
     .lock                  held by the run using the directory (names it)
     .hashes.json           content hashes of the files stages read, by size/mtime/ctime
 
@@ -156,6 +157,10 @@ class RunDir:
     @property
     def plots(self) -> Path:
         return self._inside("plots")
+
+    @property
+    def exports(self) -> Path:
+        return self.root / "export"
 
     # ---- reading ---------------------------------------------------------------------------
     def model_dir(self, role: str) -> Path:

@@ -25,6 +25,7 @@ from torch import nn
 
 from ..config import CacheConfig, DataConfig, Recipe
 from ..core.adapter import vision_tower
+from ..core.allocation import coarse_sizes
 from ..core.cache import checkpoint_plan
 from ..core.cost import count_flops, count_mlp_params, count_params
 from ..core.mlp import find_mlps
@@ -177,14 +178,20 @@ def global_cost(hidden: list[int], val_images: int, curve_images: int, grid: int
     blocks l..L-1 on the curve images (coarse points plus what one solve's refinement adds),
     and `verifications` passes of all blocks on all images. With a checkpointed cache the
     states of the curve images are recomputed from the checkpoints once per sweep over the
-    blocks (the coarse grid, then each refinement round)."""
+    blocks (the coarse grid, then each refinement round).
+
+    The points are those of one solve whose chosen sizes stay where the coarse grid put
+    them; at most, every round of every solve (one per verification) adds 2 per block
+    (`curves_at_most`)."""
     n = len(hidden)
     cache = (n - 1) * val_images
-    from ..core.allocation import coarse_sizes
-
-    points = [len(coarse_sizes(h, grid, coarse_points))
-              + refinement_points(h, grid, coarse_points, refine_rounds) for h in hidden]
+    coarse = [len(coarse_sizes(h, grid, coarse_points)) for h in hidden]
+    points = [c + refinement_points(h, grid, coarse_points, refine_rounds)
+              for c, h in zip(coarse, hidden, strict=True)]
+    most = [min(c + 2 * refine_rounds * verifications, math.ceil(h / grid) - 1)
+            for c, h in zip(coarse, hidden, strict=True)]
     curves = sum(p * (n - i) for i, p in enumerate(points)) * curve_images
+    curves_most = sum(p * (n - i) for i, p in enumerate(most)) * curve_images
     bases = (1 + original_references) * val_images + (curve_images < val_images) * curve_images
     verification = verifications * n * val_images
     sweeps = 1 + max(p // 2 for p in [refinement_points(h, grid, coarse_points, refine_rounds)
@@ -192,9 +199,10 @@ def global_cost(hidden: list[int], val_images: int, curve_images: int, grid: int
     cache += sweeps * recompute_forwards(n, checkpoints, curve_images)
     total = cache + bases + curves + verification
     return {"curve_images": curve_images, "points_per_curve": max(points),
-            "points": sum(points), "image_block_forwards": {
+            "points": sum(points), "points_per_curve_at_most": max(most),
+            "image_block_forwards": {
                 "cache": cache, "references_and_bases": bases, "curves": curves,
-                "verification": verification, "total": total},
+                "curves_at_most": curves_most, "verification": verification, "total": total},
             "full_forward_equivalents": round(total / (n * val_images), 1),
             "curves_full_forward_equivalents": round(curves / (n * val_images), 1)}
 
@@ -244,6 +252,7 @@ def allocation_cost(recipe: Recipe, hidden: list[int], val_images: int,
         "image_block_forwards": greedy,
         "full_forward_equivalents": round(greedy / (n * val_images), 1)},
         "global": glob, "curves_over_greedy": glob["image_block_forwards"]["curves"] / greedy,
+        "curves_at_most_over_greedy": glob["image_block_forwards"]["curves_at_most"] / greedy,
         "chosen": s.allocation}
 
 

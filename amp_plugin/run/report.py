@@ -20,6 +20,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from rich.markup import escape
 from rich.table import Table
 
 from ..config import STAGES, Recipe
@@ -207,13 +208,15 @@ def render_table(report: dict) -> Table:
             digits = ROW_DIGITS[r.fmt]
             cells = ["-" if r.values.get(role) is None else f"{r.values[role]:.{digits}f}"
                      for role in roles]
+            if r.text is not None:
+                cells = [escape(r.text.get(role, "-")) for role in roles]
             note = r.note if r.fmt == "rate" else _change(r.values.get("teacher"),
                                                           r.values.get("pruned"), False, digits)
             label = r.label
             if r.footnote:
                 mark = footnotes.setdefault(r.footnote, "*" * (len(footnotes) + 1))
                 label = f"{label} {mark}"
-            table.add_row(label, *cells, note)
+            table.add_row(label, *cells, escape(note))
     alloc = report.get("allocation")
     notes = [f"threshold {report['threshold']:g}"] if "threshold" in report and not (
         alloc and alloc.get("mode") == "budget") else []
