@@ -25,7 +25,6 @@ from .core.adapter import (
     register_unsupported,
     vision_tower,
 )
-from .core.allocation import GlobalAllocation
 from .core.criterion import (
     clip_entropy_loss,
     criterion_info,
@@ -36,7 +35,6 @@ from .core.criterion import (
     register_criterion,
 )
 from .core.importance import AMPImportance
-from .core.measures import SearchMeasure, list_measures, register_measure
 from .core.mlp import MLPView, find_mlps, list_mlp_kinds, register_mlp_kind, register_not_mlp
 from .core.models import (
     ModelSpec,
@@ -47,8 +45,6 @@ from .core.models import (
     register_builder,
     register_converter,
 )
-from .core.pruner import AMPPruner
-from .core.search import PruneResult, Trial
 from .core.serialization import load_pruned, save_pruned
 from .core.tp import (
     PackedGateLinear,
@@ -61,6 +57,10 @@ from .core.tp import (
 from .data import list_sources, register_source
 from .evaluate import list_tasks, register_task
 from .run import RecipeError, Run, RunDir, load_recipe, plan, run
+from .search.allocation import GlobalAllocation
+from .search.greedy import PruneResult, Trial
+from .search.measures import SearchMeasure, list_measures, register_measure
+from .search.pruner import AMPPruner
 
 prepare = mark_packed_gates  # the one step a Torch-Pruning script adds before its pruner
 

@@ -15,10 +15,10 @@ from typing import Any, Literal, get_args
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from .core.allocation import GlobalAllocation
 from .core.criterion import list_criteria
-from .core.measures import DEFAULT_MEASURE, list_measures
 from .core.models import ModelSpec
+from .search.allocation import GlobalAllocation
+from .search.measures import DEFAULT_MEASURE, list_measures
 
 
 def _accepts_bool(annotation: Any) -> bool:
@@ -133,7 +133,7 @@ class TargetConfig(Strict):
         return self
 
     def spec(self) -> dict:
-        """The dict `core.budget.Target.parse` reads."""
+        """The dict `search.budget.Target.parse` reads."""
         return self.model_dump(exclude_none=True)
 
 

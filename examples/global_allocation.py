@@ -27,9 +27,9 @@ from rich.table import Table
 
 import amp_plugin as amp
 from amp_plugin.bench.search import kl_to_original
-from amp_plugin.core.search import keep_order
 from amp_plugin.data import amp_loader
 from amp_plugin.run.pipeline import Run
+from amp_plugin.search.greedy import keep_order
 from amp_plugin.utils.io import write_json
 
 

@@ -17,13 +17,13 @@ import torch.nn.functional as F
 from conftest import digit_images, small_vit
 
 import amp_plugin as amp
-from amp_plugin.core.allocation import GlobalAllocation, GlobalSearch, coarse_sizes
-from amp_plugin.core.budget import SizeModel, Target
-from amp_plugin.core.knapsack import closest_weight, least_cost, least_weight
-from amp_plugin.core.pruner import masked_or_sliced
-from amp_plugin.core.search import EntropyEval, SearchState, keep_order
 from amp_plugin.run.recipe import RECIPES_DIR, RecipeError, load_recipe
 from amp_plugin.run.report import CURVES_PLOT
+from amp_plugin.search.allocation import GlobalAllocation, GlobalSearch, coarse_sizes
+from amp_plugin.search.budget import SizeModel, Target
+from amp_plugin.search.greedy import EntropyEval, SearchState, keep_order
+from amp_plugin.search.knapsack import closest_weight, least_cost, least_weight
+from amp_plugin.search.pruner import masked_or_sliced
 
 INV_T = 20.0
 

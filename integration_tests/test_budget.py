@@ -9,10 +9,10 @@ import torch
 from conftest import digit_images, small_vit
 
 import amp_plugin as amp
-from amp_plugin.core.budget import Target
 from amp_plugin.core.cost import count_flops
 from amp_plugin.nni import AMPNNIPruner, apply_nni_masks
 from amp_plugin.run.recipe import RecipeError, load_recipe
+from amp_plugin.search.budget import Target
 
 
 @pytest.fixture(scope="module")

@@ -14,14 +14,14 @@ from torch import nn
 
 import amp_plugin as amp
 from amp_plugin.config import DataConfig, EvalConfig
-from amp_plugin.core.measures import NEEDS, measure_class
 from amp_plugin.core.mlp import mlp_example
-from amp_plugin.core.pruner import masked_or_sliced
-from amp_plugin.core.search import EntropyEval, keep_order
 from amp_plugin.data import get_source
 from amp_plugin.evaluate import EvalContext, evaluate_models, get_task
 from amp_plugin.families.open_clip import OpenClipCLIP
 from amp_plugin.run.report import render_table
+from amp_plugin.search.greedy import EntropyEval, keep_order
+from amp_plugin.search.measures import NEEDS, measure_class
+from amp_plugin.search.pruner import masked_or_sliced
 
 torch.set_num_threads(2)
 

@@ -12,8 +12,8 @@ import torch_pruning as tp
 from conftest import digit_images, small_open_clip, small_vit
 
 import amp_plugin as amp
-from amp_plugin.core.search import keep_order
 from amp_plugin.core.tp import build_dependency_graph, prune_mlp
+from amp_plugin.search.greedy import keep_order
 
 
 # ---- criterion ---------------------------------------------------------------------------

@@ -60,7 +60,7 @@ def test_map_head_mlp_kept_whole_by_default_and_searched_on_request():
     model = _small("vit_base_patch16_siglip_224")
     assert "attn_pool.mlp" in amp.find_mlps(model)
     result = _searched(model, x)
-    assert result.kept_whole == {"attn_pool.mlp": amp.core.search.HEAD_KEPT}
+    assert result.kept_whole == {"attn_pool.mlp": amp.search.greedy.HEAD_KEPT}
     assert result.hidden_sizes["attn_pool.mlp"] == result.original_sizes["attn_pool.mlp"]
     assert "attn_pool.mlp" not in {t.block for t in result.trace}
 
@@ -99,7 +99,7 @@ def test_map_head_in_torch_pruning_and_nni():
                        show_progress=False)
     nni.compress()
     assert list(nni.search.hidden_sizes) == ["blocks.0.mlp", "blocks.1.mlp"]
-    assert nni.search.kept_whole == {"attn_pool.mlp": amp.core.search.HEAD_KEPT}
+    assert nni.search.kept_whole == {"attn_pool.mlp": amp.search.greedy.HEAD_KEPT}
 
 
 # ---- subsets of MLPs: native and NNI agree -------------------------------------------------

@@ -19,9 +19,9 @@ from ..core.adapter import UnsupportedModel, vision_tower
 from ..core.importance import AMPImportance
 from ..core.mlp import find_mlps
 from ..core.models import create_model
-from ..core.pruner import AMPPruner
 from ..core.serialization import load_pruned, save_pruned
 from ..data import digits_raw, to_model_input
+from ..search.pruner import AMPPruner
 from ..utils.progress import progress
 
 # timm's model modules of transformer families with one token sequence through a stack of

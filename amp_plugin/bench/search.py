@@ -18,13 +18,13 @@ from torch.utils.flop_counter import FlopCounterMode
 from ..core.adapter import vision_tower
 from ..core.criterion import entropy_loss
 from ..core.importance import AMPImportance
-from ..core.measures.kl import KL
 from ..core.mlp import find_mlps
 from ..core.models import create_model
-from ..core.pruner import AMPPruner
-from ..core.search import keep_order
 from ..data import batches, digits_raw, to_model_input
 from ..evaluate.throughput import device_name
+from ..search.greedy import keep_order
+from ..search.measures.kl import KL
+from ..search.pruner import AMPPruner
 from ..utils.progress import progress
 from ..utils.tensors import resolve_device
 

@@ -47,8 +47,6 @@ from ..core.adapter import vision_tower
 from ..core.importance import AMPImportance
 from ..core.mlp import find_mlps
 from ..core.models import create_model
-from ..core.pruner import AMPPruner
-from ..core.search import keep_order
 from ..core.serialization import is_pruned_dir, load_pruned, save_pruned
 from ..core.tp import build_dependency_graph, mlp_group, prune_mlps
 from ..data.base import choose_disjoint, get_source
@@ -64,6 +62,8 @@ from ..evaluate.original_knn import original_knn_top1
 from ..evaluate.prototype import prototype_accuracy
 from ..pretrain import train_simclr
 from ..run.layout import RunDir
+from ..search.greedy import keep_order
+from ..search.pruner import AMPPruner
 from ..utils.io import atomic_write, write_json
 from .study_report import plot_study, study_markdown
 

@@ -21,9 +21,9 @@ from ..core.adapter import vision_tower
 from ..core.importance import AMPImportance
 from ..core.mlp import find_mlps
 from ..core.models import create_model
-from ..core.pruner import AMPPruner
 from ..core.tp import prune_mlps
 from ..data import digits_raw, to_model_input
+from ..search.pruner import AMPPruner
 from ..utils.stats import paired_ratio
 from ..utils.tensors import DTYPES, resolve_device
 

@@ -2,7 +2,7 @@
 are AMP's adaptive MLP sizes (docs/algorithm.md section 3). It is built NNI-style from
 `(model, config_list, ...)` and `compress()` returns `(model, masks)` in NNI's format, so
 NNI scripts use it like `L1NormPruner`. The search is AMP's own loop
-(`core.search.adaptive_search`); only applying a candidate (NNI masks) differs from
+(`search.greedy.adaptive_search`); only applying a candidate (NNI masks) differs from
 `AMPPruner`. `apply_nni_masks` then makes the model physically smaller.
 """
 
@@ -22,11 +22,12 @@ from nni.compression.utils import Evaluator
 from torch import nn
 
 from ..core.adapter import vision_tower
-from ..core.budget import SizeModel, Target, budget_search
-from ..core.cache import StateCache
 from ..core.importance import AMPImportance
 from ..core.mlp import MLPView, find_mlps
-from ..core.search import (
+from ..core.tp import PackedGateLinear, mark_packed_gates
+from ..search.budget import SizeModel, Target, budget_search
+from ..search.cache import StateCache
+from ..search.greedy import (
     HEAD_KEPT,
     NOT_SELECTED,
     EntropyEval,
@@ -35,7 +36,6 @@ from ..core.search import (
     check_search_args,
     head_mlps,
 )
-from ..core.tp import PackedGateLinear, mark_packed_gates
 from ..utils.tensors import split_batch
 from .masks import check_maskable, module_names
 
@@ -128,7 +128,7 @@ class AMPNNIPruner(Pruner):
     MLPs' input linears. Scores come from `importance` (an `AMPImportance` with scores) or are
     computed on `calib_batches`. `compress()` returns `(model, masks)`; the model keeps its
     shape (NNI masks it); `apply_nni_masks` makes it smaller. With `target` (e.g.
-    {"mlp_params": 0.6}) the threshold is searched instead (budget mode, `core.budget`),
+    {"mlp_params": 0.6}) the threshold is searched instead (budget mode, `search.budget`),
     starting at `threshold`.
     """
 

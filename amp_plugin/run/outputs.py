@@ -15,7 +15,7 @@ from torch import nn
 
 from ..core.adapter import vision_tower
 from ..core.mlp import find_mlps
-from ..core.search import SearchState
+from ..search.greedy import SearchState
 
 
 class StageOutputError(ValueError):

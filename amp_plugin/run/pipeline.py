@@ -35,11 +35,11 @@ from ..core.adapter import get_adapter, vision_tower
 from ..core.criterion import criterion_info
 from ..core.importance import AMPImportance, ScoreState
 from ..core.models import create_model
-from ..core.pruner import AMPPruner
-from ..core.search import SearchState
 from ..core.serialization import is_pruned_dir, load_pruned, read_manifest, save_pruned
 from ..data import amp_loader, get_source
 from ..data.loader import calibration_images
+from ..search.greedy import SearchState
+from ..search.pruner import AMPPruner
 from ..utils import dist as ddp
 from ..utils.finite import NonFiniteError, check_inputs, locate
 from ..utils.io import (

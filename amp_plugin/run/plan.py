@@ -25,12 +25,12 @@ from torch import nn
 
 from ..config import CacheConfig, DataConfig, Recipe
 from ..core.adapter import vision_tower
-from ..core.allocation import coarse_sizes
-from ..core.cache import checkpoint_plan
 from ..core.cost import count_flops, count_mlp_params, count_params
 from ..core.mlp import find_mlps
 from ..core.models import ModelSpec, build_model
 from ..data.loader import calibration_images
+from ..search.allocation import coarse_sizes
+from ..search.cache import checkpoint_plan
 from ..utils.tensors import resolve_dtype
 
 FLOP_COUNTER = ("torch.utils.flop_counter.FlopCounterMode (2 FLOPs per multiply-add, "
@@ -168,7 +168,7 @@ def global_cost(hidden: list[int], val_images: int, curve_images: int, grid: int
                 coarse_points: int, refine_rounds: int, verifications: int,
                 original_references: bool = True, checkpoints: list[int] | None = None
                 ) -> dict[str, Any]:
-    """Image-block forwards of the global allocation (`core.allocation`) over MLPs of
+    """Image-block forwards of the global allocation (`search.allocation`) over MLPs of
     `hidden` sizes, one per block in forward order (block l of L), beside the greedy
     binary search's, both with the state cache.
 

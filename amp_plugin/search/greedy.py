@@ -25,16 +25,16 @@ from itertools import islice
 import torch
 from torch import nn
 
+from ..core.adapter import vision_tower
+from ..core.batches import SameShape, batch_images
+from ..core.importance import AMPImportance
+from ..core.mlp import MLPView, find_mlps
 from ..utils.dist import agree, global_batch_size
 from ..utils.finite import NonFiniteError
 from ..utils.progress import Bar
 from ..utils.tensors import device_of, split_batch, to_device
-from .adapter import vision_tower
-from .batches import SameShape, batch_images
 from .cache import StateCache
-from .importance import AMPImportance
 from .measures import DEFAULT_MEASURE, SearchMeasure, make_measure
-from .mlp import MLPView, find_mlps
 
 
 @dataclass
@@ -132,7 +132,7 @@ def head_mlps(model: nn.Module) -> list[str]:
 
 class EntropyEval:
     """E_val(model) of docs/algorithm.md section 3 for a search over the MLPs `views` of
-    `model`, or the mean of another search measure (`core.measures`) over the validation
+    `model`, or the mean of another search measure (`search.measures`) over the validation
     batches.
 
     The blocks before the one searched never change while it is searched, so the states

@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..core.adapter import Adapter
 from ..utils.progress import progress
-from .adapter import Adapter
 
 
 def _nbytes(state: tuple) -> int:

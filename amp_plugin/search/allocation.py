@@ -31,11 +31,10 @@ from typing import Any
 
 import torch
 
+from ..core.mlp import MLPView
 from ..utils.progress import Bar
 from .budget import SizeModel, Target, check_goal
-from .knapsack import Solution, closest_weight, least_cost, least_weight
-from .mlp import MLPView
-from .search import (
+from .greedy import (
     Candidate,
     EntropyEval,
     finite_value,
@@ -43,6 +42,7 @@ from .search import (
     kept_neurons,
     measure_label,
 )
+from .knapsack import Solution, closest_weight, least_cost, least_weight
 
 ALLOCATIONS = ("greedy", "global")
 

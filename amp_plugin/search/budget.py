@@ -23,9 +23,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .cost import count_flops, count_mlp_params, count_params
-from .mlp import MLPView
-from .search import EntropyEval, adaptive_search, candidate_sizes
+from ..core.cost import count_flops, count_mlp_params, count_params
+from ..core.mlp import MLPView
+from .greedy import EntropyEval, adaptive_search, candidate_sizes
 
 MEASURES = ("mlp_params", "params", "flops")
 

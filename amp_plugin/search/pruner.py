@@ -16,18 +16,18 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from ..core.adapter import vision_tower
+from ..core.batches import check_val_batches, reiterable
+from ..core.cost import count_flops, count_mlp_params, count_params
+from ..core.importance import AMPImportance
+from ..core.mlp import MLPView, find_mlps
+from ..core.tp import mlp_graph, mlp_inputs, prune_mlp
 from ..utils.finite import NonFiniteError
 from ..utils.tensors import device_of, require_materialized
-from .adapter import vision_tower
 from .allocation import GlobalAllocation, global_allocation
-from .batches import check_val_batches, reiterable
 from .budget import SizeModel, Target, budget_search
 from .cache import StateCache
-from .cost import count_flops, count_mlp_params, count_params
-from .importance import AMPImportance
-from .measures import DEFAULT_MEASURE, SearchMeasure, make_measure
-from .mlp import MLPView, find_mlps
-from .search import (
+from .greedy import (
     HEAD_KEPT,
     NOT_SELECTED,
     EntropyEval,
@@ -39,7 +39,7 @@ from .search import (
     kept_neurons,
     tower_mlps,
 )
-from .tp import mlp_graph, mlp_inputs, prune_mlp
+from .measures import DEFAULT_MEASURE, SearchMeasure, make_measure
 
 
 @contextmanager
@@ -82,7 +82,7 @@ class AMPPruner:
         result = AMPPruner(model, example_inputs, imp, val_batches, threshold=5e-3).step()
 
     With `target` (a `Target` or e.g. {"mlp_params": 0.6}) the threshold is searched instead
-    (budget mode, `core.budget`): every search runs on masks over the same cached states,
+    (budget mode, `search.budget`): every search runs on masks over the same cached states,
     `threshold` is where the bisection starts, and only the final sizes are pruned.
 
     `val_batches`: a list or a re-iterable loader of batches (tensors of images, or
@@ -93,10 +93,10 @@ class AMPPruner:
     change nothing). The scores must be those of this model as it is: a model pruned
     since, or a second `step()`, is refused; so is a model on the meta device.
 
-    `measure` names what the search bounds or minimises (`core.measures`: "entropy_rise",
+    `measure` names what the search bounds or minimises (`search.measures`: "entropy_rise",
     the authors' rule and the default, "kl", "cosine"). `allocation="global"` (or
     `GlobalAllocation` settings) decides every size at once from per-block distortion
-    curves (`core.allocation`): with `target`, the least summed distortion that meets it;
+    curves (`search.allocation`): with `target`, the least summed distortion that meets it;
     without, the largest cut whose summed distortion stays <= `threshold`. Only the final
     sizes are pruned; `PruneResult.extra["allocation"]` records the curves, the sizes and
     the predicted and verified distortion.

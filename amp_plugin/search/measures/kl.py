@@ -11,7 +11,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..criterion import gather_features
+from ...core.criterion import gather_features
 from . import register_measure
 from .base import SearchMeasure
 
