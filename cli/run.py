@@ -93,7 +93,7 @@ def distill(recipe: str = RecipeArg, out: Path = OutOpt, set_: list[str] = SetOp
     from rich.console import Console
 
     from amp_plugin import Run
-    from amp_plugin.distill.distiller import init_distributed
+    from amp_plugin.distill.engine import init_distributed
 
     r = load(recipe, set_)
     init_distributed()  # DeepSpeed's process group (the launcher's ranks, or one)

@@ -33,7 +33,7 @@ from amp_plugin.distill import (
     token_mse_loss,
 )
 from amp_plugin.distill.data import distill_data
-from amp_plugin.distill.distiller import untrained_parameters
+from amp_plugin.distill.token_model import untrained_parameters
 from amp_plugin.run import Run
 from amp_plugin.run.recipe import RecipeError, load_recipe
 

@@ -21,7 +21,8 @@ from typer.testing import CliRunner
 
 import amp_plugin as amp
 from amp_plugin.data import get_source
-from amp_plugin.distill.distiller import DistillError, weights_only_loads
+from amp_plugin.distill.checkpoints import weights_only_loads
+from amp_plugin.distill.inputs import DistillError
 from amp_plugin.run.recipe import load_recipe
 from amp_plugin.utils.finite import NonFiniteError, check_inputs
 from amp_plugin.utils.io import atomic_dir, atomic_write
@@ -195,7 +196,7 @@ def test_torch_loads_inside_are_forced_weights_only(tmp_path):
 
 
 def test_latest_naming_a_path_is_refused(tmp_path):
-    from amp_plugin.distill.distiller import read_tag
+    from amp_plugin.distill.checkpoints import read_tag
 
     (tmp_path / "latest").write_text("../../elsewhere")
     with pytest.raises(DistillError, match="names '../../elsewhere', not a checkpoint folder"):

@@ -13,40 +13,32 @@ single-process group.
 
 `Distiller` takes its own config section and explicit inputs (the teacher module, the
 student directory, the training images, where to write); the run pipeline wires them.
+DeepSpeed's process group and config are in engine.py, the safe reading of its
+checkpoints in checkpoints.py, the trained module in token_model.py.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import functools
-import io
 import json
-import logging
 import os
-import pickle
-import re
 import shutil
-import socket
-import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from ..config import DistillConfig
-from ..core.adapter import Adapter, vision_tower
+from ..core.adapter import vision_tower
 from ..core.serialization import load_pruned, read_manifest, save_pruned
-from ..utils.dist import timeout as ddp_timeout
 from ..utils.io import (
     NoSpaceError,
     append_line,
     atomic_write,
-    deep_merge,
     fingerprint,
     follow_umask,
     free_bytes,
@@ -54,202 +46,13 @@ from ..utils.io import (
     room_for,
 )
 from ..utils.progress import progress
-from ..utils.tensors import DTYPES
+from .checkpoints import read_tag, step_tag, tag_step, weights_only_loads
 from .data import DistillData, distill_data
+from .engine import deepspeed_config, init_distributed, resolve_dtype
+from .inputs import DistillError, DistillPaths, TrainImages
 from .losses import make_loss
 from .schedule import WarmupCosine, param_groups
-
-
-class DistillError(ValueError):
-    """A distillation that cannot start; the message names the key or file."""
-
-
-@dataclass(frozen=True)
-class DistillPaths:
-    """Where a distillation writes (the run directory decides the names)."""
-
-    checkpoints: Path  # DeepSpeed checkpoints (`latest` names the newest complete one)
-    log: Path          # one JSON line per optimizer step (rank 0)
-    result: Path       # summary of the last invocation
-    fingerprint: Path  # what the checkpoints were trained for
-    distilled: Path    # the consolidated student (`load_pruned` reads it)
-
-
-@dataclass
-class TrainImages:
-    """Training images: an indexable set (tensor (N, C, H, W) in [0, 1] when
-    `tensor_input`, else PIL images such as an ImageFolder) and how to normalise them."""
-
-    images: Any
-    tensor_input: bool
-    image_size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-
-
-# ---- the trained module ------------------------------------------------------------------
-class TokenModel(nn.Module):
-    """A vision tower up to its final norm: what distillation trains."""
-
-    def __init__(self, tower: nn.Module, adapter: Adapter):
-        super().__init__()
-        self.tower = tower
-        self.adapter = adapter
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.adapter.final_tokens(self.tower, x)
-
-    def register_external_parameters(self) -> None:
-        """ZeRO-3 gathers a module's own parameters when its forward runs, but adapters
-        read some (class token, position embedding) without calling their owner; those of
-        every non-leaf module are registered with this wrapper, whose forward spans all."""
-        from deepspeed.runtime.zero import register_external_parameter
-
-        for module in self.tower.modules():
-            if next(module.children(), None) is None:
-                continue
-            for p in module.parameters(recurse=False):
-                register_external_parameter(self, p)
-
-
-def untrained_parameters(tower: nn.Module, adapter: Adapter, x: torch.Tensor) -> list[str]:
-    """Tower parameters the distillation loss cannot reach (final norm, head, projection),
-    found by one backward pass so that no family needs a list of them."""
-    named = list(tower.named_parameters())
-    flags = [p.requires_grad for _, p in named]
-    try:
-        for _, p in named:
-            p.requires_grad_(True)
-        with torch.enable_grad():
-            pooled, patch = adapter.final_tokens(tower, x)
-            grads = torch.autograd.grad(pooled.float().sum() + patch.float().sum(),
-                                        [p for _, p in named], allow_unused=True)
-    finally:
-        for (_, p), flag in zip(named, flags):
-            p.requires_grad_(flag)
-    return [n for (n, _), g in zip(named, grads) if g is None]
-
-
-# ---- DeepSpeed ---------------------------------------------------------------------------
-class _DropMessages(logging.Filter):
-    def __init__(self, *starts: str):
-        super().__init__()
-        self.starts = starts
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith(self.starts)
-
-
-_QUIET = False
-_SHM_BUILT = re.compile(r"^DeepSpeed \S+ built successfully$")
-
-
-def quiet_cpu_engine() -> None:
-    """Without CUDA, keep the CUDA and accelerator notices that do not apply out of the
-    log, once per process, before DeepSpeed is imported: DeepSpeed is told the accelerator
-    is the CPU (DS_ACCELERATOR, unless the user set it) instead of warning that it found
-    none, and torch's note about a CUDA_HOME without a CUDA runtime is dropped."""
-    global _QUIET
-    if _QUIET or torch.cuda.is_available():
-        return
-    _QUIET = True
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    logging.getLogger("torch.utils.cpp_extension").addFilter(
-        _DropMessages("No CUDA runtime is found"))
-
-
-@contextlib.contextmanager
-def _without_build_notice():
-    """Standard output as it is, but for DeepSpeed's notice that it built its CPU
-    shared-memory all-reduce op (printed at every start; nothing to act on)."""
-    buffer = io.StringIO()
-    try:
-        with contextlib.redirect_stdout(buffer):
-            yield
-    finally:
-        kept = [line for line in buffer.getvalue().splitlines(keepends=True)
-                if not _SHM_BUILT.match(line.rstrip("\n"))]
-        sys.stdout.write("".join(kept))
-
-
-def init_distributed() -> tuple[int, int, int]:
-    """(rank, world size, local rank); a single-process group when no launcher set one up.
-
-    DeepSpeed's init looks for MPI when the launcher's variables are missing, so a
-    one-rank environment on a free local port is set first.
-    """
-    quiet_cpu_engine()
-    import deepspeed
-    from deepspeed.accelerator import get_accelerator
-
-    if "RANK" not in os.environ:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"),
-                           ("LOCAL_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
-                           ("MASTER_PORT", str(port))):
-            os.environ.setdefault(key, value)
-    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    with _without_build_notice():
-        deepspeed.init_distributed(get_accelerator().communication_backend_name(),
-                                   verbose=False, timeout=ddp_timeout())
-    _unlink_shm_workspace()
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    get_accelerator().set_device(local_rank)
-    return dist.get_rank(), dist.get_world_size(), local_rank
-
-
-def _unlink_shm_workspace() -> None:
-    """On CPU, DeepSpeed's shared-memory all-reduce maps one /dev/shm segment per rank and
-    never unlinks it (69 MB of RAM each, per run, kept after exit). Once every rank has
-    mapped all segments (the barrier), each rank removes its own name; mappings stay."""
-    from deepspeed.accelerator import get_accelerator
-
-    if get_accelerator().device_name() != "cpu":
-        return
-    dist.barrier()
-    name = (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_"
-            f"{os.environ.get('MASTER_ADDR')}_{os.environ.get('MASTER_PORT')}_{dist.get_rank()}")
-    if os.path.exists(name):
-        os.unlink(name)
-
-
-def resolve_dtype(name: str, device: str) -> torch.dtype:
-    from deepspeed.accelerator import get_accelerator
-
-    if name == "auto":
-        bf16 = device != "cpu" and get_accelerator().is_bf16_supported()
-        return torch.bfloat16 if bf16 else torch.float32
-    return DTYPES[name]
-
-
-def deepspeed_config(cfg: DistillConfig, world_size: int, dtype: torch.dtype, lr: float,
-                     device: str) -> dict:
-    """The DeepSpeed config dict a recipe's distill section describes."""
-    zero: dict[str, Any] = {"stage": cfg.zero_stage}
-    if cfg.offload_optimizer is not None:
-        zero["offload_optimizer"] = cfg.offload_optimizer
-    if cfg.offload_param is not None:
-        zero["offload_param"] = cfg.offload_param
-    offloaded = (cfg.offload_optimizer or {}).get("device", "none") != "none"
-    config = {
-        "train_micro_batch_size_per_gpu": cfg.batch_size,
-        "gradient_accumulation_steps": cfg.grad_accum,
-        "train_batch_size": cfg.batch_size * cfg.grad_accum * world_size,
-        "optimizer": {"type": "AdamW", "params": {
-            "lr": lr, "betas": list(cfg.betas), "weight_decay": cfg.weight_decay[0],
-            # On a CPU-only machine torch's AdamW avoids compiling DeepSpeed's fused op.
-            "torch_adam": device == "cpu" and not offloaded,
-        }},
-        "zero_optimization": zero,
-        "bf16": {"enabled": dtype == torch.bfloat16},
-        "fp16": {"enabled": dtype == torch.float16},
-        "gradient_clipping": cfg.grad_clip or 0.0,
-        "steps_per_print": 1 << 30,
-        "wall_clock_breakdown": False,
-    }
-    return deep_merge(config, cfg.deepspeed)
+from .token_model import TokenModel, untrained_parameters
 
 
 def read_loss_log(path: str | Path) -> list[dict]:
@@ -259,73 +62,6 @@ def read_loss_log(path: str | Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-# DeepSpeed's own state classes in its checkpoints (loss scaler, ZeRO stage, fragment
-# addresses); everything else must be tensors and plain data.
-CHECKPOINT_CLASSES = (
-    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
-    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
-    "deepspeed.runtime.zero.config.ZeroStageEnum",
-    "deepspeed.utils.tensor_fragment.fragment_address",
-)
-
-
-def _checkpoint_class(name: str) -> type:
-    import importlib
-
-    module, _, attr = name.rpartition(".")
-    return getattr(importlib.import_module(module), attr)
-
-
-@contextlib.contextmanager
-def weights_only_loads(folder: Path):
-    """Inside: every `torch.load` is weights-only (DeepSpeed passes weights_only=False,
-    which would run any pickle planted in the run directory), with DeepSpeed's few state
-    classes allowed. Each checkpoint file of `folder` is inspected first, without
-    executing it, so a refusal names the file and what it would have imported."""
-    for f in sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix == ".pt"):
-        try:
-            unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(f))
-        except Exception as e:  # not a torch zip archive: a bare pickle or damaged file
-            raise DistillError(f"{f}: refused: not a torch checkpoint archive ({e})") from None
-        unsafe = sorted(set(unsafe) - set(CHECKPOINT_CLASSES))
-        if unsafe:
-            raise DistillError(f"{f}: refused: the checkpoint would import {unsafe[:3]}, "
-                               "not tensors or DeepSpeed state; it was not written by amp (delete "
-                               f"{folder.parent} to distil from the start)")
-    saved = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
-    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"  # read by torch.load on every call
-    try:
-        with torch.serialization.safe_globals([_checkpoint_class(c)
-                                               for c in CHECKPOINT_CLASSES]):
-            yield
-    except pickle.UnpicklingError as e:
-        raise DistillError(f"{folder}: refused a checkpoint that is not weights-only data "
-                           f"({str(e).splitlines()[0]})") from None
-    finally:
-        if saved is None:
-            os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
-        else:
-            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = saved
-
-
-def read_tag(checkpoints: Path) -> str:
-    """The checkpoint tag `latest` names, refused unless it is one of ours (no paths)."""
-    tag = (checkpoints / "latest").read_text().strip()
-    if not re.fullmatch(r"global_step\d+", tag) or not (checkpoints / tag).is_dir():
-        raise DistillError(f"{checkpoints / 'latest'}: names {tag!r}, not a checkpoint "
-                           "folder global_stepN of this directory")
-    return tag
-
-
-def _tag(step: int) -> str:
-    return f"global_step{step}"
-
-
-def _tag_step(tag: str) -> int:
-    return int(tag.removeprefix("global_step"))
-
-
-# ---- the run -----------------------------------------------------------------------------
 class Distiller:
     """One distillation run: set up, `train()`, `consolidate()`; `run()` does both.
 
@@ -539,7 +275,7 @@ class Distiller:
     def save_checkpoint(self) -> str:
         """DeepSpeed checkpoint of the current step; `latest` moves only once every rank
         has written its shards (DeepSpeed writes it from rank 0 without waiting)."""
-        ckpt, tag = self.paths.checkpoints, _tag(self.step)
+        ckpt, tag = self.paths.checkpoints, step_tag(self.step)
         needed = self._checkpoint_bytes()
         room = torch.tensor(float(free_bytes(ckpt) >= needed), device=self.device)
         dist.all_reduce(room, op=dist.ReduceOp.MIN)  # every rank stops, or none
@@ -558,7 +294,7 @@ class Distiller:
             follow_umask(ckpt)  # DeepSpeed's copies of its recovery scripts are 0744
             atomic_write(ckpt / "latest", tag)
             tags = sorted((p.name for p in ckpt.glob("global_step*") if p.is_dir()),
-                          key=_tag_step)
+                          key=tag_step)
             for old in tags[:-self.cfg.keep_checkpoints]:
                 shutil.rmtree(ckpt / old, ignore_errors=True)
         dist.barrier()
@@ -568,7 +304,7 @@ class Distiller:
         """About the bytes one checkpoint takes: the last one's, or the weights plus an
         fp32 copy and AdamW's two moments (12 bytes) of every trained parameter."""
         tags = sorted((p for p in self.paths.checkpoints.glob("global_step*") if p.is_dir()),
-                      key=lambda p: _tag_step(p.name))
+                      key=lambda p: tag_step(p.name))
         if tags:
             return sum(f.stat().st_size for f in tags[-1].rglob("*") if f.is_file())
         params = list(self.engine.module.parameters())
@@ -597,7 +333,7 @@ class Distiller:
                     tower.get_parameter(name).copy_(self.restore[name])
             self.distilled_model = model
             save_pruned(model, out, meta={"distilled": {
-                "steps": _tag_step(tag), "loss": self.cfg.loss,
+                "steps": tag_step(tag), "loss": self.cfg.loss,
                 "teacher": str(self.identity.get("teacher", "")),
                 "student": str(self.student_dir), "restored": self.frozen}})
         dist.barrier()
@@ -616,7 +352,7 @@ class Distiller:
         resumed = self.step or None
         trained_before = self.step >= self.total_steps  # nothing left to train
         self.train()
-        if not (self.paths.checkpoints / "latest").is_file() or self.step != _tag_step(
+        if not (self.paths.checkpoints / "latest").is_file() or self.step != tag_step(
                 (self.paths.checkpoints / "latest").read_text().strip()):
             self.save_checkpoint()
         self.consolidate()

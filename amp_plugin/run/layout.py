@@ -32,7 +32,7 @@ import os
 from pathlib import Path
 
 from ..core.serialization import is_pruned_dir
-from ..distill.distiller import DistillPaths
+from ..distill.inputs import DistillPaths
 from ..utils.io import read_json
 
 MODEL_ROLES = ("pruned", "distilled")  # besides the original ("teacher")

@@ -16,7 +16,7 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 
 from amp_plugin.data import digits_splits
-from amp_plugin.distill.distiller import init_distributed
+from amp_plugin.distill.engine import init_distributed
 from amp_plugin.run import Run
 from amp_plugin.run.recipe import load_recipe
 
