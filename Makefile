@@ -25,7 +25,7 @@ test: venv
 	$(BIN)/ruff check amp_plugin cli integration_tests examples
 	$(BIN)/lint-imports
 	$(MAKE) docs
-	$(BIN)/python -m pytest -q -m "not slow" integration_tests
+	$(BIN)/python -m pytest -q -m "not slow" -n 2 --dist worksteal integration_tests
 
 # Tests of minutes each (SIGKILL at every stage, ...), left out of `make test`.
 test-slow: venv

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 import amp_plugin as amp
 from amp_plugin.data import digits_raw, to_model_input
 
-torch.set_num_threads(2)
+# `make test` runs two pytest workers on the two cores: one thread each (and in the processes
+# a test starts), since two workers of two threads each wait on each other's cores
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+else:
+    torch.set_num_threads(2)
 
 TIMM_KINDS = {
     "mlp": {},
