@@ -163,7 +163,7 @@ def _refused(spec: dict, message: str) -> None:
                                   "https://huggingface.co/facebook/dinov2-small"])
 def test_hub_ids_and_urls_are_refused(path):
     _refused({"library": "transformers", "name": "auto", "path": path},
-             "path: .*(not a local folder|names a model hub or URL)")
+             "(path: 'facebook/dinov2-small' is not a local folder|names a model hub or URL)")
 
 
 def test_trust_remote_code_is_refused_anywhere_in_a_spec(tmp_path):
@@ -208,3 +208,71 @@ def test_a_folder_without_safetensors_is_refused(root, tmp_path):
                                          r"'clip_vision_model' config, but .* 'vit'"):
         amp.create_model({"library": "transformers", "name": "CLIPVisionModel",
                           "path": str(folder)})
+
+
+# ---- recipes: model.library transformers, amp plan on the meta device ---------------------
+def _recipe(tmp_path: Path, model: str) -> Path:
+    recipe = tmp_path / "hf.yaml"
+    recipe.write_text(f"name: hf\noutput_dir: runs/hf\nmodel: {model}\n"
+                      "data: {kind: digits, image_size: 32}\n")
+    return recipe
+
+
+def test_amp_plan_of_a_transformers_recipe_reads_only_the_config(tmp_path):
+    from transformers import Dinov2Config
+
+    from amp_plugin.core.cost import count_params
+    from amp_plugin.run.plan import plan
+    from amp_plugin.run.recipe import load_recipe
+
+    spec = tiny_spec("Dinov2Model", mlp_ratio=2, use_swiglu_ffn=True)
+    Dinov2Config(**spec["kwargs"]).save_pretrained(tmp_path / "dinov2")  # no weights
+    assert [p.name for p in (tmp_path / "dinov2").iterdir()] == ["config.json"]
+    # a relative model.path resolves against the recipe's folder
+    r = load_recipe(_recipe(tmp_path, "{library: transformers, name: auto, path: dinov2}"))
+    assert r.model.path == str(tmp_path / "dinov2")
+    p = plan(r)
+    torch.manual_seed(0)
+    model = amp.create_model(spec)
+    views = amp.find_mlps(amp.vision_tower(model)[0])
+    assert p["params"] == count_params(model)
+    assert p["mlp_params"] == sum(v.num_params() for v in views.values())
+    assert p["mlps"] == [{"name": n, "hidden": v.hidden, "kind": "hf_swiglu"}
+                         for n, v in views.items()]
+    assert (p["blocks"], p["width"], p["tokens"]) == (2, 64, 1 + 4 * 4)
+    with pytest.raises(ValueError, match="has no model.safetensors"):  # amp run needs weights
+        amp.create_model(r.model)
+
+
+@pytest.mark.parametrize("model,message", [
+    ("{library: transformers, name: auto, path: no/such/folder}",
+     r"model.path: .*no/such/folder does not exist"),
+    ("{library: transformers, name: auto, path: 'hf-hub:facebook/dinov2-small'}",
+     r"model.path: Value error, 'hf-hub:facebook/dinov2-small' names a model hub"),
+    ("{library: transformers, name: Dinov2Model, kwargs: {trust_remote_code: true}}",
+     r"model.kwargs.trust_remote_code: True would run code shipped with a checkpoint"),
+])
+def test_a_transformers_recipe_is_refused_with_the_key_path(tmp_path, model, message):
+    from amp_plugin.run.recipe import RecipeError, load_recipe
+
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(_recipe(tmp_path, model))
+
+
+def test_dinov2_giant_recipe_plans_the_papers_model(tmp_path):
+    """recipes/dinov2_g_hf.yaml with a config.json of DINOv2 ViT-g/14 (transformers'
+    layout, no weights): the paper's 1.14B parameters and 40 SwiGLU MLPs of 4096."""
+    from transformers import Dinov2Config
+
+    from amp_plugin.run.plan import plan
+    from amp_plugin.run.recipe import load_recipe
+
+    Dinov2Config(hidden_size=1536, num_hidden_layers=40, num_attention_heads=24, mlp_ratio=4,
+                 use_swiglu_ffn=True, patch_size=14, image_size=518).save_pretrained(
+                     tmp_path / "giant")
+    p = plan(load_recipe("dinov2_g_hf", {"model.path": str(tmp_path / "giant")},
+                         check_paths=False))
+    assert p["params"] == pytest.approx(1.14e9, rel=0.01)
+    assert (p["blocks"], p["width"], p["tokens"]) == (40, 1536, 257)
+    assert {(m["hidden"], m["kind"]) for m in p["mlps"]} == {(4096, "hf_swiglu")}
+    assert p["mlp_params"] == 40 * (2 * (1536 + 1) * 4096 + (4096 + 1) * 1536)

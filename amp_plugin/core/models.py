@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_serializer
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer
 from torch import nn
 
 
@@ -28,6 +28,15 @@ class ModelSpec(BaseModel):
     path: str | None = Field(default=None, description=(
         "local model folder, for libraries that read one (transformers: a folder written by "
         "save_pretrained, config.json and model.safetensors)"))
+
+    @field_validator("path")
+    @classmethod
+    def _local(cls, value: str | None) -> str | None:
+        # refused as written (a recipe's relative paths are made absolute afterwards)
+        if value is not None and value.lower().startswith(HUB_PREFIXES):
+            raise ValueError(f"{value!r} names a model hub or URL; models come from local "
+                             "folders only")
+        return value
 
     @model_serializer(mode="wrap")
     def _dump(self, handler):
@@ -174,7 +183,7 @@ def plain_errors(value: Any, key: str) -> list[str]:
     return [f"{key}: expected plain JSON data, got {type(value).__name__}"]
 
 
-def spec_errors(spec: ModelSpec) -> list[str]:
+def spec_errors(spec: ModelSpec, check_folder: bool = True) -> list[str]:
     """What makes a spec unsafe to build, checked before anything is imported or called:
     an unregistered builder, a hub name, a pretrained flag, a value that is not plain
     data. (Builders check their own callables, e.g. timm's `act_layer`, by allow-list.)"""
@@ -184,11 +193,11 @@ def spec_errors(spec: ModelSpec) -> list[str]:
                       f"{', '.join(_BUILDERS)}")
     errors += plain_errors(spec.name, "name")
     errors += plain_errors(spec.kwargs, "kwargs")
-    errors += _path_errors(spec)
+    errors += _path_errors(spec, check_folder)
     return errors
 
 
-def _path_errors(spec: ModelSpec) -> list[str]:
+def _path_errors(spec: ModelSpec, check_folder: bool = True) -> list[str]:
     """A model folder must be a local folder of a library that reads one; a hub id
     ("owner/name") or a URL is refused, never looked up."""
     if spec.path is None:
@@ -199,7 +208,7 @@ def _path_errors(spec: ModelSpec) -> list[str]:
     if spec.library in _BUILDERS and spec.library not in _FOLDER_LOADERS:
         return [f"path: library {spec.library!r} reads no model folder (a weights file goes "
                 "in weights)"]
-    if not Path(spec.path).expanduser().is_dir():
+    if check_folder and not Path(spec.path).expanduser().is_dir():
         return [f"path: {spec.path!r} is not a local folder (a model hub id or URL is "
                 "refused: models come from local folders only)"]
     return []

@@ -135,6 +135,11 @@ class HFClip(Adapter):
         vision.__dict__[PROJECTION] = model.visual_projection
         return vision
 
+    def tokenizer(self, model):
+        raise TypeError("a transformers CLIPModel's text tower is not wired into amp yet "
+                        "(zero-shot evaluation, text features of captions); its vision "
+                        "tower is pruned with image-only criteria")
+
 
 class HFSiglipVision(HFTower):
     """SiglipVisionModel: features are `pooler_output`, the attention-pool head's output
@@ -205,6 +210,14 @@ class HFViT(HFClassToken):
 
 for _adapter in (HFClipVision(), HFClip(), HFSiglipVision(), HFDinov2(), HFViT()):
     register_adapter(_adapter, first=False)
+
+# small models of every layout this family drives: each adapter's example, and DINOv2's
+# SwiGLU variant (the giant model's MLP); `amp bench models` sweeps them
+SMALL_MODELS = {
+    **{a.example["name"]: a.example for a in (HFClipVision, HFClip, HFSiglipVision, HFDinov2,
+                                              HFViT)},
+    "Dinov2Model-swiglu": tiny_spec("Dinov2Model", mlp_ratio=2, use_swiglu_ffn=True),
+}
 
 
 def _is_class(module: nn.Module, *names: str) -> bool:
