@@ -42,6 +42,14 @@ class Case:
 
 
 IMAGES = digit_images(96)
+# the pooled embedding each family's users take, from the model's own forward
+POOLED = {
+    "CLIPVisionModel": lambda m, x: m(pixel_values=x).pooler_output,
+    "CLIPModel": lambda m, x: m.vision_model(pixel_values=x).pooler_output,
+    "SiglipVisionModel": lambda m, x: m(pixel_values=x).pooler_output,  # the MAP head's
+    "Dinov2Model": lambda m, x: m(pixel_values=x).pooler_output,  # CLS after layernorm
+    "ViTModel": lambda m, x: m(pixel_values=x).last_hidden_state[:, 0],  # the classifier's
+}
 _done: dict[str, Case] = {}
 
 
@@ -65,6 +73,9 @@ def run_case(name: str, root: Path) -> Case:
     x = IMAGES
     torch.testing.assert_close(features(model, x[:8]), features(original, x[:8]), rtol=0,
                                atol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(features(model, x[:8]),
+                                   POOLED[type(model).__name__](model, x[:8]))
 
     tower, adapter = amp.vision_tower(model)
     views = amp.find_mlps(tower)
