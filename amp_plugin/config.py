@@ -468,6 +468,8 @@ class Recipe(Strict):
         paths = {}
         if self.model.weights:
             paths["model.weights"] = self.model.weights
+        if self.model.path:
+            paths["model.path"] = self.model.path
         if self.train is not None and self.train.checkpoint:
             paths["train.checkpoint"] = self.train.checkpoint
         for key in ("root", "val_root", "captions"):

@@ -8,6 +8,7 @@ timm's own tests walk `timm.list_models()` the same way.
 
 from __future__ import annotations
 
+import copy
 import tempfile
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
@@ -68,8 +69,19 @@ def open_clip_names() -> list[str]:
     return list(open_clip.list_models())
 
 
+def transformers_names() -> list[str]:
+    """The small transformers models swept: one per adapter and MLP layout."""
+    from ..families.transformers_vision import SMALL_MODELS
+
+    return list(SMALL_MODELS)
+
+
 def small_spec(library: str, name: str, drop: Iterable[str] = ()) -> dict:
     """A ModelSpec dict of `name` at 32x32 input, 2 blocks, width 64 (minus `drop`)."""
+    if library == "transformers":  # already small: the family's own small configs
+        from ..families.transformers_vision import SMALL_MODELS
+
+        return copy.deepcopy(SMALL_MODELS[name])
     small = {k: v for k, v in SMALL.items() if k not in set(drop)}
     for key, extra in EXTRA.items():
         if key in name:
@@ -182,11 +194,15 @@ FAST = (("timm", "vit_small_patch16_224"), ("timm", "vit_base_patch16_siglip_224
         ("timm", "gemma4_vit_167m_enc"), ("timm", "convit_tiny"), ("timm", "volo_d1_224"),
         ("open_clip", "ViT-B-16-SigLIP2"), ("open_clip", "PE-Core-T-16-384"),
         ("open_clip", "ViTamin-S"), ("open_clip", "ViT-B-32"), ("open_clip", "RN50"),
-        ("open_clip", "convnext_base"))
+        ("open_clip", "convnext_base"),
+        *(("transformers", n) for n in ("CLIPModel", "SiglipVisionModel",
+                                        "Dinov2Model-swiglu", "ViTModel")))
 
 
 def all_models() -> list[tuple[str, str]]:
-    return [("timm", n) for n in timm_vit_names()] + [("open_clip", n) for n in open_clip_names()]
+    return ([("timm", n) for n in timm_vit_names()]
+            + [("open_clip", n) for n in open_clip_names()]
+            + [("transformers", n) for n in transformers_names()])
 
 
 def summary(rows: list[dict]) -> list[dict]:
@@ -199,8 +215,10 @@ def summary(rows: list[dict]) -> list[dict]:
                                     "models": 0, "example": r["name"], "detail": r["detail"]})
         g["models"] += 1
     order = {"ok": 0, "refused": 1, "not built": 2, "error": 3}
-    return sorted(groups.values(), key=lambda g: (g["library"] != "timm", order[g["status"]],
-                                                  -g["models"], g["family"]))
+    libraries = {"timm": 0, "open_clip": 1}
+    return sorted(groups.values(), key=lambda g: (libraries.get(g["library"], 2),
+                                                  order[g["status"]], -g["models"],
+                                                  g["family"]))
 
 
 def _cell(text: str) -> str:
@@ -211,10 +229,13 @@ def sweep_markdown(rows: list[dict], groups: list[dict], seconds: float) -> str:
     """The summary table (one row per family, MLP kinds and status), then every model."""
     import open_clip
     import timm
+    import transformers
 
-    lines = ["# Every ViT of timm and open_clip through AMP", "",
+    lines = ["# Every ViT of timm and open_clip, and transformers' vision encoders, through "
+             "AMP", "",
              f"`amp bench models`: {len(rows)} models (timm {timm.__version__}, open_clip "
-             f"{open_clip.__version__}, torch {torch.__version__}) in {seconds / 60:.1f} min. "
+             f"{open_clip.__version__}, transformers {transformers.__version__}, torch "
+             f"{torch.__version__}) in {seconds / 60:.1f} min. "
              "Each is built at 32x32 input, 2 blocks and width 64 where it accepts them, with "
              "random weights, then scored, searched (threshold 5e-3, 2 steps), physically "
              "pruned, saved and loaded (outputs equal to 1e-5), or refused with "

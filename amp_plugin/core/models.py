@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer
 from torch import nn
 
 
@@ -25,18 +25,52 @@ class ModelSpec(BaseModel):
     kwargs: dict[str, Any] = Field(default_factory=dict, description="architecture overrides")
     weights: str | None = Field(default=None, description="local weights file")
     weights_format: str = Field(default="native", description="layout of the weights file")
+    path: str | None = Field(default=None, description=(
+        "local model folder, for libraries that read one (transformers: a folder written by "
+        "save_pretrained, config.json and model.safetensors)"))
+
+    @field_validator("path")
+    @classmethod
+    def _local(cls, value: str | None) -> str | None:
+        # refused as written (a recipe's relative paths are made absolute afterwards)
+        if value is not None and value.lower().startswith(HUB_PREFIXES):
+            raise ValueError(f"{value!r} names a model hub or URL; models come from local "
+                             "folders only")
+        return value
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler):
+        # without a folder the dump is what it was before `path` existed, so fingerprints
+        # of existing recipes and saved models stay the same
+        data = handler(self)
+        if data.get("path") is None:
+            data.pop("path", None)
+        return data
 
 
 Builder = Callable[[ModelSpec], nn.Module]
 Converter = Callable[[dict, nn.Module], dict]
+FolderLoader = Callable[[ModelSpec], nn.Module]
+Standalone = Callable[[ModelSpec, nn.Module], dict]
 _BUILDERS: dict[str, Builder] = {}
 _CONVERTERS: dict[str, Converter] = {}
+_FOLDER_LOADERS: dict[str, FolderLoader] = {}
+_STANDALONE: dict[str, Standalone] = {}
 
 
-def register_builder(library: str):
-    """Decorator registering `build(spec) -> nn.Module` (random init) for a library."""
+def register_builder(library: str, load_folder: FolderLoader | None = None,
+                     standalone: Standalone | None = None):
+    """Decorator registering `build(spec) -> nn.Module` (random init) for a library.
+
+    `load_folder(spec)` builds the model with the weights of the spec's local folder
+    (`spec.path`) for libraries that read one; `standalone(spec, model)` gives a spec
+    that rebuilds `model`'s architecture without that folder (what `save_pruned` writes)."""
     def deco(fn: Builder) -> Builder:
         _BUILDERS[library] = fn
+        if load_folder is not None:
+            _FOLDER_LOADERS[library] = load_folder
+        if standalone is not None:
+            _STANDALONE[library] = standalone
         return fn
     return deco
 
@@ -114,9 +148,12 @@ def load_weights(model: nn.Module, spec: ModelSpec) -> None:
 NETWORK_KEYS = ("pretrained", "checkpoint_path", "cache_dir", "hf_model_name",
                 "hf_tokenizer_name", "pretrained_cfg", "pretrained_cfg_overlay")
 HUB_PREFIXES = ("hf-hub:", "hf_hub:", "local-dir:", "http://", "https://", "file://")
+# Keys by which a library would import code shipped with a checkpoint (transformers'
+# `trust_remote_code`, a config's `auto_map`): only a library's own classes are built.
+REMOTE_CODE_KEYS = ("trust_remote_code", "auto_map")
 
 
-def _plain_errors(value: Any, key: str) -> list[str]:
+def plain_errors(value: Any, key: str) -> list[str]:
     """Where `value` is not plain JSON data (dicts with string keys, lists, scalars), or
     names a hub, a URL or a pretrained download."""
     if isinstance(value, dict):
@@ -129,10 +166,13 @@ def _plain_errors(value: Any, key: str) -> list[str]:
                     None, False, "", {}):
                 out.append(f"{key}.{k}: {v!r} would load pretrained weights or reach a model "
                            "hub; weights come from local files only")
-            out += _plain_errors(v, f"{key}.{k}")
+            if k in REMOTE_CODE_KEYS and v not in (None, False, "", {}):
+                out.append(f"{key}.{k}: {v!r} would run code shipped with a checkpoint; only "
+                           "the library's own classes are built")
+            out += plain_errors(v, f"{key}.{k}")
         return out
     if isinstance(value, (list, tuple)):
-        return [e for i, v in enumerate(value) for e in _plain_errors(v, f"{key}.{i}")]
+        return [e for i, v in enumerate(value) for e in plain_errors(v, f"{key}.{i}")]
     if isinstance(value, str):
         if value.lower().startswith(HUB_PREFIXES):
             return [f"{key}: {value!r} names a model hub or URL; weights come from local "
@@ -143,7 +183,7 @@ def _plain_errors(value: Any, key: str) -> list[str]:
     return [f"{key}: expected plain JSON data, got {type(value).__name__}"]
 
 
-def spec_errors(spec: ModelSpec) -> list[str]:
+def spec_errors(spec: ModelSpec, check_folder: bool = True) -> list[str]:
     """What makes a spec unsafe to build, checked before anything is imported or called:
     an unregistered builder, a hub name, a pretrained flag, a value that is not plain
     data. (Builders check their own callables, e.g. timm's `act_layer`, by allow-list.)"""
@@ -151,17 +191,40 @@ def spec_errors(spec: ModelSpec) -> list[str]:
     if spec.library not in _BUILDERS:
         errors.append(f"library: unknown model library {spec.library!r}; known: "
                       f"{', '.join(_BUILDERS)}")
-    errors += _plain_errors(spec.name, "name")
-    errors += _plain_errors(spec.kwargs, "kwargs")
+    errors += plain_errors(spec.name, "name")
+    errors += plain_errors(spec.kwargs, "kwargs")
+    errors += _path_errors(spec, check_folder)
     return errors
 
 
-def build_model(spec: ModelSpec | dict) -> nn.Module:
-    """The spec's architecture with random weights (works under `torch.device('meta')`)."""
+def _path_errors(spec: ModelSpec, check_folder: bool = True) -> list[str]:
+    """A model folder must be a local folder of a library that reads one; a hub id
+    ("owner/name") or a URL is refused, never looked up."""
+    if spec.path is None:
+        return []
+    errors = plain_errors(spec.path, "path")
+    if errors:
+        return errors
+    if spec.library in _BUILDERS and spec.library not in _FOLDER_LOADERS:
+        return [f"path: library {spec.library!r} reads no model folder (a weights file goes "
+                "in weights)"]
+    if check_folder and not Path(spec.path).expanduser().is_dir():
+        return [f"path: {spec.path!r} is not a local folder (a model hub id or URL is "
+                "refused: models come from local folders only)"]
+    return []
+
+
+def _checked(spec: ModelSpec | dict) -> ModelSpec:
     spec = spec if isinstance(spec, ModelSpec) else ModelSpec(**spec)
     errors = spec_errors(spec)
     if errors:
         raise ValueError("model spec refused: " + "; ".join(errors))
+    return spec
+
+
+def build_model(spec: ModelSpec | dict) -> nn.Module:
+    """The spec's architecture with random weights (works under `torch.device('meta')`)."""
+    spec = _checked(spec)
     model = _BUILDERS[spec.library](spec)
     model.amp_spec = spec.model_dump()
     return model
@@ -169,9 +232,22 @@ def build_model(spec: ModelSpec | dict) -> nn.Module:
 
 def create_model(spec: ModelSpec | dict, load: bool = True) -> nn.Module:
     """Build the model a spec describes (random init), load its local weights, and
-    remember the spec on the model (`model.amp_spec`) for `save_pruned`."""
-    spec = spec if isinstance(spec, ModelSpec) else ModelSpec(**spec)
+    remember the spec on the model (`model.amp_spec`) for `save_pruned`. A spec with a
+    model folder (`path`) is built by its library's folder loader, weights included."""
+    spec = _checked(spec)
+    if load and spec.path is not None:
+        model = _FOLDER_LOADERS[spec.library](spec)
+        model.amp_spec = spec.model_dump()
+        return model
     model = build_model(spec)
     if load:
         load_weights(model, spec)
     return model
+
+
+def standalone_spec(spec: ModelSpec | dict, model: nn.Module) -> dict:
+    """A spec that rebuilds `model`'s architecture from plain data alone (no model
+    folder): what a saved model's manifest holds."""
+    spec = spec if isinstance(spec, ModelSpec) else ModelSpec(**spec)
+    fn = _STANDALONE.get(spec.library)
+    return fn(spec, model) if fn is not None else spec.model_dump()

@@ -19,7 +19,7 @@ from torch import nn
 from ..utils.io import atomic_dir
 from .adapter import vision_tower
 from .mlp import find_mlps
-from .models import ModelSpec, build_model, spec_errors
+from .models import ModelSpec, build_model, spec_errors, standalone_spec
 from .tp import mark_packed_gates
 
 FORMAT = "amp-pruned/1"
@@ -33,6 +33,7 @@ def save_pruned(model: nn.Module, path: str | Path, spec: dict | None = None,
     if spec is None:
         raise ValueError("the model has no construction spec: build it with "
                          "amp_plugin.create_model or pass spec={library, name, kwargs}")
+    spec = standalone_spec(spec, model)  # rebuilt from the manifest alone, never a folder
     path = Path(path)
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     # safetensors refuses tensors that share memory; keep one copy of each.
@@ -85,6 +86,9 @@ def _manifest_errors(m: dict) -> list[str]:
             if parsed.weights is not None or parsed.weights_format != "native":
                 errors.append(f"spec.weights: {parsed.weights!r}: a saved model's weights are "
                               f"its own {WEIGHTS}; expected null")
+            if parsed.path is not None:
+                errors.append(f"spec.path: {parsed.path!r}: a saved model is rebuilt from its "
+                              "manifest alone; expected null")
             errors += [f"spec.{e}" for e in spec_errors(parsed)]
     elif "spec" in m:
         errors.append(f"spec: expected an object, got {type(spec).__name__}")

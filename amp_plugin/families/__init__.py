@@ -17,4 +17,5 @@ from . import (  # noqa: F401  (each module registers itself)
     timm_vit,
     timm_vitamin,
     timm_vlm_vit,
+    transformers_vision,
 )

@@ -22,6 +22,7 @@ from pydantic import BaseModel, ValidationError
 
 from ..config import Recipe
 from ..core.criterion import criterion_info
+from ..core.models import spec_errors
 from ..core.serialization import MANIFEST, is_pruned_dir
 from ..data import get_source, list_sources
 from ..evaluate import get_task, list_tasks
@@ -138,6 +139,7 @@ def _is_dir(p: Path) -> bool:
 # of its key path; a saved model is a save_pruned folder.
 _PATH_KINDS = {
     "weights": (_is_file, "a weights file"),
+    "path": (_is_dir, "a model folder"),
     "checkpoint": (is_pruned_dir, f"a saved model folder (with {MANIFEST})"),
     "teacher": (is_pruned_dir, f"a saved model folder (with {MANIFEST})"),
     "student": (is_pruned_dir, f"a saved model folder (with {MANIFEST})"),
@@ -167,9 +169,11 @@ def path_errors(r: Recipe, notes: dict[str, str] | None = None) -> list[str]:
 
 def registry_errors(r: Recipe) -> list[str]:
     """What the schema cannot see: registered names and what they need of each other."""
-    errors = []
+    # the model spec as the builder will check it (hub names, remote code, unknown
+    # library); whether model.path is a folder is path_errors' part
+    errors = [f"model.{e}" for e in spec_errors(r.model, check_folder=False)]
     if r.data.kind not in list_sources():
-        return [f"data.kind: unknown data source {r.data.kind!r}; expected one of "
+        return errors + [f"data.kind: unknown data source {r.data.kind!r}; expected one of "
                 f"{list_sources()}"]
     source = get_source(r.data.kind)
     for key in source.required_keys:
