@@ -152,3 +152,48 @@ def test_early_decisions_keep_the_exact_sizes_with_fewer_batches(seed):
     assert record["alpha_per_trial"] == pytest.approx(0.01 / (6 * 3))
     with torch.no_grad():
         torch.testing.assert_close(early.flops["after"], exact.flops["after"])
+
+
+# ---- counted cost: amp plan ---------------------------------------------------------------
+def test_plan_counts_the_search_options_by_hand():
+    """3 blocks, 6 steps, 8 batches of 16: the reference runs 19 full passes of 3 blocks;
+    the cache fills blocks 0-1, runs block 2 for the starting E_val, and trials of block l
+    run 3 - l blocks; early decisions cut the trials' part only."""
+    from amp_plugin.run.plan import early_cost, implied_hours
+
+    c = early_cost(3, 6, 8, 16, min_batches=4, read_fraction=0.5)
+    f = c["image_block_forwards"]
+    assert c["images"] == 128
+    assert f["reference"] == 19 * 3 * 128
+    assert f["cache"] == f["early_at_most"] == (2 + 1 + 6 * (3 + 2 + 1)) * 128
+    trials = 6 * 6 * 128
+    assert f["early_at_read_fraction"] == 3 * 128 + trials // 2
+    # best case: per block one trial reads all 8 batches, the 5 others 4 of 8
+    assert f["early_best_case"] == 3 * 128 + trials * (8 + 5 * 4) // (6 * 8)
+    h = implied_hours({"cache": f["cache"]}, 3, 1000, 200.0, 800.0)["cache"]
+    assert h["score"] == pytest.approx(1000 / 200 / 3600)
+    assert h["search"] == pytest.approx(f["cache"] / 3 / 800 / 3600)
+
+
+def test_cli_plan_shows_counted_cost_and_hours(tmp_path):
+    import json
+
+    from amp_cli.app import app
+    from typer.testing import CliRunner
+
+    out = tmp_path / "plan.json"
+    done = CliRunner().invoke(app, ["plan", "open_clip_g", "--val-images", "50000",
+                                    "--images-per-s", "215,910", "--read-fraction", "0.7",
+                                    "--json", str(out)], env={"COLUMNS": "240"})
+    assert done.exit_code == 0, done.output
+    counted = json.loads(out.read_text())["search"]["counted"]
+    f, hours = counted["image_block_forwards"], counted["hours"]
+    assert counted["images"] == 49152 and counted["batches"] == 48
+    assert f["reference"] == (40 * 6 + 1) * 40 * 49152
+    assert hours["cache"]["score"] == pytest.approx(1281167 / 215 / 3600)
+    assert hours["cache"]["search"] == pytest.approx(f["cache"] / 40 / 910 / 3600)
+    assert f["early_best_case"] < f["early_at_read_fraction"] < f["cache"] < f["reference"]
+    assert "search options, counted in image-block forwards" in done.stdout
+    assert f"{hours['early_at_read_fraction']['total']:.2f}" in done.stdout
+    bad = CliRunner().invoke(app, ["plan", "open_clip_g", "--images-per-s", "215"])
+    assert bad.exit_code == 2 and "--images-per-s" in bad.output
