@@ -130,32 +130,29 @@ def _counted(console, e: dict, blocks: int) -> None:
 
     f, hours = e["image_block_forwards"], e.get("hours")
     full = blocks * e["images"]
-    t = Table(title=f"search options, counted in image-block forwards ({blocks} blocks x "
+    t = Table(title=f"search options in image-block forwards ({blocks} blocks x "
                     f"{e['images']:,} validation images = 1 full pass)")
-    for col in ("search", "image-block forwards", "full passes", "/ today's cache"):
+    for col in ("search", "image-block forwards", "full passes", "/ cache"):
         t.add_column(col, justify="left" if col == "search" else "right")
     if hours:
         rate = e["images_per_s"]
-        t.add_column(f"hours: score + search ({rate['score']:g} / {rate['validation']:g} img/s)",
+        t.add_column(f"hours: score + search ({rate['score']:g}, {rate['validation']:g} img/s)",
                      justify="right")
-    rows = [("reference", "reference procedure (every trial a full pass)"),
-            ("cache", "state cache (today's default, exact)"),
-            ("early_at_most", "early decisions, at most (no trial decided early)")]
+    rows = [("reference", "reference procedure"), ("cache", "state cache (exact)"),
+            ("early_at_most", "early decisions, at most")]
     if "early_at_read_fraction" in f:
-        rows.append(("early_at_read_fraction", f"early decisions at the read fraction "
-                                               f"{e['read_fraction']:g}"))
-    rows.append(("early_best_case", f"early decisions, best case (one accepted size per "
-                                    f"block read to the end, the other trials "
-                                    f"{e['min_batches']} of {e['batches']:,} batches)"))
+        rows.append(("early_at_read_fraction", f"early decisions, {e['read_fraction']:g} read"))
+    rows.append(("early_best_case", "early decisions, best case"))
     for key, label in rows:
         cells = [label, f"{f[key]:,}", f"{f[key] / full:,.1f}", f"{f[key] / f['cache']:.3f}"]
         if hours:
             h = hours[key]
             cells.append(f"{h['score']:.2f} + {h['search']:.2f} = {h['total']:.2f}")
         t.add_row(*cells)
+    t.caption = (f"early decisions (amp.search.confidence: {e['confidence']}): a trial stops "
+                 f"reading its {e['batches']:,} batches once decided; best case: one accepted "
+                 f"size per block read to the end, the other trials {e['min_batches']} batches")
     console.print(t)
-    if e["confidence"] is None:
-        console.print("early decisions are off in this recipe (amp.search.confidence: null)")
 
 
 def _rates(text: str | None) -> tuple[float, float] | None:

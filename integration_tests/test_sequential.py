@@ -16,6 +16,7 @@ from conftest import digit_images, small_vit
 import amp_plugin as amp
 from amp_plugin.core.sequential import EarlyDecisions, PairedTest, half_width, interval
 from amp_plugin.run.recipe import RecipeError, load_recipe
+from amp_plugin.run.report import trace_summary
 
 # Student's t quantiles from printed tables
 T_3_0975 = 3.182446305284263
@@ -150,6 +151,9 @@ def test_early_decisions_keep_the_exact_sizes_with_fewer_batches(seed):
     assert record["batches_read"] < record["batches_full_passes"]
     assert early.extra["image_block_forwards"] < exact.extra["image_block_forwards"]
     assert record["alpha_per_trial"] == pytest.approx(0.01 / (6 * 3))
+    summary = trace_summary({**early.to_dict(), **early.extra})
+    assert (f"{record['decided_early']} trials decided early, {record['batches_read']:,} of "
+            f"{record['batches_full_passes']:,} batches read") in summary
     with torch.no_grad():
         torch.testing.assert_close(early.flops["after"], exact.flops["after"])
 
@@ -193,7 +197,7 @@ def test_cli_plan_shows_counted_cost_and_hours(tmp_path):
     assert hours["cache"]["score"] == pytest.approx(1281167 / 215 / 3600)
     assert hours["cache"]["search"] == pytest.approx(f["cache"] / 40 / 910 / 3600)
     assert f["early_best_case"] < f["early_at_read_fraction"] < f["cache"] < f["reference"]
-    assert "search options, counted in image-block forwards" in done.stdout
+    assert "search options in image-block forwards" in done.stdout
     assert f"{hours['early_at_read_fraction']['total']:.2f}" in done.stdout
     bad = CliRunner().invoke(app, ["plan", "open_clip_g", "--images-per-s", "215"])
     assert bad.exit_code == 2 and "--images-per-s" in bad.output
