@@ -169,6 +169,10 @@ class SearchConfig(Strict):
         "null: all); the verification uses all"))
     max_verifications: int = Field(default=GlobalAllocation.max_verifications, ge=1,
                                    description="global: joint evaluations at most")
+    confidence: float | None = Field(default=None, gt=0, lt=1, description=(
+        "greedy with a threshold: a trial stops reading validation batches once a "
+        "sequential bound decides it at this confidence for the whole search (e.g. 0.99); "
+        "null: every trial reads every batch (the authors')"))
 
     @field_validator("measure")
     @classmethod
@@ -185,6 +189,9 @@ class SearchConfig(Strict):
             raise PydanticCustomError(
                 "global_only", "{key} applies to allocation: global (allocation is greedy)",
                 {"key": given[0]})
+        if self.allocation == "global" and self.confidence is not None:
+            raise PydanticCustomError(
+                "greedy_only", "confidence applies to allocation: greedy (allocation is global)")
         return self
 
     def allocation_spec(self) -> str | dict:
@@ -216,6 +223,14 @@ class AMPConfig(Strict):
         "budget mode: the threshold is searched (starting at `threshold`) to meet this; "
         "with search.allocation: global, the sizes are solved for it directly"))
     search: SearchConfig = Field(default_factory=SearchConfig)
+
+    @model_validator(mode="after")
+    def _early_needs_threshold(self):
+        if self.target is not None and self.search.confidence is not None:
+            raise PydanticCustomError(
+                "threshold_only", "search.confidence applies to a search with a threshold, "
+                "not to budget mode (amp.target is set)")
+        return self
 
     @field_validator("criterion")
     @classmethod

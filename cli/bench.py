@@ -48,8 +48,25 @@ def search_cmd(
     device: str = typer.Option("cpu", help="cpu, cuda, or auto"),
     dtype: str = typer.Option("float32", help="float32, bf16 or fp16"),
     json_out: Path = typer.Option(None, "--json", help="also write the numbers here"),
+    confidence: list[float] = typer.Option(None, help=(
+        "instead: count the image-block forwards of early decisions at this confidence "
+        "(repeatable) against the exact search, on --seeds models")),
+    seeds: int = typer.Option(1, min=1, help="with --confidence: models seed, seed+1, ..."),
+    threads: int = typer.Option(None, min=1, help="torch CPU threads (default: torch's)"),
 ) -> None:
-    """Reference procedure vs AMPPruner on one model: same sizes, wall times, ratio."""
+    """Reference procedure vs AMPPruner on one model: same sizes, wall times, ratio; with
+    --confidence, the counted cost of early decisions and whether the sizes stay exact."""
+    import torch
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    if confidence:
+        bad = [c for c in confidence if not 0 < c < 1]
+        if bad:
+            raise typer.BadParameter(f"{bad[0]} is not in (0, 1)", param_hint="--confidence")
+        _early(layers, width, val_images, batch_size, confidence, seeds, seed, image_size,
+               patch_size, threshold, device, dtype, json_out)
+        return
     from amp_plugin.bench.search import bench_search
 
     r = bench_search(layers, width, val_images, image_size, patch_size, threshold, seed=seed,
@@ -80,6 +97,8 @@ def search_cmd(
         ("state cache, full", r["cache"]),
         ("state cache, budget", r["budget_cache"]),
         ("MLP params kept", f"{r['mlp_params']['after'] / r['mlp_params']['before']:.1%}"),
+        ("image-block forwards, reference procedure (counted)",
+         f"{r['image_block_forwards']['reference']:,}"),
         ("image-block forwards, greedy search (full cache)",
          f"{r['image_block_forwards']['greedy']:,}"),
         ("image-block forwards, global allocation: curves / verification / total",
@@ -92,6 +111,46 @@ def search_cmd(
     ]))
     _write(json_out, r)
     if not (r["identical_sizes"] and r["identical_trace"]):
+        raise typer.Exit(1)
+
+
+def _early(layers, width, val_images, batch_size, confidences, seeds, seed, image_size,
+           patch_size, threshold, device, dtype, json_out) -> None:
+    from amp_plugin.bench.search import bench_early
+
+    r = bench_early(layers, width, val_images, batch_size or 64, tuple(confidences), seeds,
+                    seed, image_size, patch_size, threshold, device=device, dtype=dtype)
+    t = Table(title=f"early decisions: {layers} blocks, width {width}, {r['val_images']} "
+                    f"images in {r['val_batches']} batches, threshold {threshold:g}; "
+                    "image-block forwards (ref.: the reference procedure, counted), batches "
+                    "read / full passes, trials decided early, sizes vs the exact search")
+    for col in ("seed", "search", "forwards", "/ cache", "/ ref.", "batches read",
+                "early", "sizes", "s"):
+        t.add_column(col, justify="left" if col in ("search", "sizes") else "right")
+    for row in r["seeds"]:
+        t.add_row(str(row["seed"]), "reference (counted)", f"{row['reference']:,}",
+                  f"{row['reference'] / row['cache']:.2f}", "1.00", "", "", "", "")
+        t.add_row("", "cache (exact)", f"{row['cache']:,}", "1.00",
+                  f"{row['cache'] / row['reference']:.3f}", "", "",
+                  f"{row['mlp_params_kept']:.1%} kept", f"{row['cache_seconds']:.0f}")
+        for c, o in row["options"].items():
+            t.add_row("", f"confidence {c}", f"{o['image_block_forwards']:,}",
+                      f"{o['over_cache']:.3f}",
+                      f"{o['image_block_forwards'] / row['reference']:.3f}",
+                      f"{o['batches_read']:,}/{o['batches_full_passes']:,}",
+                      f"{o['decided_early']}/{row['trials']}",
+                      "same" if o["identical_sizes"] else f"{o['blocks_differing']} differ",
+                      f"{o['seconds']:.0f}")
+    console = Console()
+    console.print(t)
+    for c, s in r["summary"].items():
+        o = s["over_cache"]
+        console.print(f"confidence {c}: forwards / today's cache {o['mean']:.3f} (min "
+                      f"{o['min']:.3f}, max {o['max']:.3f}); sizes identical on "
+                      f"{s['identical_seeds']} of {len(r['seeds'])} seeds "
+                      f"({r['device']}, {r['dtype']}, {r['threads']} threads)")
+    _write(json_out, r)
+    if any(s["identical_seeds"] < len(r["seeds"]) for s in r["summary"].values()):
         raise typer.Exit(1)
 
 

@@ -100,6 +100,8 @@ def show(p: dict) -> None:
                   f"({al['curves_at_most_over_greedy']:.2f})", "")
     console.print(alloc)
 
+    _counted(console, s["counted"], p["blocks"])
+
     a = s["at_data_size"]
     f, b = a["flops"], a["cache_bytes_per_rank"]
     scale = Table(title=f"at {a['calib_images']:,} calibration and {a['val_images']:,} "
@@ -123,6 +125,52 @@ def show(p: dict) -> None:
                   "on the meta device")
 
 
+def _counted(console, e: dict, blocks: int) -> None:
+    from rich.table import Table
+
+    f, hours = e["image_block_forwards"], e.get("hours")
+    full = blocks * e["images"]
+    t = Table(title=f"search options in image-block forwards ({blocks} blocks x "
+                    f"{e['images']:,} validation images = 1 full pass)")
+    for col in ("search", "image-block forwards", "full passes", "/ cache"):
+        t.add_column(col, justify="left" if col == "search" else "right")
+    if hours:
+        rate = e["images_per_s"]
+        t.add_column(f"hours: score + search ({rate['score']:g}, {rate['validation']:g} img/s)",
+                     justify="right")
+    rows = [("reference", "reference procedure"), ("cache", "state cache (exact)"),
+            ("early_at_most", "early decisions, at most")]
+    if "early_at_read_fraction" in f:
+        rows.append(("early_at_read_fraction", f"early decisions, {e['read_fraction']:g} read"))
+    rows.append(("early_best_case", "early decisions, best case"))
+    for key, label in rows:
+        cells = [label, f"{f[key]:,}", f"{f[key] / full:,.1f}", f"{f[key] / f['cache']:.3f}"]
+        if hours:
+            h = hours[key]
+            cells.append(f"{h['score']:.2f} + {h['search']:.2f} = {h['total']:.2f}")
+        t.add_row(*cells)
+    t.caption = (f"early decisions (amp.search.confidence: {e['confidence']}): a trial stops "
+                 f"reading its {e['batches']:,} batches once decided; best case: one accepted "
+                 f"size per block read to the end, the other trials {e['min_batches']} batches")
+    console.print(t)
+
+
+def _rates(text: str | None) -> tuple[float, float] | None:
+    import typer
+
+    if text is None:
+        return None
+    try:
+        score, val = (float(x) for x in text.split(","))
+    except ValueError:
+        score = val = -1.0
+    if not (score > 0 and val > 0):
+        raise typer.BadParameter(f"expected SCORE,VALIDATION images per second (two positive "
+                                 f"numbers, e.g. 215,910), got {text!r}",
+                                 param_hint="--images-per-s")
+    return score, val
+
+
 @user_errors
 def plan_cmd(recipe: str = typer.Argument(..., help="recipe file or shipped name"),
              json_out: Path = typer.Option(None, "--json", help="also write the plan here"),
@@ -132,7 +180,13 @@ def plan_cmd(recipe: str = typer.Argument(..., help="recipe file or shipped name
              ranks: int = typer.Option(1, min=1, help="processes sharing the validation states"),
              curve_images: int = typer.Option(None, min=1, help=(
                  "plan the global allocation's curves on this many validation images "
-                 "(default: the recipe's amp.search.curve_images, else all)"))
+                 "(default: the recipe's amp.search.curve_images, else all)")),
+             images_per_s: str = typer.Option(None, help=(
+                 "SCORE,VALIDATION throughput in images/s (e.g. 215,910): the implied hours "
+                 "of each search option")),
+             read_fraction: float = typer.Option(None, min=0, max=1, help=(
+                 "early decisions: the fraction of their batches trials read, as measured "
+                 "by amp bench search --confidence"))
              ) -> None:
     """Parameters, FLOPs, MLP inventory, search cost and its FLOPs and cache bytes at a data
     size (meta device: no weights)."""
@@ -142,7 +196,8 @@ def plan_cmd(recipe: str = typer.Argument(..., help="recipe file or shipped name
     sizes = {f"data.{k}": v for k, v in (("calib_images", calib_images),
                                          ("val_images", val_images)) if v is not None}
     r = load(recipe, [f"{k}={v}" for k, v in sizes.items()], check_paths=False)
-    p = plan(r, ranks=ranks, curve_images=curve_images)
+    p = plan(r, ranks=ranks, curve_images=curve_images, read_fraction=read_fraction,
+             images_per_s=_rates(images_per_s))
     show(p)
     missing = {k: v for k, v in r.required_paths().items() if not Path(v).exists()}
     for key, path in missing.items():

@@ -119,6 +119,49 @@ def suffix_bound(trace, hidden: int, n_blocks: int, attn: float, per_neuron: flo
     return ref / fast
 
 
+CALIB_IMAGES = 64
+
+
+def bench_model(layers: int, width: int, val_images: int, image_size: int, patch_size: int,
+                inv_temperature: float, seed: int, batch_size: int | None, device: str,
+                dtype: str, show_progress: bool = True):
+    """(model, validation batches, importance, scores) of the benchmark: a random-weight
+    ViT of `layers` blocks and `width`, scored on 64 digits images; validation: the next
+    `val_images` in batches of `batch_size` (default: one)."""
+    from ..utils.tensors import resolve_dtype
+
+    dev, dt = resolve_device(device), resolve_dtype(dtype)
+    torch.manual_seed(seed)
+    spec = {"library": "timm", "name": "vit_small_patch16_224",
+            "kwargs": dict(img_size=image_size, patch_size=patch_size, embed_dim=width,
+                           depth=layers, num_heads=max(1, width // 64), num_classes=0)}
+    model = create_model(spec).to(dev, dt).eval()
+    raw, _ = digits_raw()
+    if CALIB_IMAGES + val_images > len(raw):
+        raise ValueError(f"--val-images {val_images}: the digits have "
+                         f"{len(raw) - CALIB_IMAGES} images besides the calibration batch")
+    images = to_model_input(raw[: CALIB_IMAGES + val_images], image_size, (0.5,) * 3,
+                            (0.5,) * 3).to(dev, dt)
+    val = batches(images[CALIB_IMAGES:], batch_size or val_images)
+    imp = AMPImportance(inv_temperature, show_progress=show_progress)
+    scores = imp.accumulate(model, [images[:CALIB_IMAGES]])
+    return model, val, imp, scores
+
+
+def reference_block_forwards(trace, n_blocks: int, images: int) -> int:
+    """Image-block forwards of the reference procedure that makes the decisions of `trace`
+    (a search's, in search order): every trial and every E_val before a block (the first,
+    and after a block that accepted no size) is a full pass of every block and image."""
+    passes, previous = len(trace), None
+    for t in trace:
+        if t.block != previous:
+            accepted = previous is not None and any(
+                u.accepted for u in trace if u.block == previous)
+            passes += previous is None or not accepted
+            previous = t.block
+    return passes * n_blocks * images
+
+
 def bench_search(layers: int = 12, width: int = 384, val_images: int = 64,
                  image_size: int = 32, patch_size: int = 8, threshold: float = 2e-3,
                  inv_temperature: float = 20.0, seed: int = 0, batch_size: int | None = None,
@@ -132,24 +175,10 @@ def bench_search(layers: int = 12, width: int = 384, val_images: int = 64,
     Calibration: 64 other images; validation: `val_images` in batches of `batch_size`
     (default: one). The two cached runs alternate `repeats` times and the fastest of each
     counts (the machine may be shared)."""
-    from ..utils.tensors import resolve_dtype
-
-    dev, dt = resolve_device(device), resolve_dtype(dtype)
-    torch.manual_seed(seed)
-    spec = {"library": "timm", "name": "vit_small_patch16_224",
-            "kwargs": dict(img_size=image_size, patch_size=patch_size, embed_dim=width,
-                           depth=layers, num_heads=max(1, width // 64), num_classes=0)}
-    model = create_model(spec).to(dev, dt).eval()
-    raw, _ = digits_raw()
-    calib_n = 64
-    if calib_n + val_images > len(raw):
-        raise ValueError(f"--val-images {val_images}: the digits have {len(raw) - calib_n} "
-                         "images besides the calibration batch")
-    images = to_model_input(raw[: calib_n + val_images], image_size, (0.5,) * 3, (0.5,) * 3)
-    images = images.to(dev, dt)
-    val = batches(images[calib_n:], batch_size or val_images)
-    imp = AMPImportance(inv_temperature, show_progress=show_progress)
-    scores = imp.accumulate(model, [images[:calib_n]])
+    dev = resolve_device(device)
+    model, val, imp, scores = bench_model(layers, width, val_images, image_size, patch_size,
+                                          inv_temperature, seed, batch_size, device, dtype,
+                                          show_progress)
 
     ref_model = copy.deepcopy(model)
     t0 = time.perf_counter()
@@ -202,6 +231,8 @@ def bench_search(layers: int = 12, width: int = 384, val_images: int = 64,
         "recomputed_blocks": limited.extra["recomputed_blocks"],
         "mlp_params": full.mlp_params, "hidden_sizes": full.hidden_sizes,
         "image_block_forwards": {"greedy": full.extra["image_block_forwards"],
+                                 "reference": reference_block_forwards(
+                                     full.trace, layers, len(val) * len(val[0])),
                                  "global": glob.extra["allocation"]["image_block_forwards"]},
         "global": {"hidden_sizes": glob.hidden_sizes, "mlp_params": glob.mlp_params,
                    "seconds": glob_seconds,
@@ -211,3 +242,58 @@ def bench_search(layers: int = 12, width: int = 384, val_images: int = 64,
         "threads": torch.get_num_threads(), "repeats": repeats, "device": device_name(dev),
         "dtype": dtype,
     }
+
+
+def bench_early(layers: int = 12, width: int = 384, val_images: int = 1024,
+                batch_size: int | None = 64, confidences: tuple[float, ...] = (0.99,),
+                seeds: int = 1, seed: int = 0, image_size: int = 32, patch_size: int = 8,
+                threshold: float = 2e-3, inv_temperature: float = 20.0, device: str = "cpu",
+                dtype: str = "float32", show_progress: bool = True) -> dict:
+    """Counted cost of early decisions (`amp.search.confidence`) against the exact search,
+    on `seeds` random-weight ViTs (seeds seed, seed+1, ...): image-block forwards of the
+    reference procedure (counted from the exact search's decisions), of the exact search
+    with the full state cache (today's), and of the search at each confidence, and whether
+    each gives the exact search's sizes."""
+    rows = []
+    for s in range(seed, seed + seeds):
+        model, val, imp, _ = bench_model(layers, width, val_images, image_size, patch_size,
+                                         inv_temperature, s, batch_size, device, dtype,
+                                         show_progress)
+        images = len(val) * len(val[0])
+        runs = {}
+        for confidence in (None, *confidences):
+            t0 = time.perf_counter()
+            result = AMPPruner(copy.deepcopy(model), val[0][:1], imp, val, threshold,
+                               show_progress=show_progress, cache_device_bytes=1 << 50,
+                               confidence=confidence).step()
+            runs[confidence] = (result, time.perf_counter() - t0)
+        exact, exact_seconds = runs[None]
+        cache = exact.extra["image_block_forwards"]
+        row = {"seed": s, "reference": reference_block_forwards(exact.trace, layers, images),
+               "cache": cache, "cache_seconds": exact_seconds,
+               "mlp_params_kept": exact.mlp_params["after"] / exact.mlp_params["before"],
+               "trials": len(exact.trace), "options": {}}
+        for confidence in confidences:
+            result, seconds = runs[confidence]
+            record = result.extra["early_decisions"]
+            forwards = result.extra["image_block_forwards"]
+            row["options"][str(confidence)] = {
+                "image_block_forwards": forwards, "over_cache": forwards / cache,
+                "identical_sizes": result.hidden_sizes == exact.hidden_sizes,
+                "blocks_differing": sum(result.hidden_sizes[n] != exact.hidden_sizes[n]
+                                        for n in exact.hidden_sizes),
+                "batches_read": record["batches_read"],
+                "batches_full_passes": record["batches_full_passes"],
+                "decided_early": record["decided_early"], "seconds": seconds}
+        rows.append(row)
+    summary = {}
+    for confidence in map(str, confidences):
+        ratios = [r["options"][confidence]["over_cache"] for r in rows]
+        summary[confidence] = {
+            "over_cache": {"min": min(ratios), "mean": sum(ratios) / len(ratios),
+                           "max": max(ratios)},
+            "identical_seeds": sum(r["options"][confidence]["identical_sizes"] for r in rows)}
+    return {"layers": layers, "width": width, "val_images": len(val) * len(val[0]),
+            "val_batches": len(val), "threshold": threshold, "seeds": rows,
+            "summary": summary, "threads": torch.get_num_threads(),
+            "device": device_name(resolve_device(device)), "dtype": dtype}

@@ -31,6 +31,7 @@ from ..core.models import ModelSpec, build_model
 from ..data.loader import calibration_images
 from ..search.allocation import coarse_sizes
 from ..search.cache import checkpoint_plan
+from ..search.sequential import EarlyDecisions
 from ..utils.tensors import resolve_dtype
 
 FLOP_COUNTER = ("torch.utils.flop_counter.FlopCounterMode (2 FLOPs per multiply-add, "
@@ -212,6 +213,43 @@ def greedy_block_forwards(n_blocks: int, max_steps: int, val_images: int) -> int
     return (n_blocks - 1 + 1 + max_steps * n_blocks * (n_blocks + 1) // 2) * val_images
 
 
+def early_cost(n_blocks: int, max_steps: int, batches: int, batch_size: int,
+               min_batches: int = EarlyDecisions.min_batches, read_fraction: float | None = None,
+               checkpoints: list[int] | None = None) -> dict[str, Any]:
+    """Image-block forwards of the greedy search: the reference procedure (every trial and
+    the starting E_val a full pass), today's state cache, and early decisions
+    (`amp.search.confidence`). With early decisions the caching pass and the starting E_val
+    are as before; the trials read a fraction of their batches, all of them at most (the
+    cache's count). Best case: every block accepts a size, which is read to the end (for
+    the exact E_prev), and every other trial stops after `min_batches`. `read_fraction`: a
+    measured fraction of the trials' batches read (`amp bench search --confidence`)."""
+    images = batches * batch_size
+    reference = (n_blocks * max_steps + 1) * n_blocks * images
+    cache = greedy_block_forwards(n_blocks, max_steps, images) + recompute_forwards(
+        n_blocks, checkpoints, images)
+    trials = max_steps * n_blocks * (n_blocks + 1) // 2 * images
+    fixed = cache - trials
+    least = (1 + (max_steps - 1) * min(1.0, min_batches / max(batches, 1))) / max_steps
+    out = {"images": images, "batches": batches, "min_batches": min_batches,
+           "image_block_forwards": {"reference": reference, "cache": cache,
+                                    "early_best_case": fixed + round(trials * least),
+                                    "early_at_most": cache},
+           "least_read_fraction": least, "read_fraction": read_fraction}
+    if read_fraction is not None:
+        out["image_block_forwards"]["early_at_read_fraction"] = fixed + round(
+            trials * read_fraction)
+    return out
+
+
+def implied_hours(forwards: dict[str, int], n_blocks: int, calib_images: int,
+                  score_per_s: float, val_per_s: float) -> dict[str, dict[str, float]]:
+    """Hours of scoring (calibration images at `score_per_s`) plus the search (image-block
+    forwards at `val_per_s` images through every block per second) for each count."""
+    score = calib_images / score_per_s / 3600
+    return {k: {"score": score, "search": n / n_blocks / val_per_s / 3600,
+                "total": score + n / n_blocks / val_per_s / 3600} for k, n in forwards.items()}
+
+
 def budget_cost(cost: dict[str, Any], max_searches: int) -> dict[str, Any]:
     """Budget mode (`amp.target`): up to `max_searches` AMP searches, each over the same
     cached states, so the caching pass is paid once and each search costs its trials."""
@@ -256,7 +294,12 @@ def allocation_cost(recipe: Recipe, hidden: list[int], val_images: int,
         "chosen": s.allocation}
 
 
-def plan(recipe: Recipe, ranks: int = 1, curve_images: int | None = None) -> dict[str, Any]:
+def plan(recipe: Recipe, ranks: int = 1, curve_images: int | None = None,
+         read_fraction: float | None = None,
+         images_per_s: tuple[float, float] | None = None) -> dict[str, Any]:
+    """The plan of a recipe (see the module's docstring). `read_fraction`: the fraction of
+    their batches that trials read with early decisions (as measured); `images_per_s`:
+    (scoring, validation) throughput, for the implied hours of each search option."""
     t0 = time.perf_counter()
     spec = recipe.model
     model = build_meta(spec)
@@ -296,6 +339,14 @@ def plan(recipe: Recipe, ranks: int = 1, curve_images: int | None = None) -> dic
                                       int(at["cache_bytes_per_rank"]["budget"] // per_block))
     cost["allocation"] = allocation_cost(recipe, [v.hidden for v in views.values()],
                                          val_imgs, curve_images, checkpoints)
+    early = early_cost(len(views), recipe.amp.max_steps, cost["validation"]["batches"],
+                       d.batch_size, read_fraction=read_fraction, checkpoints=checkpoints)
+    early["confidence"] = recipe.amp.search.confidence
+    if images_per_s is not None:
+        early["images_per_s"] = {"score": images_per_s[0], "validation": images_per_s[1]}
+        early["hours"] = implied_hours(early["image_block_forwards"], len(views),
+                                       calib_images, *images_per_s)
+    cost["counted"] = early
     return {
         "recipe": recipe.name,
         "model": spec.model_dump(),

@@ -77,6 +77,8 @@ def build_report(recipe: Recipe, run_dir: str | Path | RunDir,
         report["allocation"] = extra["allocation"]
     if "measure" in extra:  # greedy on another measure: its values beside the entropy
         report["search"]["values"] = extra["measure"]
+    if "early_decisions" in extra:  # batches each trial read
+        report["search"]["early_decisions"] = extra["early_decisions"]
     report.update({k: ev[k] for k in _eval_sections() if k in ev})
     distill = rd.stage_meta("distill")
     if distill is not None:
@@ -327,6 +329,12 @@ def trace_summary(report: dict) -> str:
     if n > measured:
         reused = n - measured
         text += f" ({reused} trial{'s' if reused > 1 else ''} reused a size measured before)"
+    early = report.get("early_decisions") or (report.get("search") or {}).get(
+        "early_decisions")
+    if early:
+        text += (f"; early decisions at confidence {early['confidence']:g}: "
+                 f"{early['decided_early']} trials decided early, {early['batches_read']:,} "
+                 f"of {early['batches_full_passes']:,} batches read")
     return text
 
 

@@ -181,7 +181,8 @@ class SearchStages:
             show_progress=self.show_progress, log=self.log,
             resume=None if one_shot else resume, on_decided=None if one_shot else on_decided,
             search_head=r.amp.search_head, target=r.amp.target.spec() if r.amp.target else None,
-            measure=r.amp.search.measure, allocation=r.amp.search.allocation_spec())
+            measure=r.amp.search.measure, allocation=r.amp.search.allocation_spec(),
+            confidence=r.amp.search.confidence)
         try:
             result = pruner.step().to_dict()
         except NonFiniteError as e:

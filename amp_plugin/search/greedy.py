@@ -35,6 +35,7 @@ from ..utils.progress import Bar
 from ..utils.tensors import device_of, split_batch, to_device
 from .cache import StateCache
 from .measures import DEFAULT_MEASURE, SearchMeasure, make_measure
+from .sequential import EarlyDecisions, TrialRead, read_trial, record
 
 
 @dataclass
@@ -201,13 +202,34 @@ class EntropyEval:
         return self.adapter.project(self.tower, feats) if self.importance.projects(
             extra) else feats
 
-    def _batch_features(self, start: int | None, count: int | None):
-        """(features, extra) of the first `count` validation batches (all: None) with the
-        model as it is now: from the states entering block `start`, or by full passes."""
+    @property
+    def random_access(self) -> bool:
+        """Whether a trial can read the batches in any order (cached states, or a list)."""
+        return bool(self.block_of) or isinstance(self.val_batches, (list, tuple))
+
+    def _chosen(self, count: int | None, order: Sequence[int] | None):
+        """(index, batch) of the first `count` batches, or of the batches `order` (in
+        increasing order where the batches are streamed)."""
+        if order is None:
+            return enumerate(islice(self.val_batches, count))
+        if isinstance(self.val_batches, (list, tuple)):
+            return ((b, self.val_batches[b]) for b in order)
+        wanted = list(order)
+        if wanted != sorted(wanted):
+            raise ValueError("streamed validation batches are read in their own order")
+        last, keep = max(wanted, default=-1), set(wanted)
+        return ((b, batch) for b, batch in enumerate(islice(self.val_batches, last + 1))
+                if b in keep)
+
+    def _batch_features(self, start: int | None, count: int | None,
+                        order: Sequence[int] | None = None):
+        """(features, extra) of the first `count` validation batches (all: None), or of the
+        batches `order` (indices), with the model as it is now: from the states entering
+        block `start`, or by full passes."""
         device = device_of(self.model)
         if start is None:
             same = SameShape("val_batches")
-            for b, batch in enumerate(islice(self.val_batches, count)):
+            for b, batch in self._chosen(count, order):
                 images, extra = batch_images(batch, b, "val_batches")
                 same(images, b)
                 images = images.to(device)
@@ -216,7 +238,8 @@ class EntropyEval:
                 self.block_forwards += self.n_blocks * images.shape[0]
                 yield feats, to_device(extra, device)
             return
-        for b, extra in enumerate(self.extras[:count]):
+        for b in range(len(self.extras[:count])) if order is None else order:
+            extra = self.extras[b]
             state = self.cache.get(start, b)
             for i in range(start, self.n_blocks):
                 state = self.adapter.run_block(self.tower, i, state)
@@ -265,6 +288,25 @@ class EntropyEval:
                 ent += float(self.criterion(feats, extra))
         return agree(total / count), (agree(ent / count) if entropy else None)
 
+    @torch.no_grad()
+    def batch_values(self, name: str, order: Sequence[int]):
+        """(batch, the measure on this rank, agreed over ranks) of each validation batch in
+        `order` with the model as it is now, for a trial of MLP `name`, one batch at a time
+        (a caller that stops reading runs no more batches)."""
+        for b, (feats, extra) in zip(order, self._batch_features(self._start(name), None,
+                                                                 order), strict=False):
+            ref = self.references[b] if self.references is not None else None
+            value = float(self.measure(feats, extra, ref))
+            yield b, value, agree(value)
+
+    def mean(self, values: Mapping[int, float]) -> float:
+        """The mean over all batches of per-batch values, summed in batch order as
+        `values()` sums them (so bit for bit its result)."""
+        total = 0.0
+        for b in range(len(self.val_batches)):
+            total += values[b]
+        return agree(total / len(self.val_batches))
+
     def __call__(self, name: str, batches: int | None = None) -> float:
         """The measure (E_val by default) with the model as it is now, for a trial of MLP
         `name`, over the first `batches` validation batches (all: None)."""
@@ -305,6 +347,7 @@ class SearchOutcome:
     trace: list[Trial]
     entropy: dict[str, float]
     evaluations: int
+    early: dict | None = None  # early decisions' record (`sequential.record`)
 
 
 @dataclass
@@ -317,6 +360,11 @@ class SearchState:
     e_prev: float | None = None
     e_start: float | None = None
     evaluations: int = 0
+    # early decisions only: E_prev's value on every batch, batches each trial read, and
+    # batches read to complete each block's accepted size
+    reference: list[float] | None = None
+    reads: list[int] = field(default_factory=list)
+    completions: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -324,7 +372,8 @@ class SearchState:
     @classmethod
     def from_dict(cls, d: Mapping) -> SearchState:
         return cls(dict(d["sizes"]), [Trial(**t) for t in d["trace"]], d["e_prev"],
-                   d["e_start"], int(d["evaluations"]))
+                   d["e_start"], int(d["evaluations"]), d.get("reference"),
+                   list(d.get("reads", [])), dict(d.get("completions", {})))
 
 
 Candidate = Callable[[str, MLPView, torch.Tensor], AbstractContextManager]
@@ -364,6 +413,7 @@ def adaptive_search(
     description: str = "AMP search",
     resume: SearchState | None = None,
     on_decided: Callable[[SearchState], None] | None = None,
+    early: EarlyDecisions | None = None,
 ) -> SearchOutcome:
     """Search the MLPs `views` (forward order) from the last to the first.
 
@@ -371,7 +421,8 @@ def adaptive_search(
     that MLP act; `commit(name, view, keep)` makes the decision final (`keep` None: the
     MLP stays whole). `evaluate(name)` measures E_val for a trial of MLP `name`.
     `resume`: the state after the blocks already decided (their sizes already applied);
-    `on_decided(state)` is called after each decided block.
+    `on_decided(state)` is called after each decided block. `early`: a trial stops reading
+    batches once a sequential bound decides it (`search.sequential`); None: full passes.
     """
     index_of = index_of or {n: i for i, n in enumerate(views)}
     state = resume or SearchState()
@@ -379,12 +430,15 @@ def adaptive_search(
     names = [n for n in list(views)[::-1] if n not in state.sizes]
     cache = f"cache: {evaluate.mode.split(' (')[0]}"
     what = measure_label(evaluate.measure.name)
+    sequential = _Sequential(early, evaluate, state, threshold) if early is not None else None
     with Bar(description, len(views), show_progress, status=cache) as bar:
         bar.advance(len(views) - len(names))
         for name in names:
             view = views[name]
             if state.e_prev is None:
-                state.e_prev = finite_value(evaluate(name), name, view.hidden, what)
+                state.e_prev = finite_value(
+                    evaluate(name) if sequential is None else sequential.full(name),
+                    name, view.hidden, what)
                 state.evaluations += 1
                 state.e_start = state.e_prev if state.e_start is None else state.e_start
             order = keep_order(scores[name]).to(view.output.weight.device)
@@ -398,14 +452,24 @@ def adaptive_search(
                          f"{cache}")
                 if size not in measured:
                     with candidate(name, view, order[:size]):
-                        measured[size] = finite_value(evaluate(name), name, size, what)
+                        measured[size] = finite_value(
+                            evaluate(name) if sequential is None else sequential.trial(
+                                name, size), name, size, what)
                     state.evaluations += 1
-                ok = measured[size] - reference <= threshold
+                elif sequential is not None:
+                    state.reads.append(0)
+                ok = (measured[size] - reference <= threshold if sequential is None
+                      else sequential.accepted(name, size, measured[size] - reference))
                 trace.append(Trial(name, index_of[name], size, measured[size], ok, reference))
                 return ok
 
             best = candidate_sizes(view.hidden, max_steps, accept, round_to)
             hits = [t for t in trace if t.block == name and t.accepted and t.size == best]
+            if sequential is not None and hits:  # E_prev over every batch, exactly
+                with candidate(name, view, order[:best]):
+                    exact = sequential.complete(name, best)
+                for t in hits:
+                    t.entropy = exact
             state.e_prev = hits[-1].entropy if hits else None
             commit(name, view, kept_neurons(scores[name], best))
             state.sizes[name] = best
@@ -417,7 +481,61 @@ def adaptive_search(
     e_end = state.e_prev if state.e_prev is not None else evaluate.full()
     return SearchOutcome({n: state.sizes[n] for n in views}, trace,
                          dict(before=float(state.e_start), after=float(e_end)),
-                         state.evaluations)
+                         state.evaluations, sequential and sequential.record())
+
+
+class _Sequential:
+    """The trials of `adaptive_search` with early decisions: each reads the batches in
+    the fixed random order until the paired test decides; an accepted size that ends a
+    block is then read on the rest, so E_prev is always the exact full-pass value."""
+
+    def __init__(self, early: EarlyDecisions, evaluate: EntropyEval, state: SearchState,
+                 threshold: float):
+        self.early, self.evaluate, self.state, self.threshold = early, evaluate, state, threshold
+        self.batches = len(evaluate.val_batches)
+        # a streamed loader without cached states is read in its own order
+        self.order = (early.order(self.batches) if evaluate.random_access
+                      else list(range(self.batches)))
+        self.reads: dict[tuple[str, int], TrialRead] = {}
+
+    def full(self, name: str) -> float:
+        """E_val of the model as it is now, every batch read: the next reference."""
+        read = read_trial(self.evaluate.batch_values(name, range(self.batches)), None, None)
+        self.state.reference = [read.agreed[b] for b in range(self.batches)]
+        return self.evaluate.mean(read.values)
+
+    def trial(self, name: str, size: int) -> float:
+        """The candidate's mean over the batches its trial read (exact when all)."""
+        # resumed without E_prev's values on every batch: full passes until the next one
+        test = (None if self.state.reference is None
+                else self.early.test(self.batches, self.threshold))
+        read = read_trial(self.evaluate.batch_values(name, self.order), self.state.reference,
+                          test)
+        self.reads[name, size] = read
+        self.state.reads.append(len(read.values))
+        if len(read.values) == self.batches:
+            return self.evaluate.mean(read.values)
+        return sum(read.values.values()) / len(read.values)
+
+    def accepted(self, name: str, size: int, rise: float) -> bool:
+        decision = self.reads[name, size].decision
+        return rise <= self.threshold if decision is None else decision
+
+    def complete(self, name: str, size: int) -> float:
+        """The accepted `size` (under its candidate) read on the batches its trial left;
+        its values become the next trials' reference; returns its exact mean."""
+        read = self.reads[name, size]
+        rest = [b for b in self.order if b not in read.values]
+        more = read_trial(self.evaluate.batch_values(name, rest), None, None)
+        read.values.update(more.values)
+        read.agreed.update(more.agreed)
+        self.state.completions[name] = len(rest)
+        self.state.reference = [read.agreed[b] for b in range(self.batches)]
+        self.reads.clear()
+        return self.evaluate.mean(read.values)
+
+    def record(self) -> dict:
+        return record(self.early, self.batches, self.state.reads, self.state.completions)
 
 
 HEAD_KEPT = "pooling-head MLP, kept whole (search_head=True searches it)"

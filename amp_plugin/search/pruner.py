@@ -40,6 +40,7 @@ from .greedy import (
     tower_mlps,
 )
 from .measures import DEFAULT_MEASURE, SearchMeasure, make_measure
+from .sequential import EarlyDecisions
 
 
 @contextmanager
@@ -103,6 +104,12 @@ class AMPPruner:
 
         AMPPruner(model, example, imp, val, 0.0, measure="kl", allocation="global",
                   target={"mlp_params": 0.3}).step()
+
+    `confidence` (greedy search with a threshold only): a trial stops reading validation
+    batches once a sequential bound decides it at this confidence for the whole search
+    (`search.sequential`); None, the default, reads every batch. The batches each trial read
+    are in `PruneResult.extra["early_decisions"]`. An `EarlyDecisions` sets the error per
+    trial, the batches read first and the order itself.
     """
 
     def __init__(
@@ -128,8 +135,16 @@ class AMPPruner:
         target: Target | Mapping | None = None,
         measure: str | SearchMeasure = DEFAULT_MEASURE,
         allocation: str | GlobalAllocation | Mapping = "greedy",
+        confidence: float | EarlyDecisions | None = None,
     ):
         check_search_args(threshold, max_steps, round_to)
+        if confidence is not None:
+            if not isinstance(confidence, EarlyDecisions):
+                EarlyDecisions(confidence)  # a value outside (0, 1) fails here
+            if target is not None or GlobalAllocation.parse(allocation) is not None:
+                raise ValueError("confidence applies to the greedy search with a threshold "
+                                 "(no target, allocation greedy)")
+        self.confidence = confidence
         self.target = Target.parse(target) if target is not None else None
         if target is not None and resume is not None:
             raise ValueError("a budget search (target) is not resumable: resume=None")
@@ -233,12 +248,17 @@ class AMPPruner:
                     commit(name, views[name], out.keep[name])
                 evaluations, extra = out.evaluations, {"allocation": out.record}
             elif self.target is None:
+                early = self.confidence
+                if early is not None and not isinstance(early, EarlyDecisions):
+                    early = EarlyDecisions(early, trials=self.max_steps * len(views))
                 out = adaptive_search(
                     views, scores, evaluate, candidate, commit, threshold=self.threshold,
                     max_steps=self.max_steps, round_to=self.round_to, index_of=index_of,
                     show_progress=self.show_progress, resume=copy.deepcopy(self.resume),
-                    on_decided=self.on_decided)
+                    on_decided=self.on_decided, early=early)
                 evaluations = out.evaluations
+                if out.early is not None:
+                    extra["early_decisions"] = out.early
             else:
                 budget = budget_search(
                     views, scores, evaluate, candidate, self.target,

@@ -1,0 +1,158 @@
+"""Early decisions in a trial of the greedy search (`amp.search.confidence`).
+
+A trial accepts a size when the candidate's mean over the N validation batches is at most
+E_prev + threshold. Per batch b, the candidate's value minus the value of the state E_prev
+was measured on (the same batch) is a paired difference d_b; the comparison is
+mean(d) <= threshold. The batches are read in a fixed random order, and after each batch
+(from `min_batches` on) a confidence interval for the mean of all N differences is
+checked: a pass stops as soon as the interval lies wholly on one side of the threshold.
+A pass that the interval never decides reads every batch, and the exact comparison
+decides as without the option.
+
+    half_width(diffs, N, alpha)    the interval's half-width for the mean of all N after n
+    interval(diffs, N, alpha, m)   the interval at n, valid at every n >= m at once
+    PairedTest                     accumulates the differences of one trial and decides
+    EarlyDecisions                 the settings: confidence, error per trial, batch order
+
+The bound: with the N differences drawn from a normal law, the mean of all N minus the
+mean of the n read is (1 - n/N) (mean of the N - n unread - mean of the n read), and
+(mean(all) - mean(read)) / (s sqrt((1 - n/N) / n)) follows Student's t with n - 1 degrees
+of freedom (s: the sample standard deviation of the n read; sqrt(1 - n/N) is the
+finite-population correction, so the interval closes as n nears N). A trial looks at
+most N - m times, so giving each look alpha / (N - m) (a union bound) makes the interval
+hold at every look at once with probability >= 1 - alpha: a time-uniform bound.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+
+
+@lru_cache(maxsize=4096)
+def t_quantile(p: float, dof: int) -> float:
+    """Student's t quantile."""
+    from scipy.stats import t
+
+    return float(t.ppf(p, dof))
+
+
+def half_width(diffs: Sequence[float], population: int, alpha: float) -> tuple[float, float]:
+    """(mean of the n `diffs` read, half-width of the two-sided 1 - alpha interval for the
+    mean of all `population` values), 2 <= n <= N."""
+    n = len(diffs)
+    if not 2 <= n <= population:
+        raise ValueError(f"needs 2 <= n <= N, got n={n}, N={population}")
+    mean = sum(diffs) / n
+    s = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1))
+    return mean, t_quantile(1 - alpha / 2, n - 1) * s * math.sqrt((1 - n / population) / n)
+
+
+def interval(diffs: Sequence[float], population: int, alpha: float, min_batches: int
+             ) -> tuple[float, float]:
+    """The interval for the mean of all `population` values after the n `diffs` read,
+    holding at every look n = min_batches .. N - 1 at once with probability >= 1 - alpha."""
+    mean, half = half_width(diffs, population, alpha / max(1, population - min_batches))
+    return mean - half, mean + half
+
+
+class PairedTest:
+    """The differences of one trial, read one batch at a time; `decision()` is True
+    (accept: the mean of all N is <= threshold), False (reject) or None (undecided)."""
+
+    def __init__(self, population: int, threshold: float, alpha: float, min_batches: int):
+        self.population, self.threshold = population, threshold
+        self.alpha, self.min_batches = alpha, min_batches
+        self.diffs: list[float] = []
+        self.bounds: tuple[float, float] | None = None
+
+    def add(self, diff: float) -> bool | None:
+        self.diffs.append(diff)
+        return self.decision()
+
+    def decision(self) -> bool | None:
+        n = len(self.diffs)
+        if n < max(2, self.min_batches) or n >= self.population:
+            return None  # too few to trust the spread; or all read: the exact rule decides
+        lo, hi = self.bounds = interval(self.diffs, self.population, self.alpha,
+                                        self.min_batches)
+        if hi < self.threshold:
+            return True
+        if lo > self.threshold:
+            return False
+        return None
+
+
+@dataclass(frozen=True)
+class EarlyDecisions:
+    """`confidence`: the probability that every early decision of a search is the one the
+    full pass would take (split evenly over the trials a search can run, `trials`).
+    `min_batches`: read before any early decision; `seed`: the batch order."""
+
+    confidence: float
+    trials: int = 1
+    min_batches: int = 4
+    seed: int = 0
+
+    def __post_init__(self):
+        if not (isinstance(self.confidence, (int, float)) and 0 < self.confidence < 1):
+            raise ValueError(f"confidence must be in (0, 1), got {self.confidence!r}")
+        if self.trials < 1 or self.min_batches < 2:
+            raise ValueError("trials must be >= 1 and min_batches >= 2")
+
+    @property
+    def alpha(self) -> float:
+        """The error allowed to one trial."""
+        return (1.0 - self.confidence) / self.trials
+
+    def order(self, batches: int) -> list[int]:
+        """The fixed random order every trial reads the batches in."""
+        order = list(range(batches))
+        random.Random(self.seed).shuffle(order)
+        return order
+
+    def test(self, batches: int, threshold: float) -> PairedTest:
+        return PairedTest(batches, threshold, self.alpha, self.min_batches)
+
+
+@dataclass
+class TrialRead:
+    """What one trial read: each batch's value on this rank and agreed over ranks (batch ->
+    value), and the early decision (None: every batch was read; the exact comparison
+    decides)."""
+
+    values: dict[int, float]
+    agreed: dict[int, float]
+    decision: bool | None = None
+
+
+def read_trial(values, reference: Sequence[float] | None, test: PairedTest | None
+               ) -> TrialRead:
+    """Read `values` ((batch, value on this rank, value agreed over ranks), in the trial's
+    order) until `test` decides on the differences with `reference` (the agreed values of
+    the same batches for the state E_prev was measured on); no test: read them all."""
+    read = TrialRead({}, {})
+    for b, local, agreed in values:
+        read.values[b], read.agreed[b] = local, agreed
+        if test is not None:
+            read.decision = test.add(agreed - reference[b])
+            if read.decision is not None:
+                break
+    return read
+
+
+def record(early: EarlyDecisions, batches: int, reads: Sequence[int],
+           completions: dict[str, int]) -> dict:
+    """What `PruneResult.extra["early_decisions"]` holds: the settings, the batches each
+    trial read (in trace order; 0 for a size already measured in its block), the batches
+    read to complete each block's accepted size, and the totals against full passes."""
+    trials = sum(1 for r in reads if r)
+    read = sum(reads) + sum(completions.values())
+    return {"confidence": early.confidence, "alpha_per_trial": early.alpha,
+            "min_batches": early.min_batches, "batches": batches, "reads": list(reads),
+            "completions": dict(completions), "batches_read": read,
+            "batches_full_passes": trials * batches,
+            "decided_early": sum(1 for r in reads if 0 < r < batches)}

@@ -1,0 +1,203 @@
+"""Early decisions in a trial (`amp.search.confidence`): the bound against direct
+computations, the default left exactly as it was, and sizes equal to the exact search's
+on a real ViT with digits images while fewer batches are read."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import random
+
+import pytest
+import torch
+from conftest import digit_images, small_vit
+
+import amp_plugin as amp
+from amp_plugin.run.recipe import RecipeError, load_recipe
+from amp_plugin.run.report import trace_summary
+from amp_plugin.search.sequential import EarlyDecisions, PairedTest, half_width, interval
+
+# Student's t quantiles from printed tables
+T_3_0975 = 3.182446305284263
+T_9_0995 = 3.249835541592149
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These tensors are tiny: one thread is many times faster than two on a busy CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_half_width_against_hand_computation():
+    diffs = [1.0, 2.0, 3.0, 4.0]  # mean 2.5, sample variance 5/3
+    mean, half = half_width(diffs, 10, 0.05)
+    assert mean == 2.5
+    assert half == pytest.approx(T_3_0975 * math.sqrt(5 / 3) * math.sqrt((1 - 4 / 10) / 4),
+                                 rel=1e-12)
+    # every look gets alpha / (N - min_batches): 8 looks at alpha 0.4 is 0.05 each
+    lo, hi = interval(diffs, 10, 0.4, 2)
+    assert (lo, hi) == pytest.approx((2.5 - half, 2.5 + half), rel=1e-12)
+    # ten values of a population of 40: the finite-population factor sqrt(1 - 10/40)
+    ten = [0.3, -0.1, 0.2, 0.5, 0.0, 0.1, 0.4, -0.2, 0.3, 0.1]
+    m = sum(ten) / 10
+    s = math.sqrt(sum((x - m) ** 2 for x in ten) / 9)
+    assert half_width(ten, 40, 0.01) == pytest.approx(
+        (m, T_9_0995 * s * math.sqrt(0.75 / 10)), rel=1e-12)
+    with pytest.raises(ValueError, match="2 <= n <= N"):
+        half_width([1.0], 10, 0.05)
+
+
+def test_paired_test_decides_only_outside_the_interval():
+    test = PairedTest(population=20, threshold=0.0, alpha=0.05, min_batches=4)
+    assert [test.add(d) for d in (1.0, 1.1, 0.9)] == [None, None, None]  # fewer than 4
+    assert test.add(1.05) is False  # well above the threshold: rejected at the 4th
+    lo, _ = test.bounds
+    assert lo > 0.0 and lo == interval(test.diffs, 20, 0.05, 4)[0]
+    near = PairedTest(population=20, threshold=0.0, alpha=0.05, min_batches=4)
+    assert all(near.add(d) is None for d in (0.1, -0.1, 0.2, -0.15, 0.05))
+    assert near.bounds[0] < 0.0 < near.bounds[1]
+    full = PairedTest(population=5, threshold=0.0, alpha=0.05, min_batches=4)
+    assert [full.add(d) for d in (5.0, 5.0, 5.1, 5.0, 5.2)][-1] is None  # all read: exact rule
+
+
+def test_interval_holds_at_every_look_at_once():
+    """Normal populations of 16 values read in random order: the interval misses the mean
+    of all 16 at some look in at most alpha of the passes."""
+    rng = random.Random(0)
+    alpha, misses, passes = 0.1, 0, 1500
+    for _ in range(passes):
+        pop = [rng.gauss(0.0, 1.0) for _ in range(16)]
+        mu = sum(pop) / 16
+        rng.shuffle(pop)
+        misses += any(not lo <= mu <= hi for lo, hi in
+                      (interval(pop[:n], 16, alpha, 4) for n in range(4, 16)))
+    assert misses / passes <= alpha
+
+
+def test_bad_confidence_is_refused(tmp_path):
+    for bad in (0, 1, 1.5, -0.2):
+        with pytest.raises(RecipeError, match=r"amp\.search\.confidence"):
+            load_recipe(None, {"amp.search.confidence": bad})
+        with pytest.raises(ValueError, match=r"confidence must be in \(0, 1\)"):
+            EarlyDecisions(bad)
+    with pytest.raises(RecipeError, match=r"amp\.search: .*confidence applies to allocation"):
+        load_recipe(None, {"amp.search.confidence": 0.99, "amp.search.allocation": "global"})
+    with pytest.raises(RecipeError, match=r"amp: .*not to budget mode"):
+        load_recipe(None, {"amp.search.confidence": 0.99, "amp.target.mlp_params": 0.5})
+    assert load_recipe(None, {"amp.search.confidence": 0.99}).amp.search.confidence == 0.99
+    model = small_vit("mlp", seed=0, depth=2)
+    val = [digit_images(8, offset=8 * i) for i in range(2)]
+    imp = amp.AMPImportance(inv_temperature=20.0, show_progress=False)
+    with pytest.raises(ValueError, match=r"confidence must be in \(0, 1\), got 1.0"):
+        amp.AMPPruner(model, val[0][:1], imp, val, 2e-3, confidence=1.0)
+    with pytest.raises(ValueError, match="confidence applies to the greedy search"):
+        amp.AMPPruner(model, val[0][:1], imp, val, 2e-3, confidence=0.9,
+                      target={"mlp_params": 0.5})
+
+
+def _setup(seed: int, batches: int = 16, per_batch: int = 16, depth: int = 3):
+    model = small_vit("mlp", seed=seed, depth=depth)
+    calib = [digit_images(32, offset=1000 + 32 * i) for i in range(2)]
+    val = [digit_images(per_batch, offset=per_batch * i) for i in range(batches)]
+    imp = amp.AMPImportance(inv_temperature=20.0, show_progress=False)
+    imp.accumulate(model, calib)
+    return model, val, imp
+
+
+def _search(model, val, imp, threshold, confidence):
+    return amp.AMPPruner(copy.deepcopy(model), val[0][:1], imp, val, threshold,
+                         show_progress=False, confidence=confidence).step()
+
+
+def test_off_and_never_deciding_equal_the_exact_search():
+    """confidence None is today's search; a bound that never decides (more batches first
+    than there are) reads every batch, in the random order, and gives the same trace, bit
+    for bit: the last comparison is always the exact one."""
+    model, val, imp = _setup(seed=4, batches=6)
+    exact = _search(model, val, imp, 3e-3, None)
+    never = _search(model, val, imp, 3e-3, EarlyDecisions(0.99, min_batches=10**6))
+    assert "early_decisions" not in exact.extra
+    assert never.hidden_sizes == exact.hidden_sizes
+    assert [dataclasses.astuple(t) for t in never.trace] == [
+        dataclasses.astuple(t) for t in exact.trace]
+    assert never.entropy == exact.entropy
+    record = never.extra["early_decisions"]
+    assert set(record["reads"]) <= {0, 6} and record["decided_early"] == 0
+    assert sum(record["completions"].values()) == 0
+    assert never.extra["image_block_forwards"] == exact.extra["image_block_forwards"]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_early_decisions_keep_the_exact_sizes_with_fewer_batches(seed):
+    model, val, imp = _setup(seed=seed)
+    exact = _search(model, val, imp, 2e-3, None)
+    early = _search(model, val, imp, 2e-3, 0.99)
+    record = early.extra["early_decisions"]
+    assert early.hidden_sizes == exact.hidden_sizes
+    # the same trials, the same decisions, and each block's accepted size (read on every
+    # batch once its block is decided) with exactly the entropy of the full pass
+    assert [(t.block, t.size, t.accepted, t.reference) for t in early.trace] == [
+        (t.block, t.size, t.accepted, t.reference) for t in exact.trace]
+    for name, size in exact.hidden_sizes.items():
+        kept = [t.entropy for t in exact.trace if t.block == name and t.size == size]
+        assert kept == [t.entropy for t in early.trace if t.block == name and t.size == size]
+    assert early.entropy == exact.entropy
+    assert len(record["reads"]) == len(early.trace) and record["batches"] == 16
+    assert record["decided_early"] >= 1
+    assert record["batches_read"] < record["batches_full_passes"]
+    assert early.extra["image_block_forwards"] < exact.extra["image_block_forwards"]
+    assert record["alpha_per_trial"] == pytest.approx(0.01 / (6 * 3))
+    summary = trace_summary({**early.to_dict(), **early.extra})
+    assert (f"{record['decided_early']} trials decided early, {record['batches_read']:,} of "
+            f"{record['batches_full_passes']:,} batches read") in summary
+    with torch.no_grad():
+        torch.testing.assert_close(early.flops["after"], exact.flops["after"])
+
+
+# ---- counted cost: amp plan ---------------------------------------------------------------
+def test_plan_counts_the_search_options_by_hand():
+    """3 blocks, 6 steps, 8 batches of 16: the reference runs 19 full passes of 3 blocks;
+    the cache fills blocks 0-1, runs block 2 for the starting E_val, and trials of block l
+    run 3 - l blocks; early decisions cut the trials' part only."""
+    from amp_plugin.run.plan import early_cost, implied_hours
+
+    c = early_cost(3, 6, 8, 16, min_batches=4, read_fraction=0.5)
+    f = c["image_block_forwards"]
+    assert c["images"] == 128
+    assert f["reference"] == 19 * 3 * 128
+    assert f["cache"] == f["early_at_most"] == (2 + 1 + 6 * (3 + 2 + 1)) * 128
+    trials = 6 * 6 * 128
+    assert f["early_at_read_fraction"] == 3 * 128 + trials // 2
+    # best case: per block one trial reads all 8 batches, the 5 others 4 of 8
+    assert f["early_best_case"] == 3 * 128 + trials * (8 + 5 * 4) // (6 * 8)
+    h = implied_hours({"cache": f["cache"]}, 3, 1000, 200.0, 800.0)["cache"]
+    assert h["score"] == pytest.approx(1000 / 200 / 3600)
+    assert h["search"] == pytest.approx(f["cache"] / 3 / 800 / 3600)
+
+
+def test_cli_plan_shows_counted_cost_and_hours(tmp_path):
+    import json
+
+    from amp_cli.app import app
+    from typer.testing import CliRunner
+
+    out = tmp_path / "plan.json"
+    done = CliRunner().invoke(app, ["plan", "open_clip_g", "--val-images", "50000",
+                                    "--images-per-s", "215,910", "--read-fraction", "0.7",
+                                    "--json", str(out)], env={"COLUMNS": "240"})
+    assert done.exit_code == 0, done.output
+    counted = json.loads(out.read_text())["search"]["counted"]
+    f, hours = counted["image_block_forwards"], counted["hours"]
+    assert counted["images"] == 49152 and counted["batches"] == 48
+    assert f["reference"] == (40 * 6 + 1) * 40 * 49152
+    assert hours["cache"]["score"] == pytest.approx(1281167 / 215 / 3600)
+    assert hours["cache"]["search"] == pytest.approx(f["cache"] / 40 / 910 / 3600)
+    assert f["early_best_case"] < f["early_at_read_fraction"] < f["cache"] < f["reference"]
+    assert "search options in image-block forwards" in done.stdout
+    assert f"{hours['early_at_read_fraction']['total']:.2f}" in done.stdout
+    bad = CliRunner().invoke(app, ["plan", "open_clip_g", "--images-per-s", "215"])
+    assert bad.exit_code == 2 and "--images-per-s" in bad.output
