@@ -365,6 +365,7 @@ class SearchState:
     reference: list[float] | None = None
     reads: list[int] = field(default_factory=list)
     completions: dict[str, int] = field(default_factory=dict)
+    refuted: dict[str, int] = field(default_factory=dict)  # blocks searched again: batches
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -373,7 +374,8 @@ class SearchState:
     def from_dict(cls, d: Mapping) -> SearchState:
         return cls(dict(d["sizes"]), [Trial(**t) for t in d["trace"]], d["e_prev"],
                    d["e_start"], int(d["evaluations"]), d.get("reference"),
-                   list(d.get("reads", [])), dict(d.get("completions", {})))
+                   list(d.get("reads", [])), dict(d.get("completions", {})),
+                   dict(d.get("refuted", {})))
 
 
 Candidate = Callable[[str, MLPView, torch.Tensor], AbstractContextManager]
@@ -444,11 +446,12 @@ def adaptive_search(
             order = keep_order(scores[name]).to(view.output.weight.device)
             measured: dict[int, float] = {}
             reference = state.e_prev
-            steps = iter(range(1, max_steps + 1))
+            step, first, first_read = [0], len(trace), len(state.reads)
 
             def accept(size: int, name=name, view=view, order=order, measured=measured,
-                       reference=reference, steps=steps) -> bool:
-                bar.note(f"{name}: step {next(steps)}/{max_steps}, size {size}/{view.hidden}; "
+                       reference=reference, step=step) -> bool:
+                step[0] += 1
+                bar.note(f"{name}: step {step[0]}/{max_steps}, size {size}/{view.hidden}; "
                          f"{cache}")
                 if size not in measured:
                     with candidate(name, view, order[:size]):
@@ -467,7 +470,18 @@ def adaptive_search(
             hits = [t for t in trace if t.block == name and t.accepted and t.size == best]
             if sequential is not None and hits:  # E_prev over every batch, exactly
                 with candidate(name, view, order[:best]):
-                    exact = sequential.complete(name, best)
+                    exact = finite_value(sequential.complete(name, best), name, best, what)
+                if not exact - reference <= threshold:
+                    # an early accept the full pass refutes: the block again, every batch read
+                    wasted = sum(state.reads[first_read:]) + state.completions.pop(name)
+                    del trace[first:], state.reads[first_read:]
+                    measured.clear()
+                    step[0] = 0
+                    best = sequential.exactly(name, wasted, lambda: candidate_sizes(
+                        view.hidden, max_steps, accept, round_to))
+                    hits = [t for t in trace if t.block == name and t.accepted
+                            and t.size == best]
+                    exact = hits[-1].entropy if hits else None
                 for t in hits:
                     t.entropy = exact
             state.e_prev = hits[-1].entropy if hits else None
@@ -497,6 +511,7 @@ class _Sequential:
         self.order = (early.order(self.batches) if evaluate.random_access
                       else list(range(self.batches)))
         self.reads: dict[tuple[str, int], TrialRead] = {}
+        self.full_passes = False
 
     def full(self, name: str) -> float:
         """E_val of the model as it is now, every batch read: the next reference."""
@@ -504,10 +519,26 @@ class _Sequential:
         self.state.reference = [read.agreed[b] for b in range(self.batches)]
         return self.evaluate.mean(read.values)
 
+    def exactly(self, name: str, wasted: int, search: Callable[[], int]) -> int:
+        """`search()` (a block's binary search) with every trial reading every batch; its
+        accepted size's values become the next reference. Recorded in `refuted` with the
+        batches the refuted attempt read (`wasted`)."""
+        self.state.refuted[name] = wasted
+        self.full_passes = True
+        try:
+            best = search()
+        finally:
+            self.full_passes = False
+        read = self.reads.get((name, best))
+        if read is not None and len(read.values) == self.batches:
+            self.state.reference = [read.agreed[b] for b in range(self.batches)]
+        self.reads.clear()
+        return best
+
     def trial(self, name: str, size: int) -> float:
         """The candidate's mean over the batches its trial read (exact when all)."""
         # resumed without E_prev's values on every batch: full passes until the next one
-        test = (None if self.state.reference is None
+        test = (None if self.state.reference is None or self.full_passes
                 else self.early.test(self.batches, self.threshold))
         read = read_trial(self.evaluate.batch_values(name, self.order), self.state.reference,
                           test)
@@ -535,7 +566,8 @@ class _Sequential:
         return self.evaluate.mean(read.values)
 
     def record(self) -> dict:
-        return record(self.early, self.batches, self.state.reads, self.state.completions)
+        return record(self.early, self.batches, self.state.reads, self.state.completions,
+                      self.state.refuted)
 
 
 HEAD_KEPT = "pooling-head MLP, kept whole (search_head=True searches it)"

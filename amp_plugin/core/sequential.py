@@ -145,14 +145,18 @@ def read_trial(values, reference: Sequence[float] | None, test: PairedTest | Non
 
 
 def record(early: EarlyDecisions, batches: int, reads: Sequence[int],
-           completions: dict[str, int]) -> dict:
+           completions: dict[str, int], refuted: dict[str, int] | None = None) -> dict:
     """What `PruneResult.extra["early_decisions"]` holds: the settings, the batches each
     trial read (in trace order; 0 for a size already measured in its block), the batches
-    read to complete each block's accepted size, and the totals against full passes."""
+    read to complete each block's accepted size, the totals against full passes, and the
+    blocks whose early accept the completed pass refuted (searched again, every batch read;
+    the batches their first attempt read count in `batches_read`, not in `reads`)."""
+    refuted = dict(refuted or {})
     trials = sum(1 for r in reads if r)
-    read = sum(reads) + sum(completions.values())
+    read = sum(reads) + sum(completions.values()) + sum(refuted.values())
     return {"confidence": early.confidence, "alpha_per_trial": early.alpha,
             "min_batches": early.min_batches, "batches": batches, "reads": list(reads),
             "completions": dict(completions), "batches_read": read,
             "batches_full_passes": trials * batches,
-            "decided_early": sum(1 for r in reads if 0 < r < batches)}
+            "decided_early": sum(1 for r in reads if 0 < r < batches),
+            "refuted": refuted}
