@@ -35,7 +35,7 @@ from .cache import StateCache
 from .importance import AMPImportance
 from .measures import DEFAULT_MEASURE, SearchMeasure, make_measure
 from .mlp import MLPView, find_mlps
-from .sequential import EarlyDecisions, TrialRead, read_trial, record
+from .sequential import EarlyDecisions, SequentialTrials
 
 
 @dataclass
@@ -432,7 +432,8 @@ def adaptive_search(
     names = [n for n in list(views)[::-1] if n not in state.sizes]
     cache = f"cache: {evaluate.mode.split(' (')[0]}"
     what = measure_label(evaluate.measure.name)
-    sequential = _Sequential(early, evaluate, state, threshold) if early is not None else None
+    sequential = (SequentialTrials(early, evaluate, state, threshold) if early is not None
+                  else None)
     with Bar(description, len(views), show_progress, status=cache) as bar:
         bar.advance(len(views) - len(names))
         for name in names:
@@ -496,78 +497,6 @@ def adaptive_search(
     return SearchOutcome({n: state.sizes[n] for n in views}, trace,
                          dict(before=float(state.e_start), after=float(e_end)),
                          state.evaluations, sequential and sequential.record())
-
-
-class _Sequential:
-    """The trials of `adaptive_search` with early decisions: each reads the batches in
-    the fixed random order until the paired test decides; an accepted size that ends a
-    block is then read on the rest, so E_prev is always the exact full-pass value."""
-
-    def __init__(self, early: EarlyDecisions, evaluate: EntropyEval, state: SearchState,
-                 threshold: float):
-        self.early, self.evaluate, self.state, self.threshold = early, evaluate, state, threshold
-        self.batches = len(evaluate.val_batches)
-        # a streamed loader without cached states is read in its own order
-        self.order = (early.order(self.batches) if evaluate.random_access
-                      else list(range(self.batches)))
-        self.reads: dict[tuple[str, int], TrialRead] = {}
-        self.full_passes = False
-
-    def full(self, name: str) -> float:
-        """E_val of the model as it is now, every batch read: the next reference."""
-        read = read_trial(self.evaluate.batch_values(name, range(self.batches)), None, None)
-        self.state.reference = [read.agreed[b] for b in range(self.batches)]
-        return self.evaluate.mean(read.values)
-
-    def exactly(self, name: str, wasted: int, search: Callable[[], int]) -> int:
-        """`search()` (a block's binary search) with every trial reading every batch; its
-        accepted size's values become the next reference. Recorded in `refuted` with the
-        batches the refuted attempt read (`wasted`)."""
-        self.state.refuted[name] = wasted
-        self.full_passes = True
-        try:
-            best = search()
-        finally:
-            self.full_passes = False
-        read = self.reads.get((name, best))
-        if read is not None and len(read.values) == self.batches:
-            self.state.reference = [read.agreed[b] for b in range(self.batches)]
-        self.reads.clear()
-        return best
-
-    def trial(self, name: str, size: int) -> float:
-        """The candidate's mean over the batches its trial read (exact when all)."""
-        # resumed without E_prev's values on every batch: full passes until the next one
-        test = (None if self.state.reference is None or self.full_passes
-                else self.early.test(self.batches, self.threshold))
-        read = read_trial(self.evaluate.batch_values(name, self.order), self.state.reference,
-                          test)
-        self.reads[name, size] = read
-        self.state.reads.append(len(read.values))
-        if len(read.values) == self.batches:
-            return self.evaluate.mean(read.values)
-        return sum(read.values.values()) / len(read.values)
-
-    def accepted(self, name: str, size: int, rise: float) -> bool:
-        decision = self.reads[name, size].decision
-        return rise <= self.threshold if decision is None else decision
-
-    def complete(self, name: str, size: int) -> float:
-        """The accepted `size` (under its candidate) read on the batches its trial left;
-        its values become the next trials' reference; returns its exact mean."""
-        read = self.reads[name, size]
-        rest = [b for b in self.order if b not in read.values]
-        more = read_trial(self.evaluate.batch_values(name, rest), None, None)
-        read.values.update(more.values)
-        read.agreed.update(more.agreed)
-        self.state.completions[name] = len(rest)
-        self.state.reference = [read.agreed[b] for b in range(self.batches)]
-        self.reads.clear()
-        return self.evaluate.mean(read.values)
-
-    def record(self) -> dict:
-        return record(self.early, self.batches, self.state.reads, self.state.completions,
-                      self.state.refuted)
 
 
 HEAD_KEPT = "pooling-head MLP, kept whole (search_head=True searches it)"
