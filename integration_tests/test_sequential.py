@@ -201,3 +201,36 @@ def test_cli_plan_shows_counted_cost_and_hours(tmp_path):
     assert f"{hours['early_at_read_fraction']['total']:.2f}" in done.stdout
     bad = CliRunner().invoke(app, ["plan", "open_clip_g", "--images-per-s", "215"])
     assert bad.exit_code == 2 and "--images-per-s" in bad.output
+
+
+class _AcceptsAfterTwo(PairedTest):
+    """A deliberately wrong bound: every trial accepted after two batches."""
+
+    def decision(self):
+        return True if 2 <= len(self.diffs) < self.population else None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Reckless(EarlyDecisions):
+    def test(self, batches, threshold):
+        return _AcceptsAfterTwo(batches, threshold, self.alpha, 2)
+
+
+def test_an_early_accept_the_full_pass_refutes_is_searched_again():
+    """The accepted size that ends a block is always read to the end; when that exact value
+    fails the rule, the block is searched again with every batch read, so every committed
+    size passes the exact rule, and the first block searched ends as in the exact search."""
+    model, val, imp = _setup(seed=0, batches=6)
+    exact = _search(model, val, imp, 2e-3, None)
+    early = _search(model, val, imp, 2e-3, _Reckless(0.99, min_batches=2))
+    record = early.extra["early_decisions"]
+    last = list(exact.hidden_sizes)[-1]  # searched first: the same model state in both
+    assert last in record["refuted"] and record["refuted"][last] > 0
+    assert [dataclasses.astuple(t) for t in early.trace if t.block == last] == [
+        dataclasses.astuple(t) for t in exact.trace if t.block == last]
+    for name, size in early.hidden_sizes.items():
+        kept = [t for t in early.trace if t.block == name and t.accepted and t.size == size]
+        assert all(t.entropy - t.reference <= 2e-3 for t in kept)
+    assert len(record["reads"]) == len(early.trace)
+    assert record["batches_read"] == (sum(record["reads"]) + sum(record["completions"].values())
+                                      + sum(record["refuted"].values()))

@@ -35,7 +35,7 @@ from ..utils.progress import Bar
 from ..utils.tensors import device_of, split_batch, to_device
 from .cache import StateCache
 from .measures import DEFAULT_MEASURE, SearchMeasure, make_measure
-from .sequential import EarlyDecisions, TrialRead, read_trial, record
+from .sequential import EarlyDecisions, SequentialTrials
 
 
 @dataclass
@@ -365,6 +365,7 @@ class SearchState:
     reference: list[float] | None = None
     reads: list[int] = field(default_factory=list)
     completions: dict[str, int] = field(default_factory=dict)
+    refuted: dict[str, int] = field(default_factory=dict)  # blocks searched again: batches
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -373,7 +374,8 @@ class SearchState:
     def from_dict(cls, d: Mapping) -> SearchState:
         return cls(dict(d["sizes"]), [Trial(**t) for t in d["trace"]], d["e_prev"],
                    d["e_start"], int(d["evaluations"]), d.get("reference"),
-                   list(d.get("reads", [])), dict(d.get("completions", {})))
+                   list(d.get("reads", [])), dict(d.get("completions", {})),
+                   dict(d.get("refuted", {})))
 
 
 Candidate = Callable[[str, MLPView, torch.Tensor], AbstractContextManager]
@@ -430,7 +432,8 @@ def adaptive_search(
     names = [n for n in list(views)[::-1] if n not in state.sizes]
     cache = f"cache: {evaluate.mode.split(' (')[0]}"
     what = measure_label(evaluate.measure.name)
-    sequential = _Sequential(early, evaluate, state, threshold) if early is not None else None
+    sequential = (SequentialTrials(early, evaluate, state, threshold) if early is not None
+                  else None)
     with Bar(description, len(views), show_progress, status=cache) as bar:
         bar.advance(len(views) - len(names))
         for name in names:
@@ -444,11 +447,12 @@ def adaptive_search(
             order = keep_order(scores[name]).to(view.output.weight.device)
             measured: dict[int, float] = {}
             reference = state.e_prev
-            steps = iter(range(1, max_steps + 1))
+            step, first, first_read = [0], len(trace), len(state.reads)
 
             def accept(size: int, name=name, view=view, order=order, measured=measured,
-                       reference=reference, steps=steps) -> bool:
-                bar.note(f"{name}: step {next(steps)}/{max_steps}, size {size}/{view.hidden}; "
+                       reference=reference, step=step) -> bool:
+                step[0] += 1
+                bar.note(f"{name}: step {step[0]}/{max_steps}, size {size}/{view.hidden}; "
                          f"{cache}")
                 if size not in measured:
                     with candidate(name, view, order[:size]):
@@ -467,7 +471,18 @@ def adaptive_search(
             hits = [t for t in trace if t.block == name and t.accepted and t.size == best]
             if sequential is not None and hits:  # E_prev over every batch, exactly
                 with candidate(name, view, order[:best]):
-                    exact = sequential.complete(name, best)
+                    exact = finite_value(sequential.complete(name, best), name, best, what)
+                if not exact - reference <= threshold:
+                    # an early accept the full pass refutes: the block again, every batch read
+                    wasted = sum(state.reads[first_read:]) + state.completions.pop(name)
+                    del trace[first:], state.reads[first_read:]
+                    measured.clear()
+                    step[0] = 0
+                    best = sequential.exactly(name, wasted, lambda: candidate_sizes(
+                        view.hidden, max_steps, accept, round_to))
+                    hits = [t for t in trace if t.block == name and t.accepted
+                            and t.size == best]
+                    exact = hits[-1].entropy if hits else None
                 for t in hits:
                     t.entropy = exact
             state.e_prev = hits[-1].entropy if hits else None
@@ -482,60 +497,6 @@ def adaptive_search(
     return SearchOutcome({n: state.sizes[n] for n in views}, trace,
                          dict(before=float(state.e_start), after=float(e_end)),
                          state.evaluations, sequential and sequential.record())
-
-
-class _Sequential:
-    """The trials of `adaptive_search` with early decisions: each reads the batches in
-    the fixed random order until the paired test decides; an accepted size that ends a
-    block is then read on the rest, so E_prev is always the exact full-pass value."""
-
-    def __init__(self, early: EarlyDecisions, evaluate: EntropyEval, state: SearchState,
-                 threshold: float):
-        self.early, self.evaluate, self.state, self.threshold = early, evaluate, state, threshold
-        self.batches = len(evaluate.val_batches)
-        # a streamed loader without cached states is read in its own order
-        self.order = (early.order(self.batches) if evaluate.random_access
-                      else list(range(self.batches)))
-        self.reads: dict[tuple[str, int], TrialRead] = {}
-
-    def full(self, name: str) -> float:
-        """E_val of the model as it is now, every batch read: the next reference."""
-        read = read_trial(self.evaluate.batch_values(name, range(self.batches)), None, None)
-        self.state.reference = [read.agreed[b] for b in range(self.batches)]
-        return self.evaluate.mean(read.values)
-
-    def trial(self, name: str, size: int) -> float:
-        """The candidate's mean over the batches its trial read (exact when all)."""
-        # resumed without E_prev's values on every batch: full passes until the next one
-        test = (None if self.state.reference is None
-                else self.early.test(self.batches, self.threshold))
-        read = read_trial(self.evaluate.batch_values(name, self.order), self.state.reference,
-                          test)
-        self.reads[name, size] = read
-        self.state.reads.append(len(read.values))
-        if len(read.values) == self.batches:
-            return self.evaluate.mean(read.values)
-        return sum(read.values.values()) / len(read.values)
-
-    def accepted(self, name: str, size: int, rise: float) -> bool:
-        decision = self.reads[name, size].decision
-        return rise <= self.threshold if decision is None else decision
-
-    def complete(self, name: str, size: int) -> float:
-        """The accepted `size` (under its candidate) read on the batches its trial left;
-        its values become the next trials' reference; returns its exact mean."""
-        read = self.reads[name, size]
-        rest = [b for b in self.order if b not in read.values]
-        more = read_trial(self.evaluate.batch_values(name, rest), None, None)
-        read.values.update(more.values)
-        read.agreed.update(more.agreed)
-        self.state.completions[name] = len(rest)
-        self.state.reference = [read.agreed[b] for b in range(self.batches)]
-        self.reads.clear()
-        return self.evaluate.mean(read.values)
-
-    def record(self) -> dict:
-        return record(self.early, self.batches, self.state.reads, self.state.completions)
 
 
 HEAD_KEPT = "pooling-head MLP, kept whole (search_head=True searches it)"

@@ -13,6 +13,8 @@ decides as without the option.
     interval(diffs, N, alpha, m)   the interval at n, valid at every n >= m at once
     PairedTest                     accumulates the differences of one trial and decides
     EarlyDecisions                 the settings: confidence, error per trial, batch order
+    SequentialTrials               the search's trials with early decisions (reads, decisions,
+                                   completing an accepted size, a refuted block again)
 
 The bound: with the N differences drawn from a normal law, the mean of all N minus the
 mean of the n read is (1 - n/N) (mean of the N - n unread - mean of the n read), and
@@ -27,9 +29,10 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any
 
 
 @lru_cache(maxsize=4096)
@@ -145,14 +148,93 @@ def read_trial(values, reference: Sequence[float] | None, test: PairedTest | Non
 
 
 def record(early: EarlyDecisions, batches: int, reads: Sequence[int],
-           completions: dict[str, int]) -> dict:
+           completions: dict[str, int], refuted: dict[str, int] | None = None) -> dict:
     """What `PruneResult.extra["early_decisions"]` holds: the settings, the batches each
     trial read (in trace order; 0 for a size already measured in its block), the batches
-    read to complete each block's accepted size, and the totals against full passes."""
+    read to complete each block's accepted size, the totals against full passes, and the
+    blocks whose early accept the completed pass refuted (searched again, every batch read;
+    the batches their first attempt read count in `batches_read`, not in `reads`)."""
+    refuted = dict(refuted or {})
     trials = sum(1 for r in reads if r)
-    read = sum(reads) + sum(completions.values())
+    read = sum(reads) + sum(completions.values()) + sum(refuted.values())
     return {"confidence": early.confidence, "alpha_per_trial": early.alpha,
             "min_batches": early.min_batches, "batches": batches, "reads": list(reads),
             "completions": dict(completions), "batches_read": read,
             "batches_full_passes": trials * batches,
-            "decided_early": sum(1 for r in reads if 0 < r < batches)}
+            "decided_early": sum(1 for r in reads if 0 < r < batches),
+            "refuted": refuted}
+
+
+class SequentialTrials:
+    """The trials of `search.greedy.adaptive_search` with early decisions: each reads the
+    batches in the fixed random order until the paired test decides; an accepted size that
+    ends a block is then read on the rest, so E_prev is always the exact full-pass value.
+
+    `evaluate`: the search's `EntropyEval` (`batch_values`, `mean`, `random_access`,
+    `val_batches`); `state`: its `SearchState`, whose `reference` (E_prev's agreed value on
+    every batch), `reads`, `completions` and `refuted` this keeps."""
+
+    def __init__(self, early: EarlyDecisions, evaluate: Any, state: Any, threshold: float):
+        self.early, self.evaluate, self.state, self.threshold = early, evaluate, state, threshold
+        self.batches = len(evaluate.val_batches)
+        # a streamed loader without cached states is read in its own order
+        self.order = (early.order(self.batches) if evaluate.random_access
+                      else list(range(self.batches)))
+        self.reads: dict[tuple[str, int], TrialRead] = {}
+        self.full_passes = False
+
+    def full(self, name: str) -> float:
+        """E_val of the model as it is now, every batch read: the next reference."""
+        read = read_trial(self.evaluate.batch_values(name, range(self.batches)), None, None)
+        self.state.reference = [read.agreed[b] for b in range(self.batches)]
+        return self.evaluate.mean(read.values)
+
+    def exactly(self, name: str, wasted: int, search: Callable[[], int]) -> int:
+        """`search()` (a block's binary search) with every trial reading every batch; its
+        accepted size's values become the next reference. Recorded in `refuted` with the
+        batches the refuted attempt read (`wasted`)."""
+        self.state.refuted[name] = wasted
+        self.full_passes = True
+        try:
+            best = search()
+        finally:
+            self.full_passes = False
+        read = self.reads.get((name, best))
+        if read is not None and len(read.values) == self.batches:
+            self.state.reference = [read.agreed[b] for b in range(self.batches)]
+        self.reads.clear()
+        return best
+
+    def trial(self, name: str, size: int) -> float:
+        """The candidate's mean over the batches its trial read (exact when all)."""
+        # resumed without E_prev's values on every batch: full passes until the next one
+        test = (None if self.state.reference is None or self.full_passes
+                else self.early.test(self.batches, self.threshold))
+        read = read_trial(self.evaluate.batch_values(name, self.order), self.state.reference,
+                          test)
+        self.reads[name, size] = read
+        self.state.reads.append(len(read.values))
+        if len(read.values) == self.batches:
+            return self.evaluate.mean(read.values)
+        return sum(read.values.values()) / len(read.values)
+
+    def accepted(self, name: str, size: int, rise: float) -> bool:
+        decision = self.reads[name, size].decision
+        return rise <= self.threshold if decision is None else decision
+
+    def complete(self, name: str, size: int) -> float:
+        """The accepted `size` (under its candidate) read on the batches its trial left;
+        its values become the next trials' reference; returns its exact mean."""
+        read = self.reads[name, size]
+        rest = [b for b in self.order if b not in read.values]
+        more = read_trial(self.evaluate.batch_values(name, rest), None, None)
+        read.values.update(more.values)
+        read.agreed.update(more.agreed)
+        self.state.completions[name] = len(rest)
+        self.state.reference = [read.agreed[b] for b in range(self.batches)]
+        self.reads.clear()
+        return self.evaluate.mean(read.values)
+
+    def record(self) -> dict:
+        return record(self.early, self.batches, self.state.reads, self.state.completions,
+                      self.state.refuted)
