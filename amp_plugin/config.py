@@ -201,6 +201,15 @@ class SearchConfig(Strict):
         return {k: getattr(self, k) for k in GLOBAL_ONLY}
 
 
+class ScoreConvergenceConfig(Strict):
+    """Stop the score stage once the neurons each size the search can try would keep have
+    not changed for `patience` checks in a row (one check every `every` batches)."""
+
+    every: int = Field(default=50, gt=0, description="calibration batches between checks")
+    patience: int = Field(default=3, gt=0, description=(
+        "checks in a row without a change before the pass stops"))
+
+
 class AMPConfig(Strict):
     criterion: str = Field(default="entropy", description="a registered criterion")
     inv_temperature: float = Field(default=20.0, gt=0)
@@ -219,6 +228,9 @@ class AMPConfig(Strict):
     cache: CacheConfig = Field(default_factory=CacheConfig)
     checkpoint_every: int = Field(default=50, gt=0, description="calibration batches between "
                                   "checkpoints of the score stage (a killed run resumes)")
+    score_convergence: ScoreConvergenceConfig | None = Field(default=None, description=(
+        "stop scoring early once the search's candidates stop changing (default: one whole "
+        "pass, as the authors)"))
     target: TargetConfig | None = Field(default=None, description=(
         "budget mode: the threshold is searched (starting at `threshold`) to meet this; "
         "with search.allocation: global, the sizes are solved for it directly"))

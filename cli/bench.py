@@ -53,6 +53,9 @@ def search_cmd(
         "(repeatable) against the exact search, on --seeds models")),
     seeds: int = typer.Option(1, min=1, help="with --confidence: models seed, seed+1, ..."),
     threads: int = typer.Option(None, min=1, help="torch CPU threads (default: torch's)"),
+    pair_with: list[str] = typer.Option(None, help=(
+        "with --confidence: nearest (each trial paired with the nearest size of its block "
+        "read in full; the default) or start (always the block's start); repeatable")),
 ) -> None:
     """Reference procedure vs AMPPruner on one model: same sizes, wall times, ratio; with
     --confidence, the counted cost of early decisions and whether the sizes stay exact."""
@@ -64,8 +67,12 @@ def search_cmd(
         bad = [c for c in confidence if not 0 < c < 1]
         if bad:
             raise typer.BadParameter(f"{bad[0]} is not in (0, 1)", param_hint="--confidence")
+        bad = [p for p in pair_with or () if p not in ("nearest", "start")]
+        if bad:
+            raise typer.BadParameter(f"{bad[0]!r}: expected nearest or start",
+                                     param_hint="--pair-with")
         _early(layers, width, val_images, batch_size, confidence, seeds, seed, image_size,
-               patch_size, threshold, device, dtype, json_out)
+               patch_size, threshold, device, dtype, json_out, tuple(pair_with or ("nearest",)))
         return
     from amp_plugin.bench.search import bench_search
 
@@ -115,11 +122,12 @@ def search_cmd(
 
 
 def _early(layers, width, val_images, batch_size, confidences, seeds, seed, image_size,
-           patch_size, threshold, device, dtype, json_out) -> None:
+           patch_size, threshold, device, dtype, json_out, pairings) -> None:
     from amp_plugin.bench.search import bench_early
 
     r = bench_early(layers, width, val_images, batch_size or 64, tuple(confidences), seeds,
-                    seed, image_size, patch_size, threshold, device=device, dtype=dtype)
+                    seed, image_size, patch_size, threshold, device=device, dtype=dtype,
+                    pairings=pairings)
     t = Table(title=f"early decisions: {layers} blocks, width {width}, {r['val_images']} "
                     f"images in {r['val_batches']} batches, threshold {threshold:g}; "
                     "image-block forwards (ref.: the reference procedure, counted), batches "

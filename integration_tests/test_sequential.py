@@ -234,3 +234,42 @@ def test_an_early_accept_the_full_pass_refutes_is_searched_again():
     assert len(record["reads"]) == len(early.trace)
     assert record["batches_read"] == (sum(record["reads"]) + sum(record["completions"].values())
                                       + sum(record["refuted"].values()))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Logged(EarlyDecisions):
+    """The real bound, with the threshold each trial's test was given written down."""
+
+    log: list = dataclasses.field(default_factory=list, compare=False)
+
+    def test(self, batches, threshold):
+        self.log.append(threshold)
+        return super().test(batches, threshold)
+
+
+@pytest.mark.parametrize("nearest", [True, False])
+def test_each_trial_is_paired_with_the_nearest_size_read_in_full(nearest):
+    """A trial is paired with the nearest size of its block that was read on every batch
+    (the block's start, the MLP whole, counts as read): its test compares the mean of the
+    differences with the threshold minus that partner's exact rise over E_prev, the same
+    comparison; `nearest=False` always pairs with the start. Sizes stay the exact search's."""
+    model, val, imp = _setup(seed=1, batches=8)
+    exact = _search(model, val, imp, 2e-3, None)
+    early = _Logged(0.99, trials=18, nearest=nearest)
+    result = _search(model, val, imp, 2e-3, early)
+    record = result.extra["early_decisions"]
+    assert result.hidden_sizes == exact.hidden_sizes and record["nearest"] is nearest
+    hidden = next(iter(exact.original_sizes.values()))
+    measured = [(t, r) for t, r in zip(result.trace, record["reads"], strict=True) if r]
+    assert len(early.log) == len(measured)  # one test per trial measured
+    shifted = 0
+    for i, ((trial, _), threshold) in enumerate(zip(measured, early.log, strict=True)):
+        full = {t.size: t.entropy - t.reference for t, r in measured[:i]
+                if t.block == trial.block and r == 8}
+        near = min(full, key=lambda s: (abs(s - trial.size), -s), default=None)
+        if nearest and near is not None and abs(near - trial.size) < abs(hidden - trial.size):
+            assert threshold == pytest.approx(2e-3 - full[near], rel=1e-6, abs=1e-12)
+            shifted += threshold != 2e-3
+        else:
+            assert threshold == 2e-3
+    assert (shifted > 0) is nearest

@@ -25,6 +25,7 @@ from ..evaluate.throughput import device_name
 from ..search.greedy import keep_order
 from ..search.measures.kl import KL
 from ..search.pruner import AMPPruner
+from ..search.sequential import EarlyDecisions
 from ..utils.progress import progress
 from ..utils.tensors import resolve_device
 
@@ -127,7 +128,8 @@ def bench_model(layers: int, width: int, val_images: int, image_size: int, patch
                 dtype: str, show_progress: bool = True):
     """(model, validation batches, importance, scores) of the benchmark: a random-weight
     ViT of `layers` blocks and `width`, scored on 64 digits images; validation: the next
-    `val_images` in batches of `batch_size` (default: one)."""
+    `val_images` in batches of `batch_size` (default: one), up to 7,124 (the digits, then
+    mirrored, transposed and upside-down copies of them)."""
     from ..utils.tensors import resolve_dtype
 
     dev, dt = resolve_device(device), resolve_dtype(dtype)
@@ -137,9 +139,12 @@ def bench_model(layers: int, width: int, val_images: int, image_size: int, patch
                            depth=layers, num_heads=max(1, width // 64), num_classes=0)}
     model = create_model(spec).to(dev, dt).eval()
     raw, _ = digits_raw()
+    # past the 1,797 digits: their mirror images, then transposed, then upside down
+    raw = torch.cat([raw, raw.flip(-1), raw.transpose(-1, -2), raw.flip(-2)])
     if CALIB_IMAGES + val_images > len(raw):
-        raise ValueError(f"--val-images {val_images}: the digits have "
-                         f"{len(raw) - CALIB_IMAGES} images besides the calibration batch")
+        raise ValueError(f"--val-images {val_images}: the digits and their mirrored, "
+                         f"transposed and flipped copies have {len(raw) - CALIB_IMAGES} "
+                         "images besides the calibration batch")
     images = to_model_input(raw[: CALIB_IMAGES + val_images], image_size, (0.5,) * 3,
                             (0.5,) * 3).to(dev, dt)
     val = batches(images[CALIB_IMAGES:], batch_size or val_images)
@@ -248,12 +253,20 @@ def bench_early(layers: int = 12, width: int = 384, val_images: int = 1024,
                 batch_size: int | None = 64, confidences: tuple[float, ...] = (0.99,),
                 seeds: int = 1, seed: int = 0, image_size: int = 32, patch_size: int = 8,
                 threshold: float = 2e-3, inv_temperature: float = 20.0, device: str = "cpu",
-                dtype: str = "float32", show_progress: bool = True) -> dict:
+                dtype: str = "float32", show_progress: bool = True,
+                pairings: tuple[str, ...] = ("nearest",)) -> dict:
     """Counted cost of early decisions (`amp.search.confidence`) against the exact search,
     on `seeds` random-weight ViTs (seeds seed, seed+1, ...): image-block forwards of the
     reference procedure (counted from the exact search's decisions), of the exact search
-    with the full state cache (today's), and of the search at each confidence, and whether
-    each gives the exact search's sizes."""
+    with the full state cache (today's), and of the search at each confidence and pairing
+    (`nearest`: each trial paired with the nearest size of its block read in full, the
+    default; `start`: always with the block's start), and whether each gives the exact
+    search's sizes. Options are keyed "0.99" (nearest) and "0.99 start"."""
+    unknown = sorted(set(pairings) - {"nearest", "start"})
+    if unknown or not pairings:
+        raise ValueError(f"pairings: expected nearest and/or start, got {list(pairings)}")
+    options = {f"{c}" if p == "nearest" else f"{c} {p}": (c, p == "nearest")
+               for c in confidences for p in pairings}
     rows = []
     for s in range(seed, seed + seeds):
         model, val, imp, _ = bench_model(layers, width, val_images, image_size, patch_size,
@@ -261,23 +274,26 @@ def bench_early(layers: int = 12, width: int = 384, val_images: int = 1024,
                                          show_progress)
         images = len(val) * len(val[0])
         runs = {}
-        for confidence in (None, *confidences):
+        trials = 6 * len(find_mlps(vision_tower(model)[0]))  # AMPPruner's own split
+        for key, option in {None: None, **options}.items():
+            early = (None if option is None else
+                     EarlyDecisions(option[0], trials=trials, nearest=option[1]))
             t0 = time.perf_counter()
             result = AMPPruner(copy.deepcopy(model), val[0][:1], imp, val, threshold,
                                show_progress=show_progress, cache_device_bytes=1 << 50,
-                               confidence=confidence).step()
-            runs[confidence] = (result, time.perf_counter() - t0)
+                               confidence=early).step()
+            runs[key] = (result, time.perf_counter() - t0)
         exact, exact_seconds = runs[None]
         cache = exact.extra["image_block_forwards"]
         row = {"seed": s, "reference": reference_block_forwards(exact.trace, layers, images),
                "cache": cache, "cache_seconds": exact_seconds,
                "mlp_params_kept": exact.mlp_params["after"] / exact.mlp_params["before"],
                "trials": len(exact.trace), "options": {}}
-        for confidence in confidences:
-            result, seconds = runs[confidence]
+        for key in options:
+            result, seconds = runs[key]
             record = result.extra["early_decisions"]
             forwards = result.extra["image_block_forwards"]
-            row["options"][str(confidence)] = {
+            row["options"][key] = {
                 "image_block_forwards": forwards, "over_cache": forwards / cache,
                 "identical_sizes": result.hidden_sizes == exact.hidden_sizes,
                 "blocks_differing": sum(result.hidden_sizes[n] != exact.hidden_sizes[n]
@@ -287,12 +303,12 @@ def bench_early(layers: int = 12, width: int = 384, val_images: int = 1024,
                 "decided_early": record["decided_early"], "seconds": seconds}
         rows.append(row)
     summary = {}
-    for confidence in map(str, confidences):
-        ratios = [r["options"][confidence]["over_cache"] for r in rows]
-        summary[confidence] = {
+    for key in options:
+        ratios = [r["options"][key]["over_cache"] for r in rows]
+        summary[key] = {
             "over_cache": {"min": min(ratios), "mean": sum(ratios) / len(ratios),
                            "max": max(ratios)},
-            "identical_seeds": sum(r["options"][confidence]["identical_sizes"] for r in rows)}
+            "identical_seeds": sum(r["options"][key]["identical_sizes"] for r in rows)}
     return {"layers": layers, "width": width, "val_images": len(val) * len(val[0]),
             "val_batches": len(val), "threshold": threshold, "seeds": rows,
             "summary": summary, "threads": torch.get_num_threads(),

@@ -25,6 +25,7 @@ from ..utils.progress import progress
 from ..utils.tensors import device_of, require_materialized, split_batch, to_device
 from .adapter import vision_tower
 from .batches import as_batches, batch_images
+from .convergence import ScoreConvergence
 from .criterion import criterion_info, is_text
 from .mlp import MLPView, find_mlps, list_mlp_kinds
 from .tp import PackedGateLinear, PackedGatePruner, mark_packed_gates
@@ -61,10 +62,12 @@ def _unprepared_gate(name: str) -> RuntimeError:
 
 @dataclass
 class ScoreState:
-    """One rank's partial score sums (float64) after `batches` calibration batches."""
+    """One rank's partial score sums (float64) after `batches` calibration batches, and
+    the convergence checks so far when the pass has them."""
 
     sums: dict[str, torch.Tensor]
     batches: int
+    converge: ScoreConvergence | None = None
 
 
 class AMPImportance(tp.importance.Importance):
@@ -124,8 +127,8 @@ class AMPImportance(tp.importance.Importance):
         return adapter.project(tower, feats) if project else feats
 
     def accumulate(self, model: nn.Module, batches: Iterable, resume: ScoreState | None = None,
-                   checkpoint: Callable[[ScoreState], None] | None = None, every: int = 0
-                   ) -> dict[str, torch.Tensor]:
+                   checkpoint: Callable[[ScoreState], None] | None = None, every: int = 0,
+                   converge: ScoreConvergence | None = None) -> dict[str, torch.Tensor]:
         """Forward and backward over calibration `batches` with parameters frozen; adds the
         per-batch scores and returns the running mean ({MLP name: 1-D scores}).
 
@@ -140,7 +143,11 @@ class AMPImportance(tp.importance.Importance):
 
         `checkpoint(state)` receives this rank's partial sums and position every `every`
         batches; a pass resumed from that `state` over the batches after its position
-        ends with the same scores, bit for bit."""
+        ends with the same scores, bit for bit.
+
+        `converge`: stop before the end once the neurons each size the search can try would
+        keep have not changed for a while (`ScoreConvergence`; where it stopped is in
+        `converge.stopped`). A resumed pass takes the checks so far from `resume.converge`."""
         batches = as_batches(batches, "batches")
         tower, adapter = vision_tower(model)  # an unsupported family is named first
         require_materialized(model)
@@ -158,6 +165,8 @@ class AMPImportance(tp.importance.Importance):
             sums = {n: resume.sums[n].clone() for n in views}
             position = resume.batches
             self.num_batches += resume.batches
+            if converge is not None and resume.converge is not None:
+                converge.restore(*resume.converge.state())
         previous = {n: s.double() * self.num_batches for n, s in self._scores.items()}
         slots = {n: torch.zeros(v.hidden, dtype=torch.float32, device=device)
                  for n, v in views.items()}
@@ -189,8 +198,13 @@ class AMPImportance(tp.importance.Importance):
                         sums[n] += slots[n].double().cpu() / n_global
                     self.num_batches += 1
                     position += 1
+                    stop = converge is not None and converge.due(position) and converge.check(
+                        position, {n: all_reduce_sum(sums[n]) + previous.get(n, 0)
+                                   for n in views})
                     if checkpoint is not None and every and position % every == 0:
-                        checkpoint(ScoreState(sums, position))
+                        checkpoint(ScoreState(sums, position, converge))
+                    if stop:
+                        break
         finally:
             for p, flag in frozen:
                 p.requires_grad_(flag)

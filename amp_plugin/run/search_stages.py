@@ -5,6 +5,7 @@ either, and a completed stage whose inputs are unchanged is kept."""
 
 from __future__ import annotations
 
+import json
 import time
 
 import torch
@@ -13,6 +14,7 @@ from torch import nn
 
 from ..config import SearchConfig
 from ..core.adapter import vision_tower
+from ..core.convergence import ScoreConvergence
 from ..core.importance import AMPImportance, ScoreState
 from ..core.serialization import read_manifest, save_pruned
 from ..search.greedy import SearchState
@@ -30,6 +32,8 @@ from .outputs import (
     read_tensors,
 )
 from .report import trace_summary
+
+_CONVERGE = "convergence/"  # score checkpoint keys of the convergence checks
 
 
 class SearchStages:
@@ -51,9 +55,18 @@ class SearchStages:
         r = self.recipe
         captions = (content_fingerprint(r.data.captions, self._hashes()) if r.data.captions
                     else None)
+        # convergence only enters the fingerprint when on: runs without it keep theirs
+        converge = (() if r.amp.score_convergence is None else
+                    (r.amp.score_convergence, r.amp.max_steps, r.amp.round_to))
         return fingerprint(self.original_source(), self.original_fingerprint(), r.model,
                            r.data, captions, r.amp.criterion, r.amp.inv_temperature,
-                           r.amp.use_abs, r.amp.dtype, r.seed)
+                           r.amp.use_abs, r.amp.dtype, r.seed, *converge)
+
+    def _convergence(self) -> ScoreConvergence | None:
+        a = self.recipe.amp
+        c = a.score_convergence
+        return (None if c is None else
+                ScoreConvergence(c.every, c.patience, a.max_steps, a.round_to))
 
     def stage_score(self) -> dict[str, torch.Tensor]:
         fp = self._score_fp()
@@ -70,11 +83,12 @@ class SearchStages:
         check_inputs("score", model, [], "calibration")  # weights; batches when they go wrong
         imp = self.importance()
         resume = self._score_resume(fp)
+        converge = self._convergence()
         t0 = time.perf_counter()
         scores = imp.accumulate(
             model, self.loader("calibration", resume.batches if resume else 0), resume=resume,
             checkpoint=lambda state: self._score_checkpoint(fp, state),
-            every=self.recipe.amp.checkpoint_every)
+            every=self.recipe.amp.checkpoint_every, converge=converge)
         self.seconds["score"] = time.perf_counter() - t0
         if not all(bool(torch.isfinite(v).all()) for v in scores.values()):
             raise self._locate("score", model, self.loader("calibration"), "calibration")
@@ -84,10 +98,16 @@ class SearchStages:
                 "fingerprint": fp,
                 "output_sha256": content_fingerprint(self.dir.scores, self._hashes()),
                 "batches": imp.num_batches, "seconds": self.seconds["score"],
-                "data": self.data_used["calibration"]})
+                "data": self.data_used["calibration"],
+                **({} if converge is None else {"convergence": converge.record(
+                    imp.num_batches)})})
         ddp.barrier()  # other ranks look for the scores file only once it is written
         self.dir.score_progress(ddp.rank()).unlink(missing_ok=True)
-        self.log(f"score: {len(scores)} MLPs over {imp.num_batches} calibration batches")
+        stopped = "" if converge is None or converge.stopped is None else (
+            f" (converged: the search's candidates unchanged for {converge.patience} checks "
+            f"{converge.every} batches apart)")
+        self.log(f"score: {len(scores)} MLPs over {imp.num_batches} calibration batches"
+                 f"{stopped}")
         return scores
 
     def _kept_scores(self, fp: str, redo: bool) -> dict[str, torch.Tensor] | None:
@@ -109,8 +129,12 @@ class SearchStages:
         """This rank's partial sums, position and sampler (rank, world size), atomically."""
         meta = {"fingerprint": fp, "batches": str(state.batches), "rank": str(ddp.rank()),
                 "world_size": str(ddp.world_size())}
-        atomic_write(self.dir.score_progress(ddp.rank()),
-                     save({k: v.contiguous() for k, v in state.sums.items()}, metadata=meta))
+        tensors = {k: v.contiguous() for k, v in state.sums.items()}
+        if state.converge is not None:
+            checks, values = state.converge.state()
+            tensors.update({_CONVERGE + k: v.contiguous() for k, v in checks.items()})
+            meta["convergence"] = json.dumps(values)
+        atomic_write(self.dir.score_progress(ddp.rank()), save(tensors, metadata=meta))
 
     def _score_resume(self, fp: str) -> ScoreState | None:
         """The partial sums of a killed score stage, when every rank has them for the same
@@ -118,15 +142,18 @@ class SearchStages:
         path, state = self.dir.score_progress(ddp.rank()), None
         if path.is_file():
             try:
-                sums, meta = read_tensors(path)
+                tensors, meta = read_tensors(path)
+                checks = meta.pop("convergence", None)
                 if meta == {"fingerprint": fp, "batches": meta.get("batches"),
                             "rank": str(ddp.rank()), "world_size": str(ddp.world_size())}:
                     if not str(meta["batches"]).isdigit():
                         raise StageOutputError(f"{path}: batches {meta['batches']!r} is not a "
                                                "count of batches")
+                    sums = {k: v for k, v in tensors.items() if not k.startswith(_CONVERGE)}
                     state = ScoreState(check_neuron_values(path, sums,
                                                            mlp_widths(self.original())),
-                                       int(meta["batches"]))
+                                       int(meta["batches"]),
+                                       self._resumed_checks(path, tensors, checks))
             except StageOutputError as e:
                 self.log(f"score: {e}; starting the score stage over")
         position = float(state.batches if state else -1)
@@ -136,12 +163,27 @@ class SearchStages:
         self.log(f"score: resumed after {state.batches} calibration batches")
         return state
 
+    def _resumed_checks(self, path, tensors: dict, checks: str | None
+                        ) -> ScoreConvergence | None:
+        """The convergence checks a score checkpoint holds (None without)."""
+        converge = self._convergence()
+        if converge is None or checks is None:
+            return None
+        try:
+            values = json.loads(checks)
+            converge.restore({k[len(_CONVERGE):]: v for k, v in tensors.items()
+                              if k.startswith(_CONVERGE)}, values)
+        except (ValueError, TypeError, AttributeError) as e:
+            raise StageOutputError(f"{path}: unreadable convergence checks ({e})") from None
+        return converge
+
     def stage_prune(self) -> dict:
         r = self.recipe
         # the cache settings change where states are kept, never the result; default search
         # settings leave the fingerprint of runs made before they existed as it was
         fp = fingerprint(self._score_fp(), r.amp.model_dump(
-            exclude={"cache"} | ({"search"} if r.amp.search == SearchConfig() else set())))
+            exclude={"cache", "score_convergence"} |
+            ({"search"} if r.amp.search == SearchConfig() else set())))
         done = self._kept_prune(fp)
         if done is not None:
             self.log("prune: kept from an earlier run")

@@ -27,6 +27,7 @@ from torch import nn
 
 from ..core.adapter import vision_tower
 from ..core.batches import SameShape, batch_images
+from ..core.convergence import keep_order
 from ..core.importance import AMPImportance
 from ..core.mlp import MLPView, find_mlps
 from ..utils.dist import agree, global_batch_size
@@ -70,11 +71,6 @@ class PruneResult:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def keep_order(scores: torch.Tensor) -> torch.Tensor:
-    """Neuron indices by descending score (stable, so ties keep index order)."""
-    return torch.sort(scores, descending=True, stable=True).indices
 
 
 def candidate_sizes(hidden: int, max_steps: int, accept: Callable[[int], bool],
@@ -458,7 +454,7 @@ def adaptive_search(
                     with candidate(name, view, order[:size]):
                         measured[size] = finite_value(
                             evaluate(name) if sequential is None else sequential.trial(
-                                name, size), name, size, what)
+                                name, size, view.hidden), name, size, what)
                     state.evaluations += 1
                 elif sequential is not None:
                     state.reads.append(0)

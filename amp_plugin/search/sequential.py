@@ -93,12 +93,15 @@ class PairedTest:
 class EarlyDecisions:
     """`confidence`: the probability that every early decision of a search is the one the
     full pass would take (split evenly over the trials a search can run, `trials`).
-    `min_batches`: read before any early decision; `seed`: the batch order."""
+    `min_batches`: read before any early decision; `seed`: the batch order; `nearest`: pair
+    each trial with the nearest size of its block already read on every batch (False: always
+    with the block's start, E_prev's state)."""
 
     confidence: float
     trials: int = 1
     min_batches: int = 4
     seed: int = 0
+    nearest: bool = True
 
     def __post_init__(self):
         if not (isinstance(self.confidence, (int, float)) and 0 < self.confidence < 1):
@@ -136,7 +139,7 @@ def read_trial(values, reference: Sequence[float] | None, test: PairedTest | Non
                ) -> TrialRead:
     """Read `values` ((batch, value on this rank, value agreed over ranks), in the trial's
     order) until `test` decides on the differences with `reference` (the agreed values of
-    the same batches for the state E_prev was measured on); no test: read them all."""
+    the same batches for the state the trial is paired with); no test: read them all."""
     read = TrialRead({}, {})
     for b, local, agreed in values:
         read.values[b], read.agreed[b] = local, agreed
@@ -157,8 +160,9 @@ def record(early: EarlyDecisions, batches: int, reads: Sequence[int],
     refuted = dict(refuted or {})
     trials = sum(1 for r in reads if r)
     read = sum(reads) + sum(completions.values()) + sum(refuted.values())
-    return {"confidence": early.confidence, "alpha_per_trial": early.alpha,
-            "min_batches": early.min_batches, "batches": batches, "reads": list(reads),
+    return {"confidence": early.confidence, "nearest": early.nearest,
+            "alpha_per_trial": early.alpha, "min_batches": early.min_batches,
+            "batches": batches, "reads": list(reads),
             "completions": dict(completions), "batches_read": read,
             "batches_full_passes": trials * batches,
             "decided_early": sum(1 for r in reads if 0 < r < batches),
@@ -205,13 +209,36 @@ class SequentialTrials:
         self.reads.clear()
         return best
 
-    def trial(self, name: str, size: int) -> float:
-        """The candidate's mean over the batches its trial read (exact when all)."""
+    def paired_with(self, name: str, size: int, hidden: int) -> tuple[list[float], float]:
+        """(per-batch values to pair a trial of `size` with, the threshold on the mean
+        difference). The block's start (E_prev's state, the MLP whole at `hidden`) pairs
+        at `threshold`; with `early.nearest`, a trial of this block read on every batch at
+        a size nearer `size` pairs instead, at `threshold` minus its own exact rise over
+        E_prev: mean(e - e_near) <= threshold - (mean(e_near) - E_prev) is the same
+        comparison, and two nearby sizes differ less from batch to batch, so the interval
+        is narrower. The partner is chosen before the trial reads anything."""
+        reference = self.state.reference
+        if not self.early.nearest:
+            return reference, self.threshold
+        full = {s: r for (n, s), r in self.reads.items()
+                if n == name and len(r.agreed) == self.batches}
+        near = min(full, key=lambda s: (abs(s - size), -s), default=None)
+        if near is None or abs(near - size) >= abs(hidden - size):
+            return reference, self.threshold
+        values = [full[near].agreed[b] for b in range(self.batches)]
+        rise = sum(v - r for v, r in zip(values, reference, strict=True)) / self.batches
+        return values, self.threshold - rise
+
+    def trial(self, name: str, size: int, hidden: int | None = None) -> float:
+        """The candidate's mean over the batches its trial read (exact when all);
+        `hidden`: the MLP's width when whole (the size of the block's start state)."""
         # resumed without E_prev's values on every batch: full passes until the next one
-        test = (None if self.state.reference is None or self.full_passes
-                else self.early.test(self.batches, self.threshold))
-        read = read_trial(self.evaluate.batch_values(name, self.order), self.state.reference,
-                          test)
+        test, reference = None, self.state.reference
+        if reference is not None and not self.full_passes:
+            reference, threshold = self.paired_with(name, size,
+                                                    size + 1 if hidden is None else hidden)
+            test = self.early.test(self.batches, threshold)
+        read = read_trial(self.evaluate.batch_values(name, self.order), reference, test)
         self.reads[name, size] = read
         self.state.reads.append(len(read.values))
         if len(read.values) == self.batches:
