@@ -203,11 +203,14 @@ class SearchConfig(Strict):
 
 class ScoreConvergenceConfig(Strict):
     """Stop the score stage once the neurons each size the search can try would keep have
-    not changed for `patience` checks in a row (one check every `every` batches)."""
+    not changed (at most a fraction `tolerance` of them) for `patience` checks in a row (one
+    check every `every` batches)."""
 
     every: int = Field(default=50, gt=0, description="calibration batches between checks")
     patience: int = Field(default=3, gt=0, description=(
         "checks in a row without a change before the pass stops"))
+    tolerance: float = Field(default=0.0, ge=0, lt=1, description=(
+        "a check counts as unchanged when at most this fraction of all neurons moved"))
 
 
 class AMPConfig(Strict):

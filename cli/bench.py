@@ -162,6 +162,59 @@ def _early(layers, width, val_images, batch_size, confidences, seeds, seed, imag
         raise typer.Exit(1)
 
 
+@bench.command("scoring", cls=Command)
+def scoring_cmd(
+    layers: int = typer.Option(12, help="transformer blocks"),
+    width: int = typer.Option(64, help="embedding width (MLP hidden = 4x)"),
+    calib_images: int = typer.Option(4096, help="calibration images (one whole pass)"),
+    val_images: int = typer.Option(512, help="validation images of the searches"),
+    batch_size: int = typer.Option(32, help="batch size of both"),
+    every: int = typer.Option(4, min=1, help="calibration batches between checks"),
+    patience: int = typer.Option(3, min=1, help="checks in a row without a change"),
+    tolerance: list[float] = typer.Option(None, help=(
+        "fraction of all neurons that may move at an unchanged check (repeatable; "
+        "default 0 and 0.01)")),
+    threshold: float = typer.Option(2e-3, help="entropy threshold of the searches"),
+    seeds: int = typer.Option(1, min=1, help="models seed, seed+1, ..."),
+    seed: int = typer.Option(0),
+    threads: int = typer.Option(None, min=1, help="torch CPU threads (default: torch's)"),
+    json_out: Path = typer.Option(None, "--json", help="also write the numbers here"),
+) -> None:
+    """Scoring that stops when the search's candidates settle (amp.score_convergence):
+    batches read, and whether the exact search keeps a whole pass's sizes."""
+    import torch
+
+    from amp_plugin.bench.scoring import bench_scoring
+
+    tolerances = tuple(tolerance or (0.0, 0.01))
+    bad = [t for t in tolerances if not 0 <= t < 1]
+    if bad:
+        raise typer.BadParameter(f"{bad[0]} is not in [0, 1)", param_hint="--tolerance")
+    if threads is not None:
+        torch.set_num_threads(threads)
+    r = bench_scoring(layers, width, calib_images, val_images, batch_size, every, patience,
+                      tolerances, threshold, seeds=seeds, seed=seed)
+    t = Table(title=f"scoring convergence: {layers} blocks, width {width}, {calib_images} "
+                    f"calibration images in batches of {batch_size}, a check every {every} "
+                    f"batches, patience {patience}; sizes: the exact search on "
+                    f"{val_images} images vs the whole pass's scores")
+    for col in ("seed", "tolerance", "batches read", "fraction", "neurons moved", "sizes"):
+        t.add_column(col, justify="right")
+    for row in r["seeds"]:
+        for tol, o in row["options"].items():
+            t.add_row(str(row["seed"]), tol, f"{o['batches_read']}/{row['batches']}",
+                      f"{o['read_fraction']:.3f}", f"{o['neurons_moved']}/{row['neurons']}",
+                      "same" if o["identical_sizes"] else f"{o['blocks_differing']} differ")
+    console = Console()
+    console.print(t)
+    for tol, s in r["summary"].items():
+        f = s["read_fraction"]
+        console.print(f"tolerance {tol}: read {f['mean']:.3f} of the pass (min {f['min']:.3f}, "
+                      f"max {f['max']:.3f}); sizes identical on {s['identical_seeds']} of "
+                      f"{len(r['seeds'])} seeds")
+    _write(json_out, r)
+
+
 @bench.command("throughput", cls=Command)
 @user_errors
 def throughput_cmd(

@@ -123,6 +123,17 @@ def suffix_bound(trace, hidden: int, n_blocks: int, attn: float, per_neuron: flo
 CALIB_IMAGES = 64
 
 
+def bench_images(count: int, image_size: int) -> torch.Tensor:
+    """`count` model inputs: the 1,797 digits, then their mirror images, then transposed,
+    then upside down (7,188 in all)."""
+    raw, _ = digits_raw()
+    raw = torch.cat([raw, raw.flip(-1), raw.transpose(-1, -2), raw.flip(-2)])
+    if count > len(raw):
+        raise ValueError(f"{count} images asked for: the digits and their mirrored, "
+                         f"transposed and flipped copies are {len(raw)}")
+    return to_model_input(raw[:count], image_size, (0.5,) * 3, (0.5,) * 3)
+
+
 def bench_model(layers: int, width: int, val_images: int, image_size: int, patch_size: int,
                 inv_temperature: float, seed: int, batch_size: int | None, device: str,
                 dtype: str, show_progress: bool = True):
@@ -138,15 +149,7 @@ def bench_model(layers: int, width: int, val_images: int, image_size: int, patch
             "kwargs": dict(img_size=image_size, patch_size=patch_size, embed_dim=width,
                            depth=layers, num_heads=max(1, width // 64), num_classes=0)}
     model = create_model(spec).to(dev, dt).eval()
-    raw, _ = digits_raw()
-    # past the 1,797 digits: their mirror images, then transposed, then upside down
-    raw = torch.cat([raw, raw.flip(-1), raw.transpose(-1, -2), raw.flip(-2)])
-    if CALIB_IMAGES + val_images > len(raw):
-        raise ValueError(f"--val-images {val_images}: the digits and their mirrored, "
-                         f"transposed and flipped copies have {len(raw) - CALIB_IMAGES} "
-                         "images besides the calibration batch")
-    images = to_model_input(raw[: CALIB_IMAGES + val_images], image_size, (0.5,) * 3,
-                            (0.5,) * 3).to(dev, dt)
+    images = bench_images(CALIB_IMAGES + val_images, image_size).to(dev, dt)
     val = batches(images[CALIB_IMAGES:], batch_size or val_images)
     imp = AMPImportance(inv_temperature, show_progress=show_progress)
     scores = imp.accumulate(model, [images[:CALIB_IMAGES]])

@@ -6,9 +6,10 @@ the scores are summarised by each neuron's *bucket*: how many of those sizes lea
 Two score vectors with the same buckets make the search try the same candidates, so the
 search decides the same sizes from either. Every `every` calibration batches the buckets
 of the running sums are compared with the last check's; the pass stops once they have not
-changed for `patience` checks in a row. That the remaining batches would not change them
-either is an assumption (checked by `amp bench scoring`), not a guarantee: the option is
-off by default and the stopping point is recorded.
+changed (or, with `tolerance`, changed for at most that fraction of all neurons) for
+`patience` checks in a row. That the remaining batches would not change them either is an
+assumption (measured by `amp bench scoring`), not a guarantee: the option is off by
+default and the stopping point is recorded.
 
     search_sizes(hidden, max_steps, round_to)   every size the binary search can try
     buckets(scores, sizes)                      per neuron: the sizes that leave it out
@@ -57,14 +58,16 @@ def buckets(scores: torch.Tensor, sizes: list[int]) -> torch.Tensor:
 
 @dataclass
 class ScoreConvergence:
-    """Stop scoring when the buckets of every MLP have been the same for `patience` checks
-    in a row, one check every `every` batches. `max_steps` and `round_to` are the search's
-    (they decide the sizes it can try). `history` holds (batch, neurons whose bucket moved
+    """Stop scoring when the buckets of every MLP have been the same (at most a fraction
+    `tolerance` of all neurons moved) for `patience` checks in a row, one check every
+    `every` batches. `max_steps` and `round_to` are the search's (they decide the sizes it
+    can try). `history` holds (batch, neurons whose bucket moved
     since the last check) per check; `stable` the checks in a row without a move;
     `stopped` the batch the pass stopped after (None: it read every batch)."""
 
     every: int = 50
     patience: int = 3
+    tolerance: float = 0.0
     max_steps: int = 6
     round_to: int | None = None
     last: dict[str, torch.Tensor] | None = None
@@ -78,6 +81,9 @@ class ScoreConvergence:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"score convergence: {key} must be a whole number >= 1, "
                                  f"got {value!r}")
+        if not (isinstance(self.tolerance, (int, float)) and 0 <= self.tolerance < 1):
+            raise ValueError(f"score convergence: tolerance must be in [0, 1), got "
+                             f"{self.tolerance!r}")
 
     def due(self, batches: int) -> bool:
         return batches % self.every == 0
@@ -89,7 +95,8 @@ class ScoreConvergence:
                for n, s in sums.items()}
         moved = (sum(len(s) for s in now.values()) if self.last is None else
                  sum(int((now[n] != self.last[n]).sum()) for n in now))
-        self.stable = self.stable + 1 if self.last is not None and moved == 0 else 0
+        quiet = moved <= self.tolerance * sum(len(s) for s in now.values())
+        self.stable = self.stable + 1 if self.last is not None and quiet else 0
         self.last = now
         self.history.append((batches, moved))
         if self.stable >= self.patience:
@@ -98,7 +105,8 @@ class ScoreConvergence:
 
     def record(self, read: int) -> dict:
         """What the score stage's metadata keeps: settings, where it stopped, the checks."""
-        return {"every": self.every, "patience": self.patience, "batches_read": read,
+        return {"every": self.every, "patience": self.patience, "tolerance": self.tolerance,
+                "batches_read": read,
                 "stopped": self.stopped, "history": [list(h) for h in self.history]}
 
     def state(self) -> tuple[dict[str, torch.Tensor], dict]:

@@ -66,7 +66,7 @@ class SearchStages:
         a = self.recipe.amp
         c = a.score_convergence
         return (None if c is None else
-                ScoreConvergence(c.every, c.patience, a.max_steps, a.round_to))
+                ScoreConvergence(c.every, c.patience, c.tolerance, a.max_steps, a.round_to))
 
     def stage_score(self) -> dict[str, torch.Tensor]:
         fp = self._score_fp()
