@@ -235,3 +235,65 @@ def test_pruned_model_second_step_and_meta_device_are_refused():
     with pytest.raises(TypeError, match="importance: expected an AMPImportance"):
         amp.AMPPruner(model, digit_images(1), tp.importance.GroupMagnitudeImportance(), VAL,
                       1e-2)
+
+
+# ---- registries ---------------------------------------------------------------------------
+def test_a_name_registered_twice_is_refused_unless_replaced():
+    from amp_plugin.export import ExportFormat, get_format, register_format
+
+    entropy = amp.criterion_info("entropy")
+    with pytest.raises(ValueError, match="^criterion 'entropy' is already registered$"):
+        amp.register_criterion("entropy")(lambda inv_temperature: None)
+    assert amp.criterion_info("entropy") is entropy
+    onnx = get_format("onnx")
+
+    class Clash(ExportFormat):
+        name = "onnx"
+
+    with pytest.raises(ValueError, match="^export format 'onnx' is already registered$"):
+        register_format(Clash)
+    assert get_format("onnx") is onnx
+    # a builder is replaced where that is asked for (to wrap it), and put back
+    from amp_plugin.families.timm_vit import build_timm
+
+    with pytest.raises(ValueError, match="^model library 'timm' is already registered$"):
+        amp.register_builder("timm")(build_timm)
+    built = []
+
+    def counting(spec):
+        built.append(spec.name)
+        return build_timm(spec)
+
+    spec = {"library": "timm", "name": "vit_small_patch16_224",
+            "kwargs": {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 1,
+                       "num_heads": 2, "num_classes": 0}}
+    amp.register_builder("timm", replace=True)(counting)
+    try:
+        amp.create_model(spec)
+    finally:
+        amp.register_builder("timm", replace=True)(build_timm)
+    amp.create_model(spec)
+    assert built == ["vit_small_patch16_224"]
+    assert amp.list_builders() == ["timm", "open_clip", "transformers"]
+
+
+def test_an_unknown_name_lists_the_known_ones():
+    from amp_plugin.evaluate import get_task
+    from amp_plugin.utils.registry import Registry
+
+    registry: Registry[int] = Registry("size rule")
+    registry.register("halve", 2)
+    registry.decorator("third")(3)
+    with pytest.raises(ValueError, match="^unknown size rule 'quarter'; expected one of "
+                                         "halve, third$"):
+        registry.get("quarter")
+    assert registry.get("third") == 3
+    assert list(registry) == registry.names() == ["halve", "third"]
+    assert len(registry) == 2 and "halve" in registry and "quarter" not in registry
+    with pytest.raises(ValueError, match="^unknown criterion 'nope'; expected one of entropy, "
+                                         "clip_entropy, one_hot$"):
+        amp.make_criterion("nope", 20.0)
+    with pytest.raises(ValueError, match="^unknown eval task 'nope'; known: ") as err:
+        get_task("nope")
+    listed = str(err.value).split("known: ")[1].split(", ")
+    assert sorted(listed) == sorted(amp.list_tasks()) and "knn" in listed

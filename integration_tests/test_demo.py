@@ -16,7 +16,7 @@ COUNTING_RUN = textwrap.dedent("""
     from amp_plugin.families.timm_vit import build_timm
 
     builds = []
-    @amp.register_builder("timm")
+    @amp.register_builder("timm", replace=True)
     def counting(spec):
         builds.append(spec.name)
         return build_timm(spec)
@@ -24,7 +24,7 @@ COUNTING_RUN = textwrap.dedent("""
     out, sets = sys.argv[1], json.loads(sys.argv[2])
     recipe = amp.load_recipe("demo_digits", sets)
     amp.run(recipe, out, show_progress=False)
-    amp.register_builder("timm")(build_timm)
+    amp.register_builder("timm", replace=True)(build_timm)
     print("BUILDS", len(builds))
 """)
 

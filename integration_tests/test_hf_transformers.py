@@ -192,6 +192,16 @@ def test_trust_remote_code_is_refused_anywhere_in_a_spec(tmp_path):
              r"config.json.auto_map: .* would run code shipped with a checkpoint")
 
 
+@pytest.mark.parametrize("config,message", [
+    (b"{broken", r"path: .*config.json: not valid JSON \(Expecting"),
+    (b"\xff\xfe", r"path: .*config.json: not valid JSON \('utf-8' codec"),
+    (b"[1, 2]", r"path: .*config.json: expected a JSON object, got list"),
+])
+def test_a_folder_whose_config_is_not_a_json_object_is_refused(tmp_path, config, message):
+    (tmp_path / "config.json").write_bytes(config)
+    _refused({"library": "transformers", "name": "auto", "path": str(tmp_path)}, message)
+
+
 def test_a_manifest_with_remote_code_is_refused_before_anything_is_imported(root, tmp_path):
     case = run_case("hf_vit", root)
     path = tmp_path / "m"

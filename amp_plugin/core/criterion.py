@@ -21,6 +21,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from ..utils.dist import is_distributed
+from ..utils.registry import Registry
 
 Criterion = Callable[[torch.Tensor, object], torch.Tensor]
 Needs = Literal["nothing", "text", "labels", "text_or_labels"]
@@ -106,26 +107,24 @@ class CriterionInfo:
         return self.needs in gives
 
 
-_CRITERIA: dict[str, CriterionInfo] = {}
+_CRITERIA: Registry[CriterionInfo] = Registry("criterion")
 
 
 def register_criterion(name: str, needs: Needs = "nothing",
                        projected: bool | Literal["with_text"] = False):
     """Decorator registering `build(inv_temperature) -> loss(features, extra)`."""
     def deco(build: Callable[[float], Criterion]):
-        _CRITERIA[name] = CriterionInfo(name, build, needs, projected)
+        _CRITERIA.register(name, CriterionInfo(name, build, needs, projected))
         return build
     return deco
 
 
 def list_criteria() -> list[str]:
-    return list(_CRITERIA)
+    return _CRITERIA.names()
 
 
 def criterion_info(name: str) -> CriterionInfo:
-    if name not in _CRITERIA:
-        raise ValueError(f"unknown criterion {name!r}; expected one of {', '.join(_CRITERIA)}")
-    return _CRITERIA[name]
+    return _CRITERIA.get(name)
 
 
 def make_criterion(name: str, inv_temperature: float) -> Criterion:

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..utils.registry import Registry
+
 
 @dataclass
 class MLPView:
@@ -106,28 +108,28 @@ def norm_or_none(m: nn.Module | None) -> nn.Module | None:
 
 # ---- matchers: one per layout, registered by the family modules ---------------------------
 Matcher = Callable[[str, nn.Module], "MLPView | None"]
-_MLP_KINDS: OrderedDict[str, Matcher] = OrderedDict()
-_EXAMPLES: dict[str, Callable[[int, int], nn.Module]] = {}
+_MLP_KINDS: Registry[Matcher] = Registry("MLP layout")
+_EXAMPLES: Registry[Callable[[int, int], nn.Module]] = Registry("MLP layout example")
 
 
 def register_mlp_kind(kind: str, example: Callable[[int, int], nn.Module] | None = None):
     """Decorator registering `matcher(name, module) -> MLPView | None` for a layout;
     `example(dim, hidden)` builds one such MLP for the contract tests."""
     def deco(fn: Matcher) -> Matcher:
-        _MLP_KINDS[kind] = fn
+        _MLP_KINDS.register(kind, fn)
         if example is not None:
-            _EXAMPLES[kind] = example
+            _EXAMPLES.register(kind, example)
         return fn
     return deco
 
 
 def list_mlp_kinds() -> list[str]:
-    return list(_MLP_KINDS)
+    return _MLP_KINDS.names()
 
 
 def mlp_example(kind: str, dim: int = 16, hidden: int = 32) -> nn.Module | None:
     """A module of layout `kind` (input and output width `dim`), if the kind gives one."""
-    return _EXAMPLES[kind](dim, hidden) if kind in _EXAMPLES else None
+    return _EXAMPLES.get(kind)(dim, hidden) if kind in _EXAMPLES else None
 
 
 def match_mlp(name: str, module: nn.Module) -> MLPView | None:

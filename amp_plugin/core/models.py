@@ -16,6 +16,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer
 from torch import nn
 
+from ..utils.registry import Registry
+
 
 class ModelSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -52,50 +54,47 @@ Builder = Callable[[ModelSpec], nn.Module]
 Converter = Callable[[dict, nn.Module], dict]
 FolderLoader = Callable[[ModelSpec], nn.Module]
 Standalone = Callable[[ModelSpec, nn.Module], dict]
-_BUILDERS: dict[str, Builder] = {}
-_CONVERTERS: dict[str, Converter] = {}
-_FOLDER_LOADERS: dict[str, FolderLoader] = {}
-_STANDALONE: dict[str, Standalone] = {}
+_BUILDERS: Registry[Builder] = Registry("model library", listing="known:")
+_CONVERTERS: Registry[Converter] = Registry("weights_format", listing="known:")
+_FOLDER_LOADERS: Registry[FolderLoader] = Registry("model folder loader")
+_STANDALONE: Registry[Standalone] = Registry("standalone spec maker")
 
 
 def register_builder(library: str, load_folder: FolderLoader | None = None,
-                     standalone: Standalone | None = None):
+                     standalone: Standalone | None = None, replace: bool = False):
     """Decorator registering `build(spec) -> nn.Module` (random init) for a library.
 
     `load_folder(spec)` builds the model with the weights of the spec's local folder
     (`spec.path`) for libraries that read one; `standalone(spec, model)` gives a spec
-    that rebuilds `model`'s architecture without that folder (what `save_pruned` writes)."""
+    that rebuilds `model`'s architecture without that folder (what `save_pruned` writes).
+    A library registered twice is refused unless `replace` (e.g. to wrap a builder)."""
     def deco(fn: Builder) -> Builder:
-        _BUILDERS[library] = fn
+        _BUILDERS.register(library, fn, replace)
         if load_folder is not None:
-            _FOLDER_LOADERS[library] = load_folder
+            _FOLDER_LOADERS.register(library, load_folder, replace)
         if standalone is not None:
-            _STANDALONE[library] = standalone
+            _STANDALONE.register(library, standalone, replace)
         return fn
     return deco
 
 
 def register_converter(fmt: str):
     """Decorator registering `convert(state_dict, model) -> state_dict` for a layout."""
-    def deco(fn: Converter) -> Converter:
-        _CONVERTERS[fmt] = fn
-        return fn
-    return deco
+    return _CONVERTERS.decorator(fmt)
 
 
 def list_builders() -> list[str]:
-    return list(_BUILDERS)
+    return _BUILDERS.names()
 
 
 def list_converters() -> list[str]:
-    return list(_CONVERTERS)
+    return _CONVERTERS.names()
 
 
 def get_converter(fmt: str) -> Converter:
     if fmt not in _CONVERTERS:
-        raise ValueError(f"unknown weights_format {fmt!r}; known: native, "
-                         f"{', '.join(_CONVERTERS)}")
-    return _CONVERTERS[fmt]
+        raise ValueError(_CONVERTERS.unknown(fmt, also=["native"]))
+    return _CONVERTERS.get(fmt)
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -189,8 +188,7 @@ def spec_errors(spec: ModelSpec, check_folder: bool = True) -> list[str]:
     data. (Builders check their own callables, e.g. timm's `act_layer`, by allow-list.)"""
     errors = []
     if spec.library not in _BUILDERS:
-        errors.append(f"library: unknown model library {spec.library!r}; known: "
-                      f"{', '.join(_BUILDERS)}")
+        errors.append(f"library: {_BUILDERS.unknown(spec.library)}")
     errors += plain_errors(spec.name, "name")
     errors += plain_errors(spec.kwargs, "kwargs")
     errors += _path_errors(spec, check_folder)
@@ -225,7 +223,7 @@ def _checked(spec: ModelSpec | dict) -> ModelSpec:
 def build_model(spec: ModelSpec | dict) -> nn.Module:
     """The spec's architecture with random weights (works under `torch.device('meta')`)."""
     spec = _checked(spec)
-    model = _BUILDERS[spec.library](spec)
+    model = _BUILDERS.get(spec.library)(spec)
     model.amp_spec = spec.model_dump()
     return model
 
@@ -236,7 +234,7 @@ def create_model(spec: ModelSpec | dict, load: bool = True) -> nn.Module:
     model folder (`path`) is built by its library's folder loader, weights included."""
     spec = _checked(spec)
     if load and spec.path is not None:
-        model = _FOLDER_LOADERS[spec.library](spec)
+        model = _FOLDER_LOADERS.get(spec.library)(spec)
         model.amp_spec = spec.model_dump()
         return model
     model = build_model(spec)
@@ -249,5 +247,6 @@ def standalone_spec(spec: ModelSpec | dict, model: nn.Module) -> dict:
     """A spec that rebuilds `model`'s architecture from plain data alone (no model
     folder): what a saved model's manifest holds."""
     spec = spec if isinstance(spec, ModelSpec) else ModelSpec(**spec)
-    fn = _STANDALONE.get(spec.library)
-    return fn(spec, model) if fn is not None else spec.model_dump()
+    if spec.library in _STANDALONE:
+        return _STANDALONE.get(spec.library)(spec, model)
+    return spec.model_dump()

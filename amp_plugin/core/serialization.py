@@ -16,7 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..utils.io import atomic_dir
+from ..utils.io import atomic_dir, read_json_object
 from .adapter import vision_tower
 from .mlp import find_mlps
 from .models import ModelSpec, build_model, spec_errors, standalone_spec
@@ -112,12 +112,7 @@ def read_manifest(path: str | Path) -> dict:
     f = path / MANIFEST
     if not f.is_file():
         raise FileNotFoundError(f"not a pruned model directory (no {MANIFEST}): {path}")
-    try:
-        manifest = json.loads(f.read_bytes().decode())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{f}: not valid JSON ({e})") from None
-    if not isinstance(manifest, dict):
-        raise ValueError(f"{f}: expected a JSON object, got {type(manifest).__name__}")
+    manifest = read_json_object(f)
     errors = _manifest_errors(manifest)
     if errors:
         raise ValueError(f"{f}: refused: " + "; ".join(errors))

@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from ..config import DataConfig
+from ..utils.registry import Registry
 from .loader import amp_loader
 
 
@@ -78,22 +79,19 @@ class DataSource:
                          "distill.root to an ImageNet-style training folder")
 
 
-_SOURCES: dict[str, DataSource] = {}
+_SOURCES: Registry[DataSource] = Registry("data.kind")
 
 
 def register_source(cls: type[DataSource]) -> type[DataSource]:
-    _SOURCES[cls.name] = cls()
-    return cls
+    return _SOURCES.register_class(cls)
 
 
 def list_sources() -> list[str]:
-    return list(_SOURCES)
+    return _SOURCES.names()
 
 
 def get_source(name: str) -> DataSource:
-    if name not in _SOURCES:
-        raise ValueError(f"unknown data.kind {name!r}; expected one of {', '.join(_SOURCES)}")
-    return _SOURCES[name]
+    return _SOURCES.get(name)
 
 
 def choose_disjoint(n: int, calib: int, val: int, seed: int, what: str) -> torch.Tensor:

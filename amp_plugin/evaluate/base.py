@@ -20,6 +20,7 @@ from torch import nn
 
 from ..config import DataConfig, EvalConfig
 from ..data.base import DataSource
+from ..utils.registry import Registry
 
 ROLES = ("teacher", "pruned", "distilled")
 
@@ -116,26 +117,23 @@ class EvalTask:
         return [Row(self.name, {r: section.get(r) for r in ROLES})]
 
 
-_TASKS: dict[str, EvalTask] = {}
+_TASKS: Registry[EvalTask] = Registry("eval task", listing="known:")
 
 
 def register_task(cls: type[EvalTask]) -> type[EvalTask]:
-    _TASKS[cls.name] = cls()
-    return cls
+    return _TASKS.register_class(cls)
 
 
 def list_tasks() -> list[str]:
-    return sorted(_TASKS, key=lambda name: _TASKS[name].order)
+    return sorted(_TASKS, key=lambda name: _TASKS.get(name).order)
 
 
 def get_task(name: str) -> EvalTask:
-    if name not in _TASKS:
-        raise ValueError(f"unknown eval task {name!r}; known: {', '.join(_TASKS)}")
-    return _TASKS[name]
+    return _TASKS.get(name)
 
 
 def resolved_tasks(cfg: EvalConfig) -> list[str]:
     """`eval.tasks`, or the registered tasks that run by default for this section."""
     if cfg.tasks is not None:
         return list(cfg.tasks)
-    return [name for name in list_tasks() if _TASKS[name].default(cfg)]
+    return [name for name in list_tasks() if _TASKS.get(name).default(cfg)]

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..utils.registry import Registry
+
 INPUT, OUTPUT = "pixel_values", "embedding"
 
 
@@ -39,20 +41,16 @@ class ExportFormat:
         return [path]
 
 
-_FORMATS: dict[str, ExportFormat] = {}
+_FORMATS: Registry[ExportFormat] = Registry("export format")
 
 
 def register_format(cls: type[ExportFormat]) -> type[ExportFormat]:
-    _FORMATS[cls.name] = cls()
-    return cls
+    return _FORMATS.register_class(cls)
 
 
 def list_formats() -> list[str]:
-    return list(_FORMATS)
+    return _FORMATS.names()
 
 
 def get_format(name: str) -> ExportFormat:
-    if name not in _FORMATS:
-        raise ValueError(f"unknown export format {name!r}; expected one of "
-                         f"{', '.join(_FORMATS)}")
-    return _FORMATS[name]
+    return _FORMATS.get(name)

@@ -30,7 +30,7 @@ from torch import nn
 from ..core.adapter import Adapter, register_adapter
 from ..core.mlp import MLPView, register_mlp_kind
 from ..core.models import ModelSpec, plain_errors, register_builder
-from ..utils.io import deep_merge
+from ..utils.io import deep_merge, read_json_object
 
 # the classes this family builds: {class name: model_type of its config}
 CLASSES = {
@@ -279,13 +279,7 @@ def _read_config(folder: Path) -> dict:
     if not f.is_file():
         raise ValueError(f"path: {folder} has no {CONFIG} (a folder written by "
                          "save_pretrained is expected)")
-    try:
-        cfg = json.loads(f.read_bytes().decode())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"path: {f} is not valid JSON ({e})") from None
-    if not isinstance(cfg, dict):
-        raise ValueError(f"path: {f}: expected a JSON object, got {type(cfg).__name__}")
-    return cfg
+    return read_json_object(f, key="path")
 
 
 def resolve(spec: ModelSpec) -> tuple[str, dict]:

@@ -239,14 +239,19 @@ def write_json(path: str | Path, data: Any) -> Path:
 def read_json(path: str | Path) -> dict | None:
     """The JSON object in `path`, None if there is no such file."""
     path = Path(path)
-    if not path.is_file():
-        return None
+    return read_json_object(path) if path.is_file() else None
+
+
+def read_json_object(path: str | Path, key: str = "") -> dict:
+    """The JSON object in the file `path`; a file that is not valid JSON, or holds another
+    value, is refused naming it (after `key`, the recipe key that named the file)."""
+    prefix = f"{key}: " if key else ""
     try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from e
+        data = json.loads(Path(path).read_bytes().decode())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{prefix}{path}: not valid JSON ({e})") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+        raise ValueError(f"{prefix}{path}: expected a JSON object, got {type(data).__name__}")
     return data
 
 

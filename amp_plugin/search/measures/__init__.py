@@ -10,9 +10,10 @@ A recipe names one with `amp.search.measure`; `register_measure` adds another.
 
 from __future__ import annotations
 
+from ...utils.registry import Registry
 from .base import NEEDS, SearchMeasure
 
-_MEASURES: dict[str, type[SearchMeasure]] = {}
+_MEASURES: Registry[type[SearchMeasure]] = Registry("search measure")
 
 
 def register_measure(cls: type[SearchMeasure]) -> type[SearchMeasure]:
@@ -22,8 +23,7 @@ def register_measure(cls: type[SearchMeasure]) -> type[SearchMeasure]:
     unknown = set(cls.needs) - NEEDS
     if unknown:
         raise ValueError(f"measure {cls.name!r} needs {sorted(unknown)}; known: {sorted(NEEDS)}")
-    _MEASURES[cls.name] = cls
-    return cls
+    return _MEASURES.register(cls.name, cls)
 
 
 def list_measures() -> list[str]:
@@ -32,10 +32,7 @@ def list_measures() -> list[str]:
 
 
 def measure_class(name: str) -> type[SearchMeasure]:
-    if name not in _MEASURES:
-        raise ValueError(f"unknown search measure {name!r}; expected one of "
-                         f"{', '.join(_MEASURES)}")
-    return _MEASURES[name]
+    return _MEASURES.get(name)
 
 
 def make_measure(name: str | SearchMeasure, importance) -> SearchMeasure:
