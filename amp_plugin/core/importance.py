@@ -3,8 +3,9 @@
     score_l[j] = mean over batches of  mean_b | sum_t a[b,t,j] * dE/da[b,t,j] |
 
 with E a label-free criterion of the pooled features. The product is folded into the
-score inside the backward pass by a tap at the input of each MLP's output linear, so
-no copy of the hidden activations of all blocks is kept.
+score inside the backward pass by a tap on the hidden activation (the input of each MLP's
+output linear, or the point `MLPView.tap` names), so no copy of the hidden activations of
+all blocks is kept.
 """
 
 from __future__ import annotations
@@ -169,7 +170,7 @@ class AMPImportance(tp.importance.Importance):
                 for p, _ in frozen:
                     p.requires_grad_(False)
                 for n, v in views.items():
-                    hook = v.output.register_forward_pre_hook(self._tap(slots[n]))
+                    hook = v.tap.register_forward_pre_hook(self._tap(slots[n]))
                     stack.callback(hook.remove)
                 batches = list(batches) if not hasattr(batches, "__len__") else batches
                 for batch in progress(batches, "AMP scoring", enabled=self.show_progress,
@@ -263,8 +264,9 @@ class AMPImportance(tp.importance.Importance):
 
     def _index(self, views: dict[str, MLPView]) -> None:
         """The MLPs scored, by the modules Torch-Pruning's groups name: output linears
-        (whose input channels are the hidden neurons) and packed gate linears."""
-        self._by_output = {v.output: (n, v) for n, v in views.items()}
+        (whose input channels are the hidden neurons) and packed gate linears. An MLP whose
+        linears are shared with attention has no group of its own: Torch-Pruning leaves it."""
+        self._by_output = {v.output: (n, v) for n, v in views.items() if v.graph_pruned}
         self._by_gate = {v.inputs[0]: n for n, v in views.items() if v.packed}
         self._by_output_name = {n: v.output for n, v in views.items()}
 
