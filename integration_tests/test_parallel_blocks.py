@@ -13,6 +13,7 @@ from contextlib import ExitStack
 
 import pytest
 import torch
+import torch_pruning as tp
 from conftest import digit_images
 from nni.compression.pruning import L1NormPruner
 
@@ -201,3 +202,18 @@ def test_nni_refuses_fused_blocks_naming_them(x):
     with pytest.raises(MaskError, match=r"blocks\.0: ParallelScalingBlock fuses its MLP"):
         apply_nni_masks(dense, masks, x[:1])
     assert all(torch.equal(v, before[k]) for k, v in dense.state_dict().items())
+
+
+def test_torch_pruning_script_refuses_fused_blocks_naming_them(x):
+    model = fused_vit("vit_base_patch16_xp_224")
+    before = copy.deepcopy(model.state_dict())
+    imp = amp.AMPImportance(20.0, show_progress=False)
+    amp.prepare(model)
+    pruner = tp.pruner.MetaPruner(model, x[:1], importance=imp, pruning_ratio=0.5,
+                                  customized_pruners=amp.customized_pruners())
+    imp.accumulate(model, [x[:32]])
+    with pytest.raises(RuntimeError, match=r"blocks\.\d: ParallelScalingBlock fuses its MLP "
+                                           r".*amp\.AMPPruner"):
+        for group in pruner.step(interactive=True):
+            group.prune()
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

@@ -144,6 +144,11 @@ class FusedMLPView(MLPView):
     def hidden(self) -> int:
         return self.output.in_features - self.output_offset
 
+    def fused_reason(self) -> str:
+        """Why no group of Torch-Pruning's or NNI mask holds these neurons alone."""
+        return (f"{type(self.module).__name__} fuses its MLP into linears shared with "
+                f"attention ({self.shared})")
+
     def _vectors(self) -> list[nn.Parameter]:
         return [getattr(self.module, n) for n in self.hidden_params]
 

@@ -63,9 +63,8 @@ def _hidden_activation(view: MLPView, masks: Mapping[nn.Linear, tuple]) -> torch
 
 
 def _shared_linears(name: str, view: MLPView) -> MaskError:
-    return MaskError(f"{name}: {type(view.module).__name__} fuses its MLP into linears shared "
-                     f"with attention ({getattr(view, 'shared', '')}), so an NNI mask, which "
-                     "covers a whole linear, cannot stand for its hidden neurons alone; use "
+    return MaskError(f"{name}: {view.fused_reason()}, so an NNI mask, which covers a whole "
+                     "linear, cannot stand for its hidden neurons alone; use "
                      "amp_plugin.AMPPruner for it")
 
 
