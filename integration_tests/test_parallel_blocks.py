@@ -7,6 +7,7 @@ weights, digits images."""
 from __future__ import annotations
 
 import copy
+import json
 import subprocess
 import sys
 from contextlib import ExitStack
@@ -14,8 +15,10 @@ from contextlib import ExitStack
 import pytest
 import torch
 import torch_pruning as tp
+from amp_cli.app import app
 from conftest import digit_images
 from nni.compression.pruning import L1NormPruner
+from typer.testing import CliRunner
 
 import amp_plugin as amp
 from amp_plugin.core.criterion import entropy_loss
@@ -217,3 +220,13 @@ def test_torch_pruning_script_refuses_fused_blocks_naming_them(x):
         for group in pruner.step(interactive=True):
             group.prune()
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_bench_models_match_sweeps_only_the_named_models(tmp_path):
+    out = tmp_path / "rows.json"
+    done = CliRunner().invoke(app, ["bench", "models", "--match", "dpwee", "--json", str(out)])
+    assert done.exit_code == 0, done.output
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["name"], r["family"], r["mlp_kinds"], r["status"]) for r in rows] == [
+        ("vit_dpwee_patch16_reg1_gap_256", "timm_vit", "timm_parallel_fused", "ok")]
+    assert rows[0]["detail"].startswith("2 MLPs, ")
