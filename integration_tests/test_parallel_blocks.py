@@ -21,10 +21,12 @@ from nni.compression.pruning import L1NormPruner
 from typer.testing import CliRunner
 
 import amp_plugin as amp
+from amp_plugin.core.cost import count_flops, count_mlp_params, count_params
 from amp_plugin.core.criterion import entropy_loss
 from amp_plugin.core.mlp import FusedMLPView
 from amp_plugin.nni import AMPNNIPruner, apply_nni_masks
 from amp_plugin.nni.masks import MaskError
+from amp_plugin.search.budget import SizeModel
 from amp_plugin.search.pruner import masked_or_sliced
 
 DIM, HEADS = 64, 2
@@ -155,16 +157,20 @@ for path in sys.argv[2:]:
 """
 
 
+STEPPED = ("vit_base_patch16_xp_224", "vit_dpwee_patch16_reg1_gap_256")  # both outputs
+
+
 def test_pruner_step_prunes_counts_and_reloads_in_a_fresh_process(x, tmp_path):
     want = {}
-    for name, (_, hidden, separate) in MODELS.items():
+    for name in STEPPED:
+        _, hidden, separate = MODELS[name]
         model = fused_vit(name)
         tower, _ = amp.vision_tower(model)
         params_before = sum(p.numel() for p in tower.parameters())
         imp = amp.AMPImportance(20.0, show_progress=False)
         imp.accumulate(model, [x[:32]])
         result = amp.AMPPruner(model, x[:1], imp, [x[32:64], x[64:]], threshold=5e-3,
-                               max_steps=3, show_progress=False).step()
+                               max_steps=2, show_progress=False).step()
         sizes = result.hidden_sizes
         assert sizes == {n: v.hidden for n, v in amp.find_mlps(tower).items()}
         assert result.original_sizes == {"blocks.0": hidden, "blocks.1": hidden}
@@ -185,8 +191,8 @@ def test_pruner_step_prunes_counts_and_reloads_in_a_fresh_process(x, tmp_path):
         want[name] = features(model, x[:8])
     torch.save(x[:8], tmp_path / "x.pt")
     subprocess.run([sys.executable, "-c", LOAD, str(tmp_path / "x.pt"),
-                    *(str(tmp_path / n) for n in MODELS)], check=True)
-    for name in MODELS:
+                    *(str(tmp_path / n) for n in STEPPED)], check=True)
+    for name in STEPPED:
         assert torch.equal(torch.load(tmp_path / f"{name}.features.pt"), want[name]), name
 
 
@@ -230,3 +236,17 @@ def test_bench_models_match_sweeps_only_the_named_models(tmp_path):
     assert [(r["name"], r["family"], r["mlp_kinds"], r["status"]) for r in rows] == [
         ("vit_dpwee_patch16_reg1_gap_256", "timm_vit", "timm_parallel_fused", "ok")]
     assert rows[0]["detail"].startswith("2 MLPs, ")
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_budget_size_model_predicts_the_pruned_counts(name, x):
+    """Budget mode's per-neuron parameters and FLOPs (tokens read at the tap) give exactly
+    the counts of the sliced model."""
+    model = fused_vit(name)
+    tower, _ = amp.vision_tower(model)
+    size_model = SizeModel(tower, amp.find_mlps(tower), x[:1])
+    sizes = {"blocks.0": 50, "blocks.1": 17}
+    amp.prune_mlps(tower, x[:1], {n: torch.arange(s) for n, s in sizes.items()})
+    assert size_model.at("params", sizes) == count_params(tower)
+    assert size_model.at("mlp_params", sizes) == count_mlp_params(tower)
+    assert size_model.at("flops", sizes) == count_flops(tower, x[:1])
