@@ -35,7 +35,14 @@ from .core.criterion import (
     register_criterion,
 )
 from .core.importance import AMPImportance
-from .core.mlp import MLPView, find_mlps, list_mlp_kinds, register_mlp_kind, register_not_mlp
+from .core.mlp import (
+    FusedMLPView,
+    MLPView,
+    find_mlps,
+    list_mlp_kinds,
+    register_mlp_kind,
+    register_not_mlp,
+)
 from .core.models import (
     ModelSpec,
     build_model,
@@ -65,7 +72,8 @@ from .search.pruner import AMPPruner
 prepare = mark_packed_gates  # the one step a Torch-Pruning script adds before its pruner
 
 __all__ = [
-    "AMPImportance", "AMPPruner", "Adapter", "GlobalAllocation", "MLPView", "ModelSpec",
+    "AMPImportance", "AMPPruner", "Adapter", "FusedMLPView", "GlobalAllocation", "MLPView",
+    "ModelSpec",
     "PackedGateLinear", "PackedGatePruner", "PruneResult", "Recipe", "RecipeError", "Run",
     "RunDir", "Trial", "build_dependency_graph", "build_model", "clip_entropy_loss",
     "create_model", "criterion_info", "customized_pruners", "entropy_loss", "find_mlps",

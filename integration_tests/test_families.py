@@ -24,7 +24,7 @@ from amp_plugin.nni.masks import MaskError
 
 torch.set_num_threads(2)
 
-REFUSED = {"vit_base_patch16_xp_224": "ParallelScalingBlock", "xcit_tiny_12_p16_224": "Xcit",
+REFUSED = {"xcit_tiny_12_p16_224": "Xcit",
            "RN50": "ModifiedResNet", "convnext_base": "ConvNeXt",
            "volo_d1_224": "VOLO: VOLO's first stage"}
 
@@ -193,12 +193,6 @@ def test_non_transformers_refused_before_any_work(name, cls):
         with pytest.raises(UnsupportedModel, match=rf"{cls}.*timm_vit.*open_clip"):
             attempt()
     assert [type(m) for m in model.modules()] == types  # nothing marked or wrapped
-
-
-def test_fused_parallel_block_refused_with_the_layout():
-    model = _small("vit_base_patch16_xp_224")
-    with pytest.raises(UnsupportedModel, match="ParallelScalingBlock.*in_proj"):
-        amp.AMPImportance(show_progress=False).accumulate(model, [digit_images(4)])
 
 
 @pytest.mark.parametrize("name,reason", [

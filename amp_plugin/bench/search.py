@@ -38,7 +38,7 @@ def reference_search(model: nn.Module, scores: dict[str, torch.Tensor], val: lis
     views = list(find_mlps(tower).items())
     masks = {n: torch.ones(v.hidden, device=v.output.weight.device,
                            dtype=v.output.weight.dtype) for n, v in views}
-    hooks = [v.output.register_forward_pre_hook(lambda m, a, n=n: (a[0] * masks[n],))
+    hooks = [v.tap.register_forward_pre_hook(lambda m, a, n=n: (a[0] * masks[n],))
              for n, v in views]
 
     def e_val() -> float:

@@ -3,8 +3,9 @@
     score_l[j] = mean over batches of  mean_b | sum_t a[b,t,j] * dE/da[b,t,j] |
 
 with E a label-free criterion of the pooled features. The product is folded into the
-score inside the backward pass by a tap at the input of each MLP's output linear, so
-no copy of the hidden activations of all blocks is kept.
+score inside the backward pass by a tap on the hidden activation (the input of each MLP's
+output linear, or the point `MLPView.tap` names), so no copy of the hidden activations of
+all blocks is kept.
 """
 
 from __future__ import annotations
@@ -108,6 +109,7 @@ class AMPImportance(tp.importance.Importance):
         self._by_output: dict[nn.Module, tuple[str, MLPView]] = {}
         self._by_gate: dict[nn.Module, str] = {}
         self._by_output_name: dict[str, nn.Module] = {}
+        self._shared: dict[tuple[nn.Module, str], tuple[str, MLPView]] = {}
         self.num_batches = 0
 
     # ---- scoring ------------------------------------------------------------------------
@@ -178,7 +180,7 @@ class AMPImportance(tp.importance.Importance):
                 for p, _ in frozen:
                     p.requires_grad_(False)
                 for n, v in views.items():
-                    hook = v.output.register_forward_pre_hook(self._tap(slots[n]))
+                    hook = v.tap.register_forward_pre_hook(self._tap(slots[n]))
                     stack.callback(hook.remove)
                 batches = list(batches) if not hasattr(batches, "__len__") else batches
                 for batch in progress(batches, "AMP scoring", enabled=self.show_progress,
@@ -277,19 +279,35 @@ class AMPImportance(tp.importance.Importance):
 
     def _index(self, views: dict[str, MLPView]) -> None:
         """The MLPs scored, by the modules Torch-Pruning's groups name: output linears
-        (whose input channels are the hidden neurons) and packed gate linears."""
-        self._by_output = {v.output: (n, v) for n, v in views.items()}
+        (whose input channels are the hidden neurons), packed gate linears, and the linears
+        an MLP shares with attention (no group of Torch-Pruning's holds its neurons alone)."""
+        self._by_output = {v.output: (n, v) for n, v in views.items() if v.graph_pruned}
         self._by_gate = {v.inputs[0]: n for n, v in views.items() if v.packed}
         self._by_output_name = {n: v.output for n, v in views.items()}
+        self._shared = {(lin, fn): (n, v) for n, v in views.items() if not v.graph_pruned
+                        for lin, fn in [*((i, "prune_out_channels") for i in v.inputs),
+                                        (v.output, "prune_in_channels")]}
+
+    def _check_shared(self, group) -> None:
+        """Refuse a group that removes channels of linears an MLP shares with attention: the
+        group cannot keep attention's channels apart from the MLP's neurons."""
+        for dep, _ in group:
+            hit = self._shared.get((dep.target.module, dep.handler.__name__))
+            if hit is not None:
+                name, view = hit
+                raise RuntimeError(f"{name}: {view.fused_reason()}; Torch-Pruning's groups "
+                                   "cannot remove its hidden neurons alone: prune it with "
+                                   "amp.AMPPruner")
 
     # ---- Torch-Pruning protocol ---------------------------------------------------------
     @torch.no_grad()
     def __call__(self, group) -> torch.Tensor | None:
-        if not self._by_output:
+        if not self._by_output_name:
             raise RuntimeError("AMPImportance has no scores: run importance.accumulate(model, "
                                "calibration_batches) before the pruner's step() (or "
                                "load_scores(scores, model))")
         self._check_packed_gates(group)
+        self._check_shared(group)
         for i, (dep, idxs) in enumerate(group):
             layer = dep.target.module
             if layer not in self._by_output or dep.handler.__name__ != "prune_in_channels":

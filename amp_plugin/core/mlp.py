@@ -5,7 +5,9 @@ One matcher per MLP layout, registered with `register_mlp_kind` by the family mo
 model. The algorithm code only sees `MLPView`.
 
 A hidden neuron j is column j of the output linear plus row j of every input linear;
-for a packed gate (one linear of 2*H outputs, chunked) rows j and j+H.
+for a packed gate (one linear of 2*H outputs, chunked) rows j and j+H. A `FusedMLPView`
+is an MLP whose neurons are a range of rows and columns of linears it shares with other
+layers (a parallel block's attention): it is pruned by slicing, not through the graph.
 """
 
 from __future__ import annotations
@@ -30,10 +32,24 @@ class MLPView:
     kind: str
     hidden_norm: nn.Module | None = None  # a norm over the hidden dim sits before `output`
     packed: bool = False  # inputs[0] holds gate and value halves of 2*H rows
+    hidden_tap: nn.Module | None = None  # its input is the hidden activation (else `output`)
+
+    # Torch-Pruning's dependency graph removes a neuron (a FusedMLPView slices itself)
+    graph_pruned = True
 
     @property
     def hidden(self) -> int:
         return self.output.in_features
+
+    @property
+    def tap(self) -> nn.Module:
+        """The module whose first forward input is the hidden activation (..., H): scores are
+        tapped and candidates masked by forward pre-hooks on it."""
+        return self.hidden_tap if self.hidden_tap is not None else self.output
+
+    def sync(self) -> None:
+        """Make the module's own size attributes agree with its parameters' shapes (after a
+        load resized them); nothing to do where the linears are the MLP's own."""
 
     @property
     def exact_masking(self) -> bool:
@@ -99,6 +115,83 @@ def _slice_linear(lin: nn.Linear, idxs: torch.Tensor, dim: int) -> None:
         lin.out_features = len(idxs)
     else:
         lin.in_features = len(idxs)
+
+
+def _with_range(total: int, offset: int, size: int, keep: torch.Tensor) -> torch.Tensor:
+    """Indices 0..total-1 keeping only `keep` of the range [offset, offset + size)."""
+    device = keep.device
+    return torch.cat([torch.arange(offset, device=device), offset + keep,
+                      torch.arange(offset + size, total, device=device)])
+
+
+@dataclass
+class FusedMLPView(MLPView):
+    """An MLP whose hidden neuron j is row `input_offset + j` of each input linear (shared
+    with other layers, e.g. q, k, v), column `output_offset + j` of the output linear (its
+    last columns, the others may belong to attention), and entry j of the module's
+    parameters named in `hidden_params`. Torch-Pruning's graph cannot remove part of a
+    linear's row range, so `prune` slices the parameters directly and the family's
+    `resize(module, size)` updates what the module's forward reads (e.g. split sizes).
+    `shared` says, for error messages, what the linears are shared with."""
+
+    input_offset: int = 0
+    output_offset: int = 0
+    hidden_params: tuple[str, ...] = ()
+    resize: Callable[[nn.Module, int], None] | None = None
+    shared: str = ""
+
+    graph_pruned = False
+
+    @property
+    def hidden(self) -> int:
+        return self.output.in_features - self.output_offset
+
+    def fused_reason(self) -> str:
+        """Why no group of Torch-Pruning's or NNI mask holds these neurons alone."""
+        return (f"{type(self.module).__name__} fuses its MLP into linears shared with "
+                f"attention ({self.shared})")
+
+    def _vectors(self) -> list[nn.Parameter]:
+        return [getattr(self.module, n) for n in self.hidden_params]
+
+    def param_counts(self) -> tuple[int, int]:
+        """(parameters that do not depend on the hidden size: the output bias when the output
+        linear is the MLP's own, parameters per neuron: its rows, column and entries)."""
+        per_neuron = sum(lin.in_features + (lin.bias is not None) for lin in self.inputs)
+        per_neuron += self.output.out_features + len(self._vectors())
+        own_output = self.output_offset == 0 and self.output.bias is not None
+        return (self.output.out_features if own_output else 0), per_neuron
+
+    def num_params(self) -> int:
+        return self.num_params_at(self.hidden)
+
+    def input_rows(self, idxs: torch.Tensor) -> torch.Tensor:
+        return idxs + self.input_offset
+
+    def prune(self, keep: torch.Tensor) -> None:
+        """Keep only hidden neurons `keep` (in index order), slicing the parameters."""
+        h = self.hidden
+        keep = torch.unique(keep.to(self.output.weight.device))  # sorted, as the graph keeps
+        if not len(keep) or int(keep[0]) < 0 or int(keep[-1]) >= h:
+            raise ValueError(f"{self.name}: cannot keep neurons {keep.tolist()[:4]}... of {h}")
+        for lin in self.inputs:
+            _slice_linear(lin, _with_range(lin.out_features, self.input_offset, h, keep), dim=0)
+        _slice_linear(self.output, _with_range(self.output.in_features, self.output_offset, h,
+                                               keep), dim=1)
+        for name, p in zip(self.hidden_params, self._vectors(), strict=True):
+            setattr(self.module, name, nn.Parameter(p.data[keep].clone(),
+                                                    requires_grad=p.requires_grad))
+        self.sync()
+
+    def sync(self) -> None:
+        if self.resize is not None:
+            self.resize(self.module, self.hidden)
+
+    def sliced_copy(self, keep: torch.Tensor) -> nn.Module:
+        new = copy.deepcopy(self.module)
+        view = match_mlp(self.name, new)
+        view.prune(keep)
+        return new
 
 
 def norm_or_none(m: nn.Module | None) -> nn.Module | None:

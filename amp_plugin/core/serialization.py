@@ -168,6 +168,8 @@ def load_pruned(path: str | Path, device: str | torch.device = "cpu") -> nn.Modu
     except ValueError as e:
         raise ValueError(f"{path / MANIFEST}: refused: spec.{e}") from None
     resize_to(model, manifest["shapes"])
+    for view in find_mlps(model).values():
+        view.sync()  # sizes a forward reads besides the shapes (a fused block's split)
     tensors = load_file(str(path / WEIGHTS))
     for alias, source in manifest.get("aliases", {}).items():
         if source not in tensors:

@@ -87,12 +87,15 @@ def mlp_inputs(model: nn.Module, example_inputs, views: Mapping[str, MLPView]
     return seen
 
 
-def mlp_graph(view: MLPView, example: torch.Tensor) -> tp.DependencyGraph:
+def mlp_graph(view: MLPView, example: torch.Tensor) -> tp.DependencyGraph | None:
     """Torch-Pruning's dependency graph of one MLP module, traced alone on its own input
     `example`. A hidden neuron never leaves its MLP (input rows, hidden norm, output
     columns), so the group is the one a whole-model graph gives; tracing the MLP alone also
     avoids whole-model tracing failures that have nothing to do with MLPs (the RoPE concat
-    of Sapiens2, a CLIP text tower)."""
+    of Sapiens2, a CLIP text tower). None for an MLP that prunes itself by slicing (its
+    neurons are part of linears shared with attention, which the graph cannot split)."""
+    if not view.graph_pruned:
+        return None
     return build_dependency_graph(view.module, example)
 
 
@@ -121,11 +124,15 @@ def check_group(dg: tp.DependencyGraph, group) -> bool:
     return True
 
 
-def prune_mlp(dg: tp.DependencyGraph, view: MLPView, keep: torch.Tensor) -> None:
-    """Keep only hidden neurons `keep` of `view`, through the dependency graph."""
+def prune_mlp(dg: tp.DependencyGraph | None, view: MLPView, keep: torch.Tensor) -> None:
+    """Keep only hidden neurons `keep` of `view`, through the dependency graph (`mlp_graph`;
+    an MLP that is not graph-pruned slices itself)."""
     keep_set = set(int(i) for i in keep)
     remove = [j for j in range(view.hidden) if j not in keep_set]
     if not remove:
+        return
+    if not view.graph_pruned:
+        view.prune(keep)
         return
     group = mlp_group(dg, view, remove)
     if not check_group(dg, group):

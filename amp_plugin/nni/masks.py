@@ -51,7 +51,7 @@ def _hidden_activation(view: MLPView, masks: Mapping[nn.Linear, tuple]) -> torch
     def grab(_module, args):
         seen["a"] = args[0]
 
-    handle = view.output.register_forward_pre_hook(grab)
+    handle = view.tap.register_forward_pre_hook(grab)
     was_training = view.module.training
     view.module.eval()  # dropout would zero live neurons at random
     try:
@@ -62,8 +62,16 @@ def _hidden_activation(view: MLPView, masks: Mapping[nn.Linear, tuple]) -> torch
     return seen["a"].abs().float().flatten(0, -2).amax(dim=0)
 
 
+def _shared_linears(name: str, view: MLPView) -> MaskError:
+    return MaskError(f"{name}: {view.fused_reason()}, so an NNI mask, which covers a whole "
+                     "linear, cannot stand for its hidden neurons alone; use "
+                     "amp_plugin.AMPPruner for it")
+
+
 def check_maskable(name: str, view: MLPView) -> None:
     """Raise MaskError unless zeroing the input rows of a neuron removes it exactly."""
+    if not view.graph_pruned:
+        raise _shared_linears(name, view)
     if view.hidden_norm is not None:
         norm = next(n for n, m in view.module.named_modules() if m is view.hidden_norm)
         raise MaskError(f"{name}: its norm over the hidden dim ({name}.{norm}, "
@@ -154,6 +162,8 @@ def plan_from_masks(model: nn.Module,
                                 "removed")
             mname, kind = role[module_name]
             view = mlps[mname]
+            if not view.graph_pruned:
+                raise _shared_linears(mname, view)
             if kind == "output":
                 if target == "bias":
                     raise MaskError(f"{where}: masks output channels (the embedding dim), not "

@@ -94,7 +94,7 @@ class SizeModel:
                 def hook(_m, args):
                     tokens[name] = args[0].numel() / (view.hidden * example.shape[0])
                 return hook
-            hooks = [v.output.register_forward_pre_hook(tap(n, v)) for n, v in views.items()]
+            hooks = [v.tap.register_forward_pre_hook(tap(n, v)) for n, v in views.items()]
             try:
                 self.before["flops"] = count_flops(tower, example)
             finally:

@@ -52,7 +52,7 @@ def masked_or_sliced(tower: nn.Module, view: MLPView, keep: torch.Tensor):
 
         def hook(_m, args):
             return (args[0] * mask.to(args[0].dtype), *args[1:])
-        handle = view.output.register_forward_pre_hook(hook)
+        handle = view.tap.register_forward_pre_hook(hook)
         try:
             yield
         finally:
