@@ -214,8 +214,8 @@ def test_caption_features_are_the_models_text_features(folders):
 
 # ---- (b) amp run end to end ----------------------------------------------------------------
 def test_amp_run_of_a_transformers_clip_recipe(folders, data, tmp_path):
-    """score, prune, distill, eval (zero-shot with the model's own tokenizer, kNN, the
-    comparison with the original) and report; the pruned and distilled models reload with
+    """score, prune, distill, eval (zero-shot with the model's own tokenizer, the cosine to
+    the original's features) and report; the pruned and distilled models reload with
     the zero-shot numbers the run measured."""
     from amp_plugin.run import Run
     from amp_plugin.run.recipe import load_recipe
@@ -227,9 +227,9 @@ def test_amp_run_of_a_transformers_clip_recipe(folders, data, tmp_path):
         "train": None, "stages": ["score", "prune", "distill", "eval", "report"],
         "output_dir": str(tmp_path / "run"), "amp.max_steps": 2,
         "data.calib_images": 64, "data.val_images": 64, "data.batch_size": 32,
-        "distill.max_steps": 2, "distill.batch_size": 16, "distill.epochs": 1,
-        "eval": {"tasks": ["knn", "cosine_to_original", "zeroshot_classification",
-                           "zeroshot_retrieval"], "batch_size": 64, "max_train": 200,
+        "data.test_fraction": 0.05, "distill.max_steps": 2, "distill.batch_size": 16, "distill.epochs": 1,
+        "eval": {"tasks": ["cosine_to_original", "zeroshot_classification",
+                           "zeroshot_retrieval"], "batch_size": 64, "max_train": 100,
                  "workers": 0, **section}})
     out = Run(recipe, show_progress=False).execute()
     run = tmp_path / "run"
@@ -240,8 +240,8 @@ def test_amp_run_of_a_transformers_clip_recipe(folders, data, tmp_path):
     retrieval = ev["zeroshot_retrieval"]["digits"]
     assert set(retrieval) == set(roles)
     assert all(0 <= v <= 100 for r in roles for v in retrieval[r].values())
-    assert set(ev["accuracy"]) == set(roles) and ev["cosine_to_original"]["teacher"] == \
-        pytest.approx(1.0)
+    cosine = ev["cosine_to_original"]
+    assert cosine["teacher"] == pytest.approx(1.0) and all(cosine[r] < 1 for r in roles[1:])
     d = section["zeroshot_classification"][0]
     original = amp.create_model(recipe.model)
     for role in ("pruned", "distilled"):
