@@ -227,7 +227,8 @@ def test_amp_run_of_a_transformers_clip_recipe(folders, data, tmp_path):
         "train": None, "stages": ["score", "prune", "distill", "eval", "report"],
         "output_dir": str(tmp_path / "run"), "amp.max_steps": 2,
         "data.calib_images": 64, "data.val_images": 64, "data.batch_size": 32,
-        "data.test_fraction": 0.05, "distill.max_steps": 2, "distill.batch_size": 16, "distill.epochs": 1,
+        "data.test_fraction": 0.05, "distill.max_steps": 2, "distill.batch_size": 16,
+        "distill.epochs": 1,
         "eval": {"tasks": ["cosine_to_original", "zeroshot_classification",
                            "zeroshot_retrieval"], "batch_size": 64, "max_train": 100,
                  "workers": 0, **section}})
