@@ -22,7 +22,7 @@ from amp_plugin.core.cost import count_mlp_params
 from amp_plugin.data import get_source
 from amp_plugin.data.digits import DIGIT_NAMES, write_digit_images
 from amp_plugin.evaluate import EvalContext, evaluate_models, get_task, text_classifier
-from amp_plugin.families.transformers_vision import TINY
+from amp_plugin.families.transformers_vision import TINY, HFClip
 
 torch.set_num_threads(2)
 
@@ -83,7 +83,8 @@ def _config(cls: str, tok) -> dict:
                 "text_config": {**text, "bos_token_id": tok.bos_token_id}}
     # SigLIP has no visual projection: the text head maps into the vision width
     return {"vision_config": {**TINY, "intermediate_size": 128},
-            "text_config": {**text, "projection_size": TINY["hidden_size"]}}
+            "text_config": {**text, "bos_token_id": tok.bos_token_id,
+                            "projection_size": TINY["hidden_size"]}}
 
 
 def write_folder(folder: Path, cls: str, corpus: list[str], seed: int = 0) -> Path:
@@ -311,8 +312,7 @@ def test_a_clip_folder_without_a_tokenizer_is_refused_before_any_work(folders, d
         Run(recipe, show_progress=False).execute()
     assert not (run / "pruned").exists()
     # a CLIPModel built from a config has no folder to read a tokenizer from
-    model = amp.create_model(amp.get_adapter(amp.create_model(
-        {"library": "transformers", "name": "auto", "path": str(folder)})).example)
+    model = amp.create_model(HFClip.example)
     with pytest.raises(ValueError, match="CLIPModel has no model folder"):
         amp.get_adapter(model).tokenizer(model)
 

@@ -186,7 +186,7 @@ class HFSiglip(Adapter):
         "text_config": {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
                         "intermediate_size": 64, "max_position_embeddings": 16,
                         "vocab_size": 64, "projection_size": 64, "pad_token_id": 1,
-                        "eos_token_id": 63}}}
+                        "bos_token_id": 62, "eos_token_id": 63}}}
 
     def matches(self, model):
         return _is_class(model, "SiglipModel")
