@@ -47,6 +47,7 @@ POOLED = {
     "CLIPVisionModel": lambda m, x: m(pixel_values=x).pooler_output,
     "CLIPModel": lambda m, x: m.vision_model(pixel_values=x).pooler_output,
     "SiglipVisionModel": lambda m, x: m(pixel_values=x).pooler_output,  # the MAP head's
+    "SiglipModel": lambda m, x: m.vision_model(pixel_values=x).pooler_output,
     "Dinov2Model": lambda m, x: m(pixel_values=x).pooler_output,  # CLS after layernorm
     "ViTModel": lambda m, x: m(pixel_values=x).last_hidden_state[:, 0],  # the classifier's
 }

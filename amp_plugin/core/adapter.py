@@ -12,6 +12,8 @@ Each family module (`amp_plugin.families.*`) registers its adapters with
                               own MLP); their MLPs are kept whole unless asked for
     final_tokens(tower, x)    (pooled, patch tokens) before the final norm/projection
     project(tower, f)         pooled features in the joint image-text space (CLIP towers)
+    image_text(model)         the image-text side of a model with a text tower (CLIP-style):
+                              `ImageText`, what zero-shot evaluation and caption criteria run
     tokenizer(model)          the text tokenizer of a model with a text tower
     cast(model, device, dtype) the model on a device in a precision, as its library runs it
 
@@ -21,12 +23,41 @@ elements (e.g. rotary embeddings) are per-batch constants.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
 State = tuple
+
+
+class ImageText:
+    """Both towers of an image-text model, as zero-shot evaluation and caption criteria run
+    them (clip-benchmark calls `encode_image` and `encode_text`). Each family with a text
+    tower subclasses it in its own module, so evaluation code never asks which family a
+    model is. Embeddings are unnormalised; the callers normalise, so a logit scale (or
+    SigLIP's bias) does not change any ranking and is not applied."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, D) image embeddings in the space text embeddings live in."""
+        raise NotImplementedError
+
+    def encode_text(self, tokens) -> torch.Tensor:
+        """(N, D) text embeddings of what `tokenizer()` returned for N texts."""
+        raise NotImplementedError
+
+    def tokenizer(self) -> Callable[[list[str]], Any]:
+        """texts -> tokens (with `.to(device)`), from local files only; raises ValueError
+        naming what is missing when the model does not say where its tokenizer is."""
+        raise NotImplementedError
+
+    def transform(self) -> Callable[[Any], torch.Tensor]:
+        """The model's own evaluation preprocessing: a PIL image -> a (3, H, W) tensor."""
+        raise NotImplementedError
 
 
 class Adapter:
@@ -75,9 +106,13 @@ class Adapter:
         used only when a criterion compares images with text."""
         return features
 
+    def image_text(self, model: nn.Module) -> ImageText:
+        """The image-text side of a model with a text tower (TypeError for the others)."""
+        raise TypeError(f"{type(model).__name__} ({self.family}) has no text tower")
+
     def tokenizer(self, model: nn.Module):
         """The tokenizer of the model's text tower (models with one only)."""
-        raise TypeError(f"{type(model).__name__} ({self.family}) has no text tower")
+        return self.image_text(model).tokenizer()
 
     def set_grad_checkpointing(self, tower: nn.Module, enable: bool = True) -> None:
         tower.set_grad_checkpointing(enable)

@@ -85,15 +85,18 @@ def read_captions(path: str | Path, root: str | Path) -> list[tuple[Path, list[s
 def encode_captions(model: nn.Module, captions: list[str], batch_size: int = 256,
                     show_progress: bool = True) -> torch.Tensor:
     """Text features (N, D) of `captions`, float32, no gradient."""
-    if not hasattr(model, "encode_text"):
-        raise TypeError(f"criterion clip_entropy needs a CLIP model with a text tower, got "
-                        f"{type(model).__name__} (image_only models have none)")
-    tokenizer = get_adapter(model).tokenizer(model)
+    try:
+        side = get_adapter(model).image_text(model)
+        tokenizer = side.tokenizer()
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"criterion clip_entropy needs an image-text model with a text tower "
+                        f"and its tokenizer, got {type(model).__name__} (image_only models "
+                        f"have none): {e}") from None
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     chunks = [captions[i:i + batch_size] for i in range(0, len(captions), batch_size)]
-    out = [model.encode_text(tokenizer(c).to(device)).float().cpu()
+    out = [side.encode_text(tokenizer(c).to(device)).float().cpu()
            for c in progress(chunks, "encoding captions", show_progress)]
     model.train(was_training)
     return torch.cat(out)

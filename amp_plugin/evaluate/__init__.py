@@ -33,7 +33,7 @@ from .identification import identification_rate
 from .labelled import LabelledFeatures, original_features
 from .original_knn import original_knn_top1
 from .prototype import prototype_accuracy
-from .runner import evaluate_models
+from .runner import check_tasks, evaluate_models
 from .throughput import compare_throughput, measure_throughput
 from .zero_shot import (
     classification_dataset,
@@ -46,7 +46,7 @@ from .zero_shot import (
 )
 
 __all__ = ["EvalContext", "EvalTask", "LabelledFeatures", "OriginalFeatures", "Row",
-           "classification_dataset", "clip_transform", "compare_throughput",
+           "check_tasks", "classification_dataset", "clip_transform", "compare_throughput",
            "cosine_to_original",
            "evaluate_models", "extract_features", "get_task", "identification_rate",
            "knn_top1", "linear_probe", "list_tasks", "load_classifier", "measure_throughput",

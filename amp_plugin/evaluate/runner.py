@@ -32,8 +32,7 @@ def evaluate_models(cfg: EvalConfig, models: Mapping[str, Callable[[], nn.Module
     for i, (role, load) in enumerate(models.items()):
         model = load().to(ctx.device).float().eval()
         if i == 0:
-            for task in chosen:
-                task.check(cfg, ctx, model)
+            check_tasks(cfg, ctx, model, names)
         tower, _ = vision_tower(model)
         example = torch.zeros(1, 3, size, size, device=ctx.device)
         results["models"][role] = {"params": count_params(tower),
@@ -56,6 +55,14 @@ def evaluate_models(cfg: EvalConfig, models: Mapping[str, Callable[[], nn.Module
     results["tasks"] = names
     results["eval_seconds"] = time.perf_counter() - t0
     return results
+
+
+def check_tasks(cfg: EvalConfig, ctx: EvalContext, model: nn.Module,
+                tasks: Sequence[str] | None = None) -> None:
+    """Each chosen task's check on `model` (the first evaluated, normally the original):
+    ValueError naming the task and what it misses, before any evaluation work."""
+    for name in (list(tasks) if tasks else resolved_tasks(cfg)):
+        get_task(name).check(cfg, ctx, model)
 
 
 def _store(results: dict, task, role: str, out) -> None:

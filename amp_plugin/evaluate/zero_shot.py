@@ -1,5 +1,9 @@
-"""Zero-shot evaluation of CLIP models (tasks `zeroshot_classification`,
+"""Zero-shot evaluation of image-text models (tasks `zeroshot_classification`,
 `zeroshot_retrieval`), with clip-benchmark's metrics (the library the reference vendored).
+
+What runs the text is the model's family's `ImageText` (`Adapter.image_text`: encoders,
+tokenizer, evaluation transform): open_clip CLIP models, transformers CLIPModel and
+SiglipModel alike; nothing here asks which family a model is.
 
 The text classifier is cached in a safetensors file because AMP prunes only the vision
 tower: the original, pruned and distilled models share the text tower, so one classifier
@@ -17,7 +21,7 @@ import torch
 from torch import nn
 
 from ..config import RetrievalDataset, ZeroShotDataset, clip_benchmark_json, is_file_ref
-from ..core.adapter import get_adapter, vision_tower
+from ..core.adapter import ImageText, get_adapter, vision_tower
 from ..utils.io import atomic_write
 from ..utils.tensors import device_of
 from .base import ROLES, EvalContext, EvalTask, Row, register_task
@@ -74,6 +78,11 @@ def save_classifier(path: str | Path, classifier: torch.Tensor, meta: dict[str, 
     return atomic_write(path, save(tensors, metadata=meta))
 
 
+def image_text(model: nn.Module) -> ImageText:
+    """The image-text side of `model` (TypeError for a model without a text tower)."""
+    return get_adapter(model).image_text(model)
+
+
 def _autocast_device(model: nn.Module) -> str:
     # clip-benchmark passes `device` to both .to() and torch.autocast, which takes a type.
     return device_of(model).type
@@ -94,7 +103,7 @@ def text_classifier(model: nn.Module, tokenizer, classnames: Sequence[str], temp
     was_training = model.training
     model.eval()
     try:
-        clf = zero_shot_classifier(model, tokenizer, list(classnames), templates,
+        clf = zero_shot_classifier(image_text(model), tokenizer, list(classnames), templates,
                                    _autocast_device(model), amp=amp)
     finally:
         model.train(was_training)
@@ -120,8 +129,8 @@ def zero_shot_classification(model: nn.Module, tokenizer, loader, classnames: Se
     was_training = model.training
     model.eval()
     try:
-        logits, target = run_classification(model, classifier.to(device_of(model)), loader,
-                                            _autocast_device(model), amp=amp)
+        logits, target = run_classification(image_text(model), classifier.to(device_of(model)),
+                                            loader, _autocast_device(model), amp=amp)
     finally:
         model.train(was_training)
     # clip-benchmark 1.6.2's accuracy() calls float() on a 1-element array, which NumPy 2.3
@@ -145,7 +154,7 @@ def zero_shot_retrieval(model: nn.Module, tokenizer, loader, recall_k: Sequence[
     was_training = model.training
     model.eval()
     try:
-        out = evaluate(model, loader, tokenizer, _autocast_device(model), amp=amp,
+        out = evaluate(image_text(model), loader, tokenizer, _autocast_device(model), amp=amp,
                        recall_k_list=list(recall_k))
     finally:
         model.train(was_training)
@@ -154,12 +163,9 @@ def zero_shot_retrieval(model: nn.Module, tokenizer, loader, recall_k: Sequence[
 
 # ---- datasets for the zero-shot tasks ------------------------------------------------------
 def clip_transform(model: nn.Module):
-    """The open_clip evaluation transform of `model` (resize, crop, normalise)."""
-    import open_clip
-    from open_clip.transform import PreprocessCfg, image_transform_v2
-
-    return image_transform_v2(PreprocessCfg(**open_clip.get_model_preprocess_cfg(model)),
-                              is_train=False)
+    """The evaluation transform of an image-text model (its family's: resize, crop,
+    normalise)."""
+    return image_text(model).transform()
 
 
 def _read_list(path: str, key: str | None) -> list | dict:
@@ -247,15 +253,23 @@ class _ZeroShot(EvalTask):
 
     def check(self, cfg, ctx, model):
         try:
-            get_adapter(model).tokenizer(model)
+            self.tokenizer(model, ctx)
+            self.transform(model, ctx)
         except (TypeError, ValueError) as e:
-            raise ValueError(f"eval task {self.name} needs a CLIP model (open_clip) with a "
-                             f"text tower and a local tokenizer: {e}") from None
+            raise ValueError(f"eval task {self.name} needs an image-text model with a text "
+                             f"tower and a local tokenizer (open_clip CLIP, transformers "
+                             f"CLIPModel or SiglipModel), but the model is "
+                             f"{type(model).__name__}: {e}") from None
         if not getattr(cfg, self.name):
             raise ValueError(f"eval task {self.name} needs datasets in eval.{self.name}")
 
+    # the tokenizer and the image transform are the first model's (the original, checked
+    # first): pruning changes neither, and a pruned model's own folder has neither
     def tokenizer(self, model: nn.Module, ctx: EvalContext):
-        return ctx.once("tokenizer", lambda: get_adapter(model).tokenizer(model))
+        return ctx.once("tokenizer", lambda: image_text(model).tokenizer())
+
+    def transform(self, model: nn.Module, ctx: EvalContext):
+        return ctx.once("transform", lambda: image_text(model).transform())
 
 
 @register_task
@@ -276,7 +290,7 @@ class ZeroShotClassification(_ZeroShot):
 
         out = {}
         for d in cfg.zeroshot_classification:
-            ds, classnames, templates = classification_dataset(d, clip_transform(model))
+            ds, classnames, templates = classification_dataset(d, self.transform(model, ctx))
             loader = DataLoader(ds, batch_size=cfg.batch_size, num_workers=cfg.workers)
             cache = d.classifier_cache or (None if ctx.cache_dir is None
                                            else ctx.cache_dir / f"{d.name}.safetensors")
@@ -314,7 +328,7 @@ class ZeroShotRetrieval(_ZeroShot):
 
         out = {}
         for d in cfg.zeroshot_retrieval:
-            ds = retrieval_dataset(d, clip_transform(model))
+            ds = retrieval_dataset(d, self.transform(model, ctx))
             loader = DataLoader(ds, batch_size=cfg.batch_size, num_workers=cfg.workers,
                                 collate_fn=captions_collate)
             out[d.name] = zero_shot_retrieval(model, self.tokenizer(model, ctx), loader,

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..core.adapter import Adapter, get_adapter, register_adapter
+from ..core.adapter import Adapter, ImageText, get_adapter, register_adapter
 from ..core.mlp import MLPView, norm_or_none, register_mlp_kind
 from ..core.models import ModelSpec, register_builder, register_converter
 from ..utils.io import deep_merge
@@ -160,11 +160,24 @@ class OpenClipCLIP(Adapter):
     def cast(self, model, device, dtype):
         return open_clip_cast(model, device, dtype)
 
-    def tokenizer(self, model):
-        """open_clip's bundled BPE tokenizer for the model's text tower (no hub)."""
+    def image_text(self, model):
+        return OpenClipImageText(model)
+
+
+class OpenClipImageText(ImageText):
+    """open_clip's own encode_image / encode_text, its bundled BPE tokenizer and its
+    evaluation transform (nothing from the hub)."""
+
+    def encode_image(self, images):
+        return self.model.encode_image(images)
+
+    def encode_text(self, tokens):
+        return self.model.encode_text(tokens)
+
+    def tokenizer(self):
         from open_clip.tokenizer import SimpleTokenizer
 
-        spec = getattr(model, "amp_spec", None)
+        spec = getattr(self.model, "amp_spec", None)
         if spec is None:
             raise ValueError("the CLIP model has no construction spec (build it with "
                              "amp_plugin.create_model)")
@@ -174,6 +187,14 @@ class OpenClipCLIP(Adapter):
                              "open_clip's bundled BPE tokenizer is supported")
         return SimpleTokenizer(context_length=text_cfg.get("context_length", 77),
                                **text_cfg.get("tokenizer_kwargs", {}))
+
+    def transform(self):
+        """open_clip's evaluation transform of the model (resize, crop, normalise)."""
+        import open_clip
+        from open_clip.transform import PreprocessCfg, image_transform_v2
+
+        cfg = open_clip.get_model_preprocess_cfg(self.model)
+        return image_transform_v2(PreprocessCfg(**cfg), is_train=False)
 
 
 for _adapter in (OpenClipViT(), OpenClipTimm(), OpenClipCLIP()):

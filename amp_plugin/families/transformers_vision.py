@@ -1,6 +1,7 @@
 """Hugging Face transformers vision encoders: CLIP (`CLIPVisionModel`, the vision tower of
 `CLIPModel`), SigLIP (`SiglipVisionModel`, its attention-pool head kept whole like
-timm's), DINOv2 (`Dinov2Model`, also the SwiGLU MLP of the giant model) and `ViTModel`.
+timm's; the vision tower of `SiglipModel`), DINOv2 (`Dinov2Model`, also the SwiGLU MLP of
+the giant model) and `ViTModel`.
 
 Models come from a local folder written by `save_pretrained` (`path`: config.json and
 model.safetensors), read strictly offline, or from a config with random weights
@@ -13,9 +14,12 @@ A pruned model is saved in amp's format: the manifest holds the whole transforme
 hidden size is in the tensor shapes; `load_pruned` builds from the config, resizes each
 MLP to its saved size and loads strictly.
 
-Registered here: adapters `hf_clip_vision`, `hf_clip`, `hf_siglip_vision`, `hf_dinov2`,
-`hf_vit`; builder `transformers`; MLP kinds `hf_mlp` (fc1/fc2 MLPs) and `hf_swiglu`
-(DINOv2's SwiGLU FFN).
+CLIPModel and SiglipModel have their text tower too: zero-shot evaluation and caption
+criteria run it with the tokenizer of the model's folder (`transformers_text`).
+
+Registered here: adapters `hf_clip_vision`, `hf_clip`, `hf_siglip_vision`, `hf_siglip`,
+`hf_dinov2`, `hf_vit`; builder `transformers`; MLP kinds `hf_mlp` (fc1/fc2 MLPs) and
+`hf_swiglu` (DINOv2's SwiGLU FFN).
 """
 
 from __future__ import annotations
@@ -31,12 +35,14 @@ from ..core.adapter import Adapter, register_adapter
 from ..core.mlp import MLPView, register_mlp_kind
 from ..core.models import ModelSpec, plain_errors, register_builder
 from ..utils.io import deep_merge, read_json_object
+from .transformers_text import HFClipImageText, HFSiglipImageText
 
 # the classes this family builds: {class name: model_type of its config}
 CLASSES = {
     "CLIPVisionModel": "clip_vision_model",
     "CLIPModel": "clip",
     "SiglipVisionModel": "siglip_vision_model",
+    "SiglipModel": "siglip",
     "Dinov2Model": "dinov2",
     "ViTModel": "vit",
 }
@@ -135,10 +141,8 @@ class HFClip(Adapter):
         vision.__dict__[PROJECTION] = model.visual_projection
         return vision
 
-    def tokenizer(self, model):
-        raise TypeError("a transformers CLIPModel's text tower is not wired into amp yet "
-                        "(zero-shot evaluation, text features of captions); its vision "
-                        "tower is pruned with image-only criteria")
+    def image_text(self, model):
+        return HFClipImageText(model)
 
 
 class HFSiglipVision(HFTower):
@@ -170,6 +174,28 @@ class HFSiglipVision(HFTower):
     def final_tokens(self, tower, x):
         t = self.last_tokens(tower, x)
         return t.mean(dim=1), t
+
+
+class HFSiglip(Adapter):
+    """A whole SiglipModel: AMP prunes and measures `vision_model` (its pooled output is
+    already in the space text features live in: SigLIP has no visual projection)."""
+
+    family = "hf_siglip"
+    example = {"library": "transformers", "name": "SiglipModel", "kwargs": {
+        "vision_config": {**TINY, "intermediate_size": 128},
+        "text_config": {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+                        "intermediate_size": 64, "max_position_embeddings": 16,
+                        "vocab_size": 64, "projection_size": 64, "pad_token_id": 1,
+                        "bos_token_id": 62, "eos_token_id": 63}}}
+
+    def matches(self, model):
+        return _is_class(model, "SiglipModel")
+
+    def tower(self, model):
+        return model.vision_model
+
+    def image_text(self, model):
+        return HFSiglipImageText(model)
 
 
 class HFClassToken(HFTower):
@@ -208,14 +234,14 @@ class HFViT(HFClassToken):
         return tower.layers
 
 
-for _adapter in (HFClipVision(), HFClip(), HFSiglipVision(), HFDinov2(), HFViT()):
+for _adapter in (HFClipVision(), HFClip(), HFSiglipVision(), HFSiglip(), HFDinov2(), HFViT()):
     register_adapter(_adapter, first=False)
 
 # small models of every layout this family drives: each adapter's example, and DINOv2's
 # SwiGLU variant (the giant model's MLP); `amp bench models` sweeps them
 SMALL_MODELS = {
-    **{a.example["name"]: a.example for a in (HFClipVision, HFClip, HFSiglipVision, HFDinov2,
-                                              HFViT)},
+    **{a.example["name"]: a.example for a in (HFClipVision, HFClip, HFSiglipVision, HFSiglip,
+                                              HFDinov2, HFViT)},
     "Dinov2Model-swiglu": tiny_spec("Dinov2Model", mlp_ratio=2, use_swiglu_ffn=True),
 }
 

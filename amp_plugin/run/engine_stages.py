@@ -87,23 +87,38 @@ class EngineStages:
             return lambda: self._models[role]
         return lambda: load_pruned(self.dir.model_dir(role))
 
-    def stage_eval(self, tasks: list[str] | None = None) -> dict:
+    def _eval_context(self, identify: bool = True):
         from ..config import EvalConfig
-        from ..evaluate import EvalContext, OriginalFeatures, evaluate_models, list_tasks
+        from ..evaluate import EvalContext, OriginalFeatures
+
+        r = self.recipe
+        cfg = r.eval or EvalConfig()
+        # the original's features, cached in the run directory, are the fixed side of the
+        # tasks that compare with it (and the teacher role's own features); the checks
+        # need not hash the original's weights
+        reference = OriginalFeatures(self.original, self.dir.original_features,
+                                     self.original_fingerprint() if identify else "")
+        return cfg, EvalContext(r.data, get_source(r.data.kind), r.seed,
+                                resolve_device(cfg.device), self.dir.classifiers,
+                                self.show_progress, self.log, reference=reference)
+
+    def check_eval(self, tasks: list[str] | None = None) -> None:
+        """The eval tasks' checks on the original model (e.g. zero-shot needs a text tower
+        and its tokenizer), so that a task the model cannot run is refused before the
+        stages ahead of eval do any work."""
+        from ..evaluate import check_tasks
+
+        cfg, ctx = self._eval_context(identify=False)
+        check_tasks(cfg, ctx, self.original(), tasks)
+
+    def stage_eval(self, tasks: list[str] | None = None) -> dict:
+        from ..evaluate import evaluate_models, list_tasks
 
         t0 = time.perf_counter()
         out = {}
         if ddp.is_main():  # evaluation is not sharded; rank 0 measures and writes
-            r = self.recipe
-            cfg = r.eval or EvalConfig()
+            cfg, ctx = self._eval_context()
             roles = ["teacher", *self.dir.models_present()]
-            # the original's features, cached in the run directory, are the fixed side
-            # of the tasks that compare with it (and the teacher role's own features)
-            reference = OriginalFeatures(self.original, self.dir.original_features,
-                                         self.original_fingerprint())
-            ctx = EvalContext(r.data, get_source(r.data.kind), r.seed,
-                              resolve_device(cfg.device), self.dir.classifiers,
-                              self.show_progress, self.log, reference=reference)
             results = evaluate_models(cfg, {role: self._model_loader(role) for role in roles},
                                       ctx, tasks)
             merged = deep_merge(read_json(self.dir.eval_json) or {}, results)

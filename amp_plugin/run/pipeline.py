@@ -117,6 +117,9 @@ class Run(SearchStages, EngineStages):
         elif r.train is not None and "train" not in stages and (
                 {"score", "prune", "distill", "eval"} & set(stages)):
             self.original()  # a teacher trained with the recipe's settings is there
+        ahead = set(stages[:stages.index("eval")]) if "eval" in stages else set()
+        if {"score", "prune", "distill"} & ahead and "train" not in stages:
+            self.check_eval()  # e.g. zero-shot on a model without a text tower
 
     def _check_input_size(self, model: nn.Module) -> None:
         """One image of data.image_size through the model, so that a size the model does
