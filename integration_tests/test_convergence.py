@@ -147,3 +147,36 @@ def test_a_killed_score_stage_with_convergence_resumes_to_the_same_stop(tmp_path
     s_ref = load_file(str(ref / "scores.safetensors"))
     s_run = load_file(str(run / "scores.safetensors"))
     assert all(torch.equal(s_ref[k], s_run[k]) for k in s_ref)
+
+
+def test_bench_scoring_against_a_direct_count():
+    """`amp bench scoring`: a pass that stops after the second check (tolerance 0.9,
+    patience 1) reads 2 batches; its moved neurons and sizes against a direct count."""
+    from amp_cli.app import app
+    from typer.testing import CliRunner
+
+    from amp_plugin.bench.scoring import bench_scoring
+    from amp_plugin.bench.search import bench_images
+    from amp_plugin.core.models import create_model
+    from amp_plugin.data import batches
+
+    torch.set_num_threads(1)
+    r = bench_scoring(layers=2, width=64, calib_images=128, val_images=32, batch_size=16,
+                      every=1, patience=1, tolerances=(0.9,), seeds=1, show_progress=False)
+    row = r["seeds"][0]
+    o = row["options"]["0.9"]
+    assert row["batches"] == 8 and o["stopped"] == 2 and o["batches_read"] == 2
+    assert o["read_fraction"] == 0.25 and len(o["history"]) == 2
+    images = bench_images(160, 32)
+    calib = batches(images[32:], 16)
+    torch.manual_seed(0)
+    model = create_model({"library": "timm", "name": "vit_small_patch16_224",
+                          "kwargs": dict(img_size=32, patch_size=8, embed_dim=64, depth=2,
+                                         num_heads=1, num_classes=0)}).eval()
+    whole = amp.AMPImportance(20.0, show_progress=False).accumulate(model, calib)
+    two = amp.AMPImportance(20.0, show_progress=False).accumulate(model, calib[:2])
+    assert o["neurons_moved"] == sum(
+        int((buckets(two[n], search_sizes(len(v))) != buckets(v, search_sizes(len(v)))).sum())
+        for n, v in whole.items())
+    bad = CliRunner().invoke(app, ["bench", "scoring", "--tolerance", "1.5"])
+    assert bad.exit_code == 2 and "--tolerance" in bad.output
