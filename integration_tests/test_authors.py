@@ -280,6 +280,26 @@ def test_search_in_float32_while_scoring_in_bf16(tmp_path: Path) -> None:
     assert all(s.dtype == torch.float32 and torch.isfinite(s).all() for s in scores.values())
 
 
+def test_cached_search_in_bf16_equals_the_reference_procedure() -> None:
+    """In bf16 on the CPU the cached search (decided blocks sliced, states cached) and the
+    reference procedure (every block masked, every trial a full forward) keep the same
+    sizes: both paths see the same bf16 values where it matters."""
+    import copy
+
+    from amp_plugin.bench.search import bench_model, reference_search
+
+    torch.set_num_threads(1)
+    model, val, imp, scores = bench_model(4, 64, 128, 32, 8, 20.0, 0, 32, "cpu", "bf16",
+                                          show_progress=False)
+    assert next(model.parameters()).dtype == torch.bfloat16
+    want = reference_search(copy.deepcopy(model), scores, val, 2e-3, 20.0,
+                            show_progress=False)
+    got = amp.AMPPruner(copy.deepcopy(model), val[0][:1], imp, val, 2e-3, show_progress=False,
+                        cache_device_bytes=1 << 50).step()
+    assert got.hidden_sizes == want
+    assert any(v < 256 for v in want.values())
+
+
 def test_distill_augmentations_are_seeded() -> None:
     """The distillation augmentations (the authors': crop + flip for CLIP/EVA, DINO from
     min crop 0.05 for DINOv2) draw each image under its own seed."""
