@@ -27,7 +27,7 @@ test: venv
 	$(MAKE) docs
 	$(BIN)/python -m pytest -q -m "not slow" -n 2 --dist worksteal integration_tests
 
-# Tests of minutes each (SIGKILL at every stage, ...), left out of `make test`.
+# Tests of minutes each (SIGKILL twice in every stage, ...), left out of `make test`.
 test-slow: venv
 	$(BIN)/python -m pytest -q -m slow integration_tests
 

@@ -23,8 +23,6 @@ from amp_plugin.search.greedy import EntropyEval, keep_order
 from amp_plugin.search.measures import NEEDS, measure_class
 from amp_plugin.search.pruner import masked_or_sliced
 
-torch.set_num_threads(2)
-
 
 def _clip() -> nn.Module:
     torch.manual_seed(0)

@@ -38,8 +38,6 @@ from amp_plugin.evaluate.zero_shot import captions_collate
 from amp_plugin.run import evaluate_run
 from amp_plugin.run.recipe import RecipeError, load_recipe
 
-torch.set_num_threads(2)
-
 NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 TEMPLATES = ["a photo of the digit {c}.", "a handwritten {c}."]
 CLIP_SPEC = {

@@ -22,8 +22,6 @@ from amp_plugin.families.open_clip import OpenClipCLIP
 from amp_plugin.nni import AMPNNIPruner, apply_nni_masks
 from amp_plugin.nni.masks import MaskError
 
-torch.set_num_threads(2)
-
 REFUSED = {"xcit_tiny_12_p16_224": "Xcit",
            "RN50": "ModifiedResNet", "convnext_base": "ConvNeXt",
            "volo_d1_224": "VOLO: VOLO's first stage"}

@@ -32,8 +32,6 @@ from amp_plugin.evaluate import (
 )
 from amp_plugin.run.recipe import load_recipe
 
-torch.set_num_threads(2)
-
 REPO = Path(__file__).resolve().parents[1]
 VIT_SPEC = {"library": "timm", "name": "vit_small_patch16_224",
             "kwargs": {"img_size": 32, "patch_size": 8, "embed_dim": 64, "depth": 2,

@@ -20,8 +20,6 @@ from safetensors.torch import load_file
 import amp_plugin as amp
 from amp_plugin.families.transformers_vision import tiny_spec
 
-torch.set_num_threads(2)
-
 # every registered transformers adapter, by its example, plus DINOv2's SwiGLU variant (the
 # giant model's MLP)
 CASES = {a.family: a.example for a in amp.list_adapters()

@@ -24,8 +24,6 @@ from amp_plugin.data.digits import DIGIT_NAMES, write_digit_images
 from amp_plugin.evaluate import EvalContext, evaluate_models, get_task, text_classifier
 from amp_plugin.families.transformers_vision import TINY, HFClip
 
-torch.set_num_threads(2)
-
 SOT, EOT = "<|startoftext|>", "<|endoftext|>"
 TEXT_LENGTH = 24
 

@@ -30,8 +30,6 @@ from amp_plugin.run.report import (
     write_report,
 )
 
-torch.set_num_threads(2)
-
 
 @pytest.fixture(scope="module")
 def search_result() -> dict:

@@ -62,7 +62,7 @@ def _recipe(tmp_path: Path) -> Path:
                   "kwargs": {"img_size": 32, "patch_size": 4, "embed_dim": 96, "depth": 4,
                              "num_heads": 4, "num_classes": 0}},
         "data": {"kind": "digits", "image_size": 32, "mean": [0.5] * 3, "std": [0.5] * 3,
-                 "calib_images": 640, "val_images": 64, "batch_size": 16},
+                 "calib_images": 320, "val_images": 64, "batch_size": 16},
         "amp": {"criterion": "entropy", "inv_temperature": 20, "threshold": 1e-2,
                 "max_steps": 6, "device": "cpu", "checkpoint_every": 3},
     }
