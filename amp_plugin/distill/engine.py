@@ -4,13 +4,16 @@ describes (ZeRO stage, offload, precision, optimizer)."""
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import io
 import logging
 import os
 import re
+import shutil
 import socket
 import sys
+import tempfile
 from typing import Any
 
 import torch
@@ -67,12 +70,13 @@ def init_distributed() -> tuple[int, int, int]:
     """(rank, world size, local rank); a single-process group when no launcher set one up.
 
     DeepSpeed's init looks for MPI when the launcher's variables are missing, so a
-    one-rank environment on a free local port is set first.
+    one-rank environment is set first; that group meets in a temporary file.
     """
     quiet_cpu_engine()
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
+    alone: dict[str, Any] = {}
     if "RANK" not in os.environ:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
@@ -81,10 +85,16 @@ def init_distributed() -> tuple[int, int, int]:
                            ("LOCAL_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
                            ("MASTER_PORT", str(port))):
             os.environ.setdefault(key, value)
+        # alone, the group meets in a file, not on that port: another process may take the
+        # port between choosing it and binding it (EADDRINUSE with several runs at once)
+        store = tempfile.mkdtemp(prefix="amp-group-")
+        atexit.register(shutil.rmtree, store, True)
+        alone = dict(init_method=f"file://{os.path.join(store, 'store')}", rank=0,
+                     world_size=1)
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     with _without_build_notice():
         deepspeed.init_distributed(get_accelerator().communication_backend_name(),
-                                   verbose=False, timeout=ddp_timeout())
+                                   verbose=False, timeout=ddp_timeout(), **alone)
     _unlink_shm_workspace()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     get_accelerator().set_device(local_rank)
