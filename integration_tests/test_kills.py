@@ -27,10 +27,10 @@ SETS = {"data.calib_images": 256, "data.val_images": 256, "amp.checkpoint_every"
         "distill.max_steps": 6, "distill.checkpoint_every": 1, "eval.tasks": ["knn"]}
 STAGES = ["score", "prune", "distill", "eval", "report"]
 # what differs between any two runs: timings, where files are, where a run resumed from and
-# which stages it kept from an earlier process, and what the search held in memory (a resumed
-# search caches only the blocks left)
+# which stages it kept from an earlier process, and what the search held in memory and ran (a
+# resumed search caches and runs only the blocks left)
 VARYING = {"seconds", "eval_seconds", "resumed_from", "reused", "paths", "cache",
-           "cache_bytes"}
+           "cache_bytes", "image_block_forwards"}
 
 
 # The uninterrupted run: the demo in one process with every model build counted (the builder
