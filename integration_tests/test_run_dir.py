@@ -371,6 +371,10 @@ def test_a_full_disk_stops_prune_and_distill_naming_the_directory(done, tmp_path
 FSIZE_RUN = """
 import resource, sys
 from amp_cli.app import app
+from deepspeed.comm.torch import build_shm_op
+# DeepSpeed compiles its CPU all-reduce on first use (once per environment): done before
+# the limit, so that the limit meets the checkpoint, not the compiler
+build_shm_op()
 limit = int(sys.argv[1])
 resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))  # writes past it fail with EFBIG
 sys.argv = ["amp", *sys.argv[2:]]
