@@ -11,9 +11,11 @@ $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
+# --no-compile: modules are byte-compiled when first imported, not all of them at install
+# (about two minutes less on 2 cores)
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q $(TORCH_PKGS) || $(BIN)/pip install -q torch torchvision
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q --no-compile $(TORCH_PKGS) || $(BIN)/pip install -q --no-compile torch torchvision
+	$(BIN)/pip install -q --no-compile -e '.[dev]'
 	touch $@
 
 venv: $(VENV)/.installed
