@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from conftest import digit_images, small_vit
 from safetensors.torch import load_file
 from test_scale import _prune
+from test_scale import _recipe as scale_recipe
 
 import amp_plugin as amp
 from amp_plugin.core.convergence import ScoreConvergence, buckets, search_sizes
@@ -111,20 +111,11 @@ def test_a_resumed_pass_stops_where_an_uninterrupted_one_does():
 
 
 def _recipe(tmp_path: Path, convergence: dict | None) -> Path:
-    recipe = {
-        "name": "converge", "seed": 0, "output_dir": str(tmp_path / "runs"),
-        "stages": ["score", "prune"],
-        "model": {"library": "timm", "name": "vit_small_patch16_224",
-                  "kwargs": {"img_size": 32, "patch_size": 8, "embed_dim": 64, "depth": 2,
-                             "num_heads": 4, "num_classes": 0}},
-        "data": {"kind": "digits", "image_size": 32, "mean": [0.5] * 3, "std": [0.5] * 3,
-                 "calib_images": 512, "val_images": 32, "batch_size": 8},
-        "amp": {"inv_temperature": 20, "threshold": 1e-2, "max_steps": 2, "device": "cpu",
-                "checkpoint_every": 1, "score_convergence": convergence},
-    }
-    path = tmp_path / "converge.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    return path
+    return scale_recipe(tmp_path, "converge", model={"patch_size": 8, "embed_dim": 64,
+                                                     "depth": 2},
+                        data={"calib_images": 512, "val_images": 32, "batch_size": 8},
+                        amp={"max_steps": 2, "checkpoint_every": 1,
+                             "score_convergence": convergence})
 
 
 def test_a_killed_score_stage_with_convergence_resumes_to_the_same_stop(tmp_path: Path):

@@ -54,19 +54,22 @@ def test_imagefolder_streams_the_in_memory_batches(tmp_path: Path) -> None:
     assert len(rest) == 2 and torch.equal(rest[0][0], want_calib[1][0])
 
 
-def _recipe(tmp_path: Path) -> Path:
+def _recipe(tmp_path: Path, name: str = "kill", model: dict | None = None,
+            data: dict | None = None, amp: dict | None = None) -> Path:
+    """A score-and-prune recipe on a small random ViT and digits; `model` (the timm
+    kwargs), `data` and `amp` override single keys."""
     recipe = {
-        "name": "kill", "seed": 0, "output_dir": str(tmp_path / "runs"),
+        "name": name, "seed": 0, "output_dir": str(tmp_path / "runs"),
         "stages": ["score", "prune"],
         "model": {"library": "timm", "name": "vit_small_patch16_224",
                   "kwargs": {"img_size": 32, "patch_size": 4, "embed_dim": 96, "depth": 4,
-                             "num_heads": 4, "num_classes": 0}},
+                             "num_heads": 4, "num_classes": 0, **(model or {})}},
         "data": {"kind": "digits", "image_size": 32, "mean": [0.5] * 3, "std": [0.5] * 3,
-                 "calib_images": 320, "val_images": 64, "batch_size": 16},
+                 "calib_images": 320, "val_images": 64, "batch_size": 16, **(data or {})},
         "amp": {"criterion": "entropy", "inv_temperature": 20, "threshold": 1e-2,
-                "max_steps": 6, "device": "cpu", "checkpoint_every": 3},
+                "max_steps": 6, "device": "cpu", "checkpoint_every": 3, **(amp or {})},
     }
-    path = tmp_path / "kill.yaml"
+    path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(recipe))
     return path
 
