@@ -173,6 +173,12 @@ class SearchConfig(Strict):
         "greedy with a threshold: a trial stops reading validation batches once a "
         "sequential bound decides it at this confidence for the whole search (e.g. 0.99); "
         "null: every trial reads every batch (the authors')"))
+    exact_reference: bool = Field(default=True, description=(
+        "with confidence: read each block's accepted size on every batch, so E_prev and the "
+        "trace are exact and an early accept the full pass refutes is searched again; "
+        "false: E_prev's value on a batch is computed only when a trial reads it (fewer "
+        "image forwards; the trace then holds means over the batches read, the final E_val "
+        "stays exact)"))
 
     @field_validator("measure")
     @classmethod
@@ -189,6 +195,11 @@ class SearchConfig(Strict):
             raise PydanticCustomError(
                 "global_only", "{key} applies to allocation: global (allocation is greedy)",
                 {"key": given[0]})
+        if self.confidence is None and "exact_reference" in self.model_fields_set \
+                and not self.exact_reference:
+            raise PydanticCustomError(
+                "needs_confidence", "exact_reference: false applies to early decisions "
+                "(set confidence)")
         if self.allocation == "global" and self.confidence is not None:
             raise PydanticCustomError(
                 "greedy_only", "confidence applies to allocation: greedy (allocation is global)")

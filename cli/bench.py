@@ -56,6 +56,10 @@ def search_cmd(
     pair_with: list[str] = typer.Option(None, help=(
         "with --confidence: nearest (each trial paired with the nearest size of its block "
         "read in full; the default) or start (always the block's start); repeatable")),
+    reference: list[str] = typer.Option(None, help=(
+        "with --confidence: exact (each block's accepted size read on every batch; the "
+        "default) or as-needed (E_prev's values only on the batches trials read); "
+        "repeatable")),
 ) -> None:
     """Reference procedure vs AMPPruner on one model: same sizes, wall times, ratio; with
     --confidence, the counted cost of early decisions and whether the sizes stay exact."""
@@ -71,8 +75,13 @@ def search_cmd(
         if bad:
             raise typer.BadParameter(f"{bad[0]!r}: expected nearest or start",
                                      param_hint="--pair-with")
+        bad = [e for e in reference or () if e not in ("exact", "as-needed")]
+        if bad:
+            raise typer.BadParameter(f"{bad[0]!r}: expected exact or as-needed",
+                                     param_hint="--reference")
         _early(layers, width, val_images, batch_size, confidence, seeds, seed, image_size,
-               patch_size, threshold, device, dtype, json_out, tuple(pair_with or ("nearest",)))
+               patch_size, threshold, device, dtype, json_out, tuple(pair_with or ("nearest",)),
+               tuple(reference or ("exact",)))
         return
     from amp_plugin.bench.search import bench_search
 
@@ -122,12 +131,12 @@ def search_cmd(
 
 
 def _early(layers, width, val_images, batch_size, confidences, seeds, seed, image_size,
-           patch_size, threshold, device, dtype, json_out, pairings) -> None:
+           patch_size, threshold, device, dtype, json_out, pairings, references) -> None:
     from amp_plugin.bench.search import bench_early
 
     r = bench_early(layers, width, val_images, batch_size or 64, tuple(confidences), seeds,
                     seed, image_size, patch_size, threshold, device=device, dtype=dtype,
-                    pairings=pairings)
+                    pairings=pairings, references=references)
     t = Table(title=f"early decisions: {layers} blocks, width {width}, {r['val_images']} "
                     f"images in {r['val_batches']} batches, threshold {threshold:g}; "
                     "image-block forwards (ref.: the reference procedure, counted), batches "
@@ -152,14 +161,20 @@ def _early(layers, width, val_images, batch_size, confidences, seeds, seed, imag
     console = Console()
     console.print(t)
     for c, s in r["summary"].items():
-        o = s["over_cache"]
-        console.print(f"confidence {c}: forwards / today's cache {o['mean']:.3f} (min "
-                      f"{o['min']:.3f}, max {o['max']:.3f}); sizes identical on "
-                      f"{s['identical_seeds']} of {len(r['seeds'])} seeds "
-                      f"({r['device']}, {r['dtype']}, {r['threads']} threads)")
+        _spread(console, f"confidence {c}: forwards / today's cache", s["over_cache"],
+                s["identical_seeds"], len(r["seeds"]),
+                f" ({r['device']}, {r['dtype']}, {r['threads']} threads)")
     _write(json_out, r)
     if any(s["identical_seeds"] < len(r["seeds"]) for s in r["summary"].values()):
         raise typer.Exit(1)
+
+
+def _spread(console: Console, what: str, value: dict, identical: int, seeds: int,
+            tail: str = "") -> None:
+    """One summary line: a mean over seeds with its range, and on how many seeds the
+    sizes stayed those of the exact search."""
+    console.print(f"{what} {value['mean']:.3f} (min {value['min']:.3f}, max "
+                  f"{value['max']:.3f}); sizes identical on {identical} of {seeds} seeds{tail}")
 
 
 @bench.command("scoring", cls=Command)
@@ -208,10 +223,8 @@ def scoring_cmd(
     console = Console()
     console.print(t)
     for tol, s in r["summary"].items():
-        f = s["read_fraction"]
-        console.print(f"tolerance {tol}: read {f['mean']:.3f} of the pass (min {f['min']:.3f}, "
-                      f"max {f['max']:.3f}); sizes identical on {s['identical_seeds']} of "
-                      f"{len(r['seeds'])} seeds")
+        _spread(console, f"tolerance {tol}: fraction of the pass read", s["read_fraction"],
+                s["identical_seeds"], len(r["seeds"]))
     _write(json_out, r)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import math
 import random
 
@@ -16,6 +17,7 @@ from conftest import digit_images, small_vit
 import amp_plugin as amp
 from amp_plugin.run.recipe import RecipeError, load_recipe
 from amp_plugin.run.report import trace_summary
+from amp_plugin.search.greedy import SearchState
 from amp_plugin.search.sequential import EarlyDecisions, PairedTest, half_width, interval
 
 # Student's t quantiles from printed tables
@@ -156,6 +158,62 @@ def test_early_decisions_keep_the_exact_sizes_with_fewer_batches(seed):
             f"{record['batches_full_passes']:,} batches read") in summary
     with torch.no_grad():
         torch.testing.assert_close(early.flops["after"], exact.flops["after"])
+
+
+def _as_needed(**kw) -> EarlyDecisions:
+    return EarlyDecisions(0.99, trials=18, exact_reference=False, **kw)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_reference_as_needed_keeps_the_decisions_and_the_final_entropy(seed):
+    """exact_reference=False: no block's accepted size is read to the end but the last
+    one searched; E_prev's value on a batch is computed when a trial reads that batch. The
+    decisions, the sizes and the final E_val stay the exact search's, and every batch read
+    is counted once: by a trial, a completion or as E_prev's value."""
+    model, val, imp = _setup(seed=seed)
+    exact = _search(model, val, imp, 2e-3, None)
+    lazy = _search(model, val, imp, 2e-3, _as_needed())
+    record = lazy.extra["early_decisions"]
+    assert lazy.hidden_sizes == exact.hidden_sizes
+    assert [(t.block, t.size, t.accepted) for t in lazy.trace] == [
+        (t.block, t.size, t.accepted) for t in exact.trace]
+    assert lazy.entropy == exact.entropy
+    searched_last = next(iter(exact.hidden_sizes))
+    assert set(record["completions"]) <= {searched_last}
+    assert record["exact_reference"] is False and record["reference_reads"] > 0
+    assert record["batches_read"] == (sum(record["reads"]) + sum(record["completions"].values())
+                                      + record["reference_reads"]
+                                      + sum(record["refuted"].values()))
+    assert record["decided_early"] >= 1
+    assert lazy.extra["image_block_forwards"] < exact.extra["image_block_forwards"]
+
+
+def test_reference_as_needed_resumes_to_the_same_search():
+    """A search resumed from the state saved after its first block (E_prev's values known
+    on some batches only, through JSON) ends exactly as the uninterrupted one."""
+    model, val, imp = _setup(seed=0)
+    saved = []
+    whole = amp.AMPPruner(copy.deepcopy(model), val[0][:1], imp, val, 2e-3,
+                          show_progress=False, confidence=_as_needed(),
+                          on_decided=lambda s: saved.append(json.dumps(s.to_dict()))).step()
+    state = SearchState.from_dict(json.loads(saved[0]))
+    assert None in state.reference and any(v is not None for v in state.reference)
+    resumed = amp.AMPPruner(copy.deepcopy(model), val[0][:1], imp, val, 2e-3,
+                            show_progress=False, confidence=_as_needed(), resume=state).step()
+    assert resumed.hidden_sizes == whole.hidden_sizes
+    assert [dataclasses.astuple(t) for t in resumed.trace] == [
+        dataclasses.astuple(t) for t in whole.trace]
+    assert resumed.entropy == whole.entropy
+    assert resumed.extra["early_decisions"] == whole.extra["early_decisions"]
+
+
+def test_reference_as_needed_in_a_recipe():
+    search = load_recipe(None, {"amp.search.confidence": 0.99,
+                                "amp.search.exact_reference": False}).amp.search
+    assert search.exact_reference is False
+    with pytest.raises(RecipeError, match=r"amp\.search: .*exact_reference: false applies to "
+                                          r"early decisions"):
+        load_recipe(None, {"amp.search.exact_reference": False})
 
 
 # ---- counted cost: amp plan ---------------------------------------------------------------

@@ -18,11 +18,10 @@ from ..core.adapter import vision_tower
 from ..core.convergence import ScoreConvergence, buckets, search_sizes
 from ..core.importance import AMPImportance
 from ..core.mlp import find_mlps
-from ..core.models import create_model
 from ..data import batches
 from ..evaluate.throughput import device_name
 from ..search.pruner import AMPPruner
-from .search import bench_images
+from .search import bench_images, bench_vit
 
 
 def bench_scoring(layers: int = 12, width: int = 64, calib_images: int = 4096,
@@ -38,11 +37,7 @@ def bench_scoring(layers: int = 12, width: int = 64, calib_images: int = 4096,
     calib = batches(images[val_images:], batch_size)
     rows = []
     for s in range(seed, seed + seeds):
-        torch.manual_seed(s)
-        spec = {"library": "timm", "name": "vit_small_patch16_224",
-                "kwargs": dict(img_size=image_size, patch_size=patch_size, embed_dim=width,
-                               depth=layers, num_heads=max(1, width // 64), num_classes=0)}
-        model = create_model(spec).eval()
+        model = bench_vit(layers, width, image_size, patch_size, s)
 
         def search(imp: AMPImportance) -> dict[str, int]:
             return AMPPruner(copy.deepcopy(model), val[0][:1], imp, val, threshold,

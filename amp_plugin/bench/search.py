@@ -134,6 +134,17 @@ def bench_images(count: int, image_size: int) -> torch.Tensor:
     return to_model_input(raw[:count], image_size, (0.5,) * 3, (0.5,) * 3)
 
 
+def bench_vit(layers: int, width: int, image_size: int, patch_size: int, seed: int
+              ) -> nn.Module:
+    """The benchmarks' random-weight timm ViT (seeded; MLP hidden 4 x `width`; a head per
+    64 channels; no classifier), in eval mode."""
+    torch.manual_seed(seed)
+    spec = {"library": "timm", "name": "vit_small_patch16_224",
+            "kwargs": dict(img_size=image_size, patch_size=patch_size, embed_dim=width,
+                           depth=layers, num_heads=max(1, width // 64), num_classes=0)}
+    return create_model(spec).eval()
+
+
 def bench_model(layers: int, width: int, val_images: int, image_size: int, patch_size: int,
                 inv_temperature: float, seed: int, batch_size: int | None, device: str,
                 dtype: str, show_progress: bool = True):
@@ -144,11 +155,7 @@ def bench_model(layers: int, width: int, val_images: int, image_size: int, patch
     from ..utils.tensors import resolve_dtype
 
     dev, dt = resolve_device(device), resolve_dtype(dtype)
-    torch.manual_seed(seed)
-    spec = {"library": "timm", "name": "vit_small_patch16_224",
-            "kwargs": dict(img_size=image_size, patch_size=patch_size, embed_dim=width,
-                           depth=layers, num_heads=max(1, width // 64), num_classes=0)}
-    model = create_model(spec).to(dev, dt).eval()
+    model = bench_vit(layers, width, image_size, patch_size, seed).to(dev, dt).eval()
     images = bench_images(CALIB_IMAGES + val_images, image_size).to(dev, dt)
     val = batches(images[CALIB_IMAGES:], batch_size or val_images)
     imp = AMPImportance(inv_temperature, show_progress=show_progress)
@@ -257,19 +264,26 @@ def bench_early(layers: int = 12, width: int = 384, val_images: int = 1024,
                 seeds: int = 1, seed: int = 0, image_size: int = 32, patch_size: int = 8,
                 threshold: float = 2e-3, inv_temperature: float = 20.0, device: str = "cpu",
                 dtype: str = "float32", show_progress: bool = True,
-                pairings: tuple[str, ...] = ("nearest",)) -> dict:
+                pairings: tuple[str, ...] = ("nearest",),
+                references: tuple[str, ...] = ("exact",)) -> dict:
     """Counted cost of early decisions (`amp.search.confidence`) against the exact search,
     on `seeds` random-weight ViTs (seeds seed, seed+1, ...): image-block forwards of the
     reference procedure (counted from the exact search's decisions), of the exact search
     with the full state cache (today's), and of the search at each confidence and pairing
     (`nearest`: each trial paired with the nearest size of its block read in full, the
-    default; `start`: always with the block's start), and whether each gives the exact
-    search's sizes. Options are keyed "0.99" (nearest) and "0.99 start"."""
+    default; `start`: always with the block's start) and E_prev's values (`exact`: each
+    block's accepted size read on every batch, the default; `as-needed`: only where trials
+    read), and whether each gives the exact search's sizes. Options are keyed "0.99"
+    (nearest, exact), "0.99 start", "0.99 as-needed", "0.99 start as-needed"."""
     unknown = sorted(set(pairings) - {"nearest", "start"})
     if unknown or not pairings:
         raise ValueError(f"pairings: expected nearest and/or start, got {list(pairings)}")
-    options = {f"{c}" if p == "nearest" else f"{c} {p}": (c, p == "nearest")
-               for c in confidences for p in pairings}
+    unknown = sorted(set(references) - {"exact", "as-needed"})
+    if unknown or not references:
+        raise ValueError(f"references: expected exact and/or as-needed, got {list(references)}")
+    options = {" ".join([f"{c}"] + [w for w in (p, e) if w not in ("nearest", "exact")]):
+               (c, p == "nearest", e == "exact")
+               for c in confidences for p in pairings for e in references}
     rows = []
     for s in range(seed, seed + seeds):
         model, val, imp, _ = bench_model(layers, width, val_images, image_size, patch_size,
@@ -280,7 +294,8 @@ def bench_early(layers: int = 12, width: int = 384, val_images: int = 1024,
         trials = 6 * len(find_mlps(vision_tower(model)[0]))  # AMPPruner's own split
         for key, option in {None: None, **options}.items():
             early = (None if option is None else
-                     EarlyDecisions(option[0], trials=trials, nearest=option[1]))
+                     EarlyDecisions(option[0], trials=trials, nearest=option[1],
+                                    exact_reference=option[2]))
             t0 = time.perf_counter()
             result = AMPPruner(copy.deepcopy(model), val[0][:1], imp, val, threshold,
                                show_progress=show_progress, cache_device_bytes=1 << 50,

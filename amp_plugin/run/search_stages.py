@@ -181,9 +181,12 @@ class SearchStages:
         r = self.recipe
         # the cache settings change where states are kept, never the result; default search
         # settings leave the fingerprint of runs made before they existed as it was
-        fp = fingerprint(self._score_fp(), r.amp.model_dump(
-            exclude={"cache", "score_convergence"} |
-            ({"search"} if r.amp.search == SearchConfig() else set())))
+        exclude: dict = {"cache": True, "score_convergence": True}
+        if r.amp.search == SearchConfig():
+            exclude["search"] = True
+        elif r.amp.search.exact_reference:
+            exclude["search"] = {"exact_reference"}
+        fp = fingerprint(self._score_fp(), r.amp.model_dump(exclude=exclude))
         done = self._kept_prune(fp)
         if done is not None:
             self.log("prune: kept from an earlier run")
@@ -224,7 +227,8 @@ class SearchStages:
             resume=None if one_shot else resume, on_decided=None if one_shot else on_decided,
             search_head=r.amp.search_head, target=r.amp.target.spec() if r.amp.target else None,
             measure=r.amp.search.measure, allocation=r.amp.search.allocation_spec(),
-            confidence=r.amp.search.confidence)
+            confidence=r.amp.search.confidence,
+            exact_reference=r.amp.search.exact_reference)
         try:
             result = pruner.step().to_dict()
         except NonFiniteError as e:

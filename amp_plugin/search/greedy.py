@@ -356,12 +356,14 @@ class SearchState:
     e_prev: float | None = None
     e_start: float | None = None
     evaluations: int = 0
-    # early decisions only: E_prev's value on every batch, batches each trial read, and
-    # batches read to complete each block's accepted size
-    reference: list[float] | None = None
+    # early decisions only: E_prev's value on every batch (None: not computed yet, with
+    # exact_reference off), batches each trial read, batches read to complete each block's
+    # accepted size, and batches E_prev's values were computed on as trials needed them
+    reference: list[float | None] | None = None
     reads: list[int] = field(default_factory=list)
     completions: dict[str, int] = field(default_factory=dict)
     refuted: dict[str, int] = field(default_factory=dict)  # blocks searched again: batches
+    reference_reads: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -371,7 +373,7 @@ class SearchState:
         return cls(dict(d["sizes"]), [Trial(**t) for t in d["trace"]], d["e_prev"],
                    d["e_start"], int(d["evaluations"]), d.get("reference"),
                    list(d.get("reads", [])), dict(d.get("completions", {})),
-                   dict(d.get("refuted", {})))
+                   dict(d.get("refuted", {})), int(d.get("reference_reads", 0)))
 
 
 Candidate = Callable[[str, MLPView, torch.Tensor], AbstractContextManager]
@@ -451,10 +453,13 @@ def adaptive_search(
                 bar.note(f"{name}: step {step[0]}/{max_steps}, size {size}/{view.hidden}; "
                          f"{cache}")
                 if size not in measured:
-                    with candidate(name, view, order[:size]):
-                        measured[size] = finite_value(
-                            evaluate(name) if sequential is None else sequential.trial(
-                                name, size, view.hidden), name, size, what)
+                    if sequential is None:
+                        with candidate(name, view, order[:size]):
+                            value = evaluate(name)
+                    else:
+                        value = sequential.trial(name, size, view.hidden, lambda: candidate(
+                            name, view, order[:size]))
+                    measured[size] = finite_value(value, name, size, what)
                     state.evaluations += 1
                 elif sequential is not None:
                     state.reads.append(0)
@@ -465,10 +470,13 @@ def adaptive_search(
 
             best = candidate_sizes(view.hidden, max_steps, accept, round_to)
             hits = [t for t in trace if t.block == name and t.accepted and t.size == best]
-            if sequential is not None and hits:  # E_prev over every batch, exactly
-                with candidate(name, view, order[:best]):
-                    exact = finite_value(sequential.complete(name, best), name, best, what)
-                if not exact - reference <= threshold:
+            last = name == names[-1]  # E_val at the end: exact in every mode
+            if sequential is not None and hits and (sequential.exact_reference or last):
+                exact = finite_value(sequential.complete(name, best, lambda: candidate(
+                    name, view, order[:best])), name, best, what)
+                if sequential.holds(name, best, exact - reference):
+                    sequential.settle(name, best)
+                else:
                     # an early accept the full pass refutes: the block again, every batch read
                     wasted = sum(state.reads[first_read:]) + state.completions.pop(name)
                     del trace[first:], state.reads[first_read:]
@@ -481,7 +489,13 @@ def adaptive_search(
                     exact = hits[-1].entropy if hits else None
                 for t in hits:
                     t.entropy = exact
-            state.e_prev = hits[-1].entropy if hits else None
+            unchanged = None
+            if sequential is not None and not sequential.exact_reference and not (hits and last):
+                # E_prev's values come from what was read; the trace's values are means over
+                # the batches read. Nothing accepted: the model, so E_prev, is unchanged
+                sequential.carry(name, best if hits else None)
+                unchanged = None if last else state.e_prev
+            state.e_prev = hits[-1].entropy if hits else unchanged
             commit(name, view, kept_neurons(scores[name], best))
             state.sizes[name] = best
             evaluate.done(name)

@@ -109,7 +109,9 @@ class AMPPruner:
     batches once a sequential bound decides it at this confidence for the whole search
     (`search.sequential`); None, the default, reads every batch. The batches each trial read
     are in `PruneResult.extra["early_decisions"]`. An `EarlyDecisions` sets the error per
-    trial, the batches read first and the order itself.
+    trial, the batches read first and the order itself. `exact_reference=False` (with a
+    float `confidence`): E_prev's per-batch values only where trials read them
+    (`EarlyDecisions.exact_reference`).
     """
 
     def __init__(
@@ -136,6 +138,7 @@ class AMPPruner:
         measure: str | SearchMeasure = DEFAULT_MEASURE,
         allocation: str | GlobalAllocation | Mapping = "greedy",
         confidence: float | EarlyDecisions | None = None,
+        exact_reference: bool = True,
     ):
         check_search_args(threshold, max_steps, round_to)
         if confidence is not None:
@@ -144,7 +147,7 @@ class AMPPruner:
             if target is not None or GlobalAllocation.parse(allocation) is not None:
                 raise ValueError("confidence applies to the greedy search with a threshold "
                                  "(no target, allocation greedy)")
-        self.confidence = confidence
+        self.confidence, self.exact_reference = confidence, exact_reference
         self.target = Target.parse(target) if target is not None else None
         if target is not None and resume is not None:
             raise ValueError("a budget search (target) is not resumable: resume=None")
@@ -250,7 +253,8 @@ class AMPPruner:
             elif self.target is None:
                 early = self.confidence
                 if early is not None and not isinstance(early, EarlyDecisions):
-                    early = EarlyDecisions(early, trials=self.max_steps * len(views))
+                    early = EarlyDecisions(early, trials=self.max_steps * len(views),
+                                           exact_reference=self.exact_reference)
                 out = adaptive_search(
                     views, scores, evaluate, candidate, commit, threshold=self.threshold,
                     max_steps=self.max_steps, round_to=self.round_to, index_of=index_of,

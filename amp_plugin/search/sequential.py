@@ -9,6 +9,13 @@ checked: a pass stops as soon as the interval lies wholly on one side of the thr
 A pass that the interval never decides reads every batch, and the exact comparison
 decides as without the option.
 
+E_prev's per-batch values: with `exact_reference` (the default) each block's accepted size
+is read on every batch once its block is decided, so E_prev is the full pass's value and an
+early accept the full pass refutes is searched again. Without it, a trial computes E_prev's
+value on a batch only when it reads a batch not yet known (the block whole, from the same
+cached states), and only the last block searched is completed (the search's final E_val):
+no batch is read that no trial needs.
+
     half_width(diffs, N, alpha)    the interval's half-width for the mean of all N after n
     interval(diffs, N, alpha, m)   the interval at n, valid at every n >= m at once
     PairedTest                     accumulates the differences of one trial and decides
@@ -30,6 +37,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -95,13 +103,15 @@ class EarlyDecisions:
     full pass would take (split evenly over the trials a search can run, `trials`).
     `min_batches`: read before any early decision; `seed`: the batch order; `nearest`: pair
     each trial with the nearest size of its block already read on every batch (False: always
-    with the block's start, E_prev's state)."""
+    with the block's start, E_prev's state); `exact_reference`: complete each block's
+    accepted size on every batch (False: E_prev's values only on the batches trials read)."""
 
     confidence: float
     trials: int = 1
     min_batches: int = 4
     seed: int = 0
     nearest: bool = True
+    exact_reference: bool = True
 
     def __post_init__(self):
         if not (isinstance(self.confidence, (int, float)) and 0 < self.confidence < 1):
@@ -151,19 +161,23 @@ def read_trial(values, reference: Sequence[float] | None, test: PairedTest | Non
 
 
 def record(early: EarlyDecisions, batches: int, reads: Sequence[int],
-           completions: dict[str, int], refuted: dict[str, int] | None = None) -> dict:
+           completions: dict[str, int], refuted: dict[str, int] | None = None,
+           reference_reads: int = 0) -> dict:
     """What `PruneResult.extra["early_decisions"]` holds: the settings, the batches each
     trial read (in trace order; 0 for a size already measured in its block), the batches
-    read to complete each block's accepted size, the totals against full passes, and the
-    blocks whose early accept the completed pass refuted (searched again, every batch read;
-    the batches their first attempt read count in `batches_read`, not in `reads`)."""
+    read to complete each block's accepted size, the batches E_prev's values were computed
+    on as trials needed them (`exact_reference` off), the totals against full passes, and
+    the blocks whose early accept the completed pass refuted (searched again, every batch
+    read; the batches their first attempt read count in `batches_read`, not in `reads`)."""
     refuted = dict(refuted or {})
     trials = sum(1 for r in reads if r)
-    read = sum(reads) + sum(completions.values()) + sum(refuted.values())
+    read = sum(reads) + sum(completions.values()) + sum(refuted.values()) + reference_reads
     return {"confidence": early.confidence, "nearest": early.nearest,
+            "exact_reference": early.exact_reference,
             "alpha_per_trial": early.alpha, "min_batches": early.min_batches,
             "batches": batches, "reads": list(reads),
-            "completions": dict(completions), "batches_read": read,
+            "completions": dict(completions), "reference_reads": reference_reads,
+            "batches_read": read,
             "batches_full_passes": trials * batches,
             "decided_early": sum(1 for r in reads if 0 < r < batches),
             "refuted": refuted}
@@ -209,6 +223,10 @@ class SequentialTrials:
         self.reads.clear()
         return best
 
+    @property
+    def exact_reference(self) -> bool:
+        return self.early.exact_reference
+
     def paired_with(self, name: str, size: int, hidden: int) -> tuple[list[float], float]:
         """(per-batch values to pair a trial of `size` with, the threshold on the mean
         difference). The block's start (E_prev's state, the MLP whole at `hidden`) pairs
@@ -218,7 +236,7 @@ class SequentialTrials:
         comparison, and two nearby sizes differ less from batch to batch, so the interval
         is narrower. The partner is chosen before the trial reads anything."""
         reference = self.state.reference
-        if not self.early.nearest:
+        if not self.early.nearest or None in reference:  # a partner's rise needs every batch
             return reference, self.threshold
         full = {s: r for (n, s), r in self.reads.items()
                 if n == name and len(r.agreed) == self.batches}
@@ -229,16 +247,37 @@ class SequentialTrials:
         rise = sum(v - r for v, r in zip(values, reference, strict=True)) / self.batches
         return values, self.threshold - rise
 
-    def trial(self, name: str, size: int, hidden: int | None = None) -> float:
+    def _as_needed(self, name: str, masked: Callable[[], AbstractContextManager],
+                   order: Sequence[int]):
+        """The candidate's values batch by batch in `order`, E_prev's value on each batch
+        computed first where not yet known (the MLP whole: outside `masked`)."""
+        reference = self.state.reference
+        for b in order:
+            if reference[b] is None:
+                _, _, reference[b] = next(iter(self.evaluate.batch_values(name, [b])))
+                self.state.reference_reads += 1
+            with masked():
+                yield next(iter(self.evaluate.batch_values(name, [b])))
+
+    def trial(self, name: str, size: int, hidden: int | None = None,
+              masked: Callable[[], AbstractContextManager] = nullcontext) -> float:
         """The candidate's mean over the batches its trial read (exact when all);
-        `hidden`: the MLP's width when whole (the size of the block's start state)."""
+        `hidden`: the MLP's width when whole (the size of the block's start state);
+        `masked()`: the candidate in place (this enters it)."""
+        if not self.exact_reference and self.state.reference is None:
+            self.state.reference = [None] * self.batches  # resumed: computed as needed
         # resumed without E_prev's values on every batch: full passes until the next one
         test, reference = None, self.state.reference
         if reference is not None and not self.full_passes:
             reference, threshold = self.paired_with(name, size,
                                                     size + 1 if hidden is None else hidden)
             test = self.early.test(self.batches, threshold)
-        read = read_trial(self.evaluate.batch_values(name, self.order), reference, test)
+        if self.exact_reference:
+            with masked():
+                read = read_trial(self.evaluate.batch_values(name, self.order), reference,
+                                  test)
+        else:
+            read = read_trial(self._as_needed(name, masked, self.order), reference, test)
         self.reads[name, size] = read
         self.state.reads.append(len(read.values))
         if len(read.values) == self.batches:
@@ -246,22 +285,50 @@ class SequentialTrials:
         return sum(read.values.values()) / len(read.values)
 
     def accepted(self, name: str, size: int, rise: float) -> bool:
-        decision = self.reads[name, size].decision
-        return rise <= self.threshold if decision is None else decision
+        """The early decision, else the exact comparison: `rise` over the exact E_prev, or
+        (E_prev's values computed as needed, so every batch's is known now) the mean of the
+        per-batch differences."""
+        read = self.reads[name, size]
+        return self.holds(name, size, rise) if read.decision is None else read.decision
 
-    def complete(self, name: str, size: int) -> float:
-        """The accepted `size` (under its candidate) read on the batches its trial left;
-        its values become the next trials' reference; returns its exact mean."""
+    def holds(self, name: str, size: int, rise: float) -> bool:
+        """The exact comparison of a size read on every batch."""
+        if not self.exact_reference:
+            read, ref = self.reads[name, size], self.state.reference
+            rise = sum(read.agreed[b] - ref[b] for b in range(self.batches)) / self.batches
+        return rise <= self.threshold
+
+    def carry(self, name: str, size: int | None) -> None:
+        """Block `name` decided at `size` (None: nothing accepted, the model unchanged, so
+        E_prev's values stay) without completing it: the values its trial read become the
+        next block's E_prev values, the others are computed as needed."""
+        if size is not None:
+            read = self.reads[name, size]
+            self.state.reference = [read.agreed.get(b) for b in range(self.batches)]
+        self.reads.clear()
+
+    def complete(self, name: str, size: int,
+                 masked: Callable[[], AbstractContextManager] = nullcontext) -> float:
+        """The accepted `size` (`masked()`: its candidate in place) read on the batches its
+        trial left; returns its exact mean. Call `holds` next, then `settle`."""
         read = self.reads[name, size]
         rest = [b for b in self.order if b not in read.values]
-        more = read_trial(self.evaluate.batch_values(name, rest), None, None)
+        if self.exact_reference:
+            with masked():
+                more = read_trial(self.evaluate.batch_values(name, rest), None, None)
+        else:
+            more = read_trial(self._as_needed(name, masked, rest), None, None)
         read.values.update(more.values)
         read.agreed.update(more.agreed)
         self.state.completions[name] = len(rest)
+        return self.evaluate.mean(read.values)
+
+    def settle(self, name: str, size: int) -> None:
+        """The completed `size` of block `name` stands: its values are the next E_prev's."""
+        read = self.reads[name, size]
         self.state.reference = [read.agreed[b] for b in range(self.batches)]
         self.reads.clear()
-        return self.evaluate.mean(read.values)
 
     def record(self) -> dict:
         return record(self.early, self.batches, self.state.reads, self.state.completions,
-                      self.state.refuted)
+                      self.state.refuted, self.state.reference_reads)
