@@ -13,6 +13,8 @@ import random
 import pytest
 import torch
 from conftest import digit_images, small_vit
+from test_scale import _prune
+from test_scale import _recipe as scale_recipe
 
 import amp_plugin as amp
 from amp_plugin.run.recipe import RecipeError, load_recipe
@@ -205,6 +207,27 @@ def test_reference_as_needed_resumes_to_the_same_search():
         dataclasses.astuple(t) for t in whole.trace]
     assert resumed.entropy == whole.entropy
     assert resumed.extra["early_decisions"] == whole.extra["early_decisions"]
+
+
+def test_reference_as_needed_through_amp_prune_killed_in_the_search(tmp_path):
+    """`amp prune` with `exact_reference: false`, SIGKILLed after a decided block and run
+    again: it resumes from the saved state (E_prev's values as far as they were computed)
+    and ends with the uninterrupted run's sizes, trace and entropies."""
+    recipe = scale_recipe(tmp_path, "as_needed", data={"val_images": 128}, amp={
+        "search": {"confidence": 0.99, "exact_reference": False}})
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    _prune(recipe, ref)
+    _prune(recipe, run, kill_when=run / "prune.partial.json")
+    state = json.loads((run / "prune.partial.json").read_text())["state"]
+    assert len(state["reference"]) == 8 and 1 <= len(state["sizes"]) < 4
+    log = _prune(recipe, run)
+    assert f"search resumed after {len(state['sizes'])} decided MLPs" in log
+    r_ref = json.loads((ref / "prune.json").read_text())["result"]
+    r_run = json.loads((run / "prune.json").read_text())["result"]
+    assert r_ref["extra"]["early_decisions"]["exact_reference"] is False
+    assert r_run["hidden_sizes"] == r_ref["hidden_sizes"]
+    assert r_run["trace"] == r_ref["trace"] and r_run["entropy"] == r_ref["entropy"]
+    assert r_run["extra"]["early_decisions"] == r_ref["extra"]["early_decisions"]
 
 
 def test_reference_as_needed_in_a_recipe():
