@@ -256,8 +256,9 @@ class SequentialTrials:
             if reference[b] is None:
                 _, _, reference[b] = next(iter(self.evaluate.batch_values(name, [b])))
                 self.state.reference_reads += 1
-            with masked():
-                yield next(iter(self.evaluate.batch_values(name, [b])))
+            with masked():  # left before yielding: a reader that stops leaves no mask
+                value = next(iter(self.evaluate.batch_values(name, [b])))
+            yield value
 
     def trial(self, name: str, size: int, hidden: int | None = None,
               masked: Callable[[], AbstractContextManager] = nullcontext) -> float:
