@@ -213,8 +213,9 @@ def test_reference_as_needed_through_amp_prune_killed_in_the_search(tmp_path):
     """`amp prune` with `exact_reference: false`, SIGKILLed after a decided block and run
     again: it resumes from the saved state (E_prev's values as far as they were computed)
     and ends with the uninterrupted run's sizes, trace and entropies."""
-    recipe = scale_recipe(tmp_path, "as_needed", data={"val_images": 128}, amp={
-        "search": {"confidence": 0.99, "exact_reference": False}})
+    search = {"confidence": 0.99, "exact_reference": False}
+    recipe = scale_recipe(tmp_path, "as_needed", data={"calib_images": 64, "val_images": 128},
+                          amp={"search": search})
     ref, run = tmp_path / "ref", tmp_path / "run"
     _prune(recipe, ref)
     _prune(recipe, run, kill_when=run / "prune.partial.json")

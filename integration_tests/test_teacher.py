@@ -30,6 +30,9 @@ def _knn(model, data) -> float:
                     extract_features(model, te.images, show_progress=False), te.labels)
 
 
+# the demo teacher's whole training (minutes on a 2-core CPU): `make test-slow`; one epoch
+# of the same training runs in make test (test_runs_never_write_the_committed_teacher)
+@pytest.mark.slow
 def test_training_script_reproduces_the_committed_teacher(tmp_path):
     recipe = amp.load_recipe("demo_digits")
     committed = RECIPES_DIR.parent / recipe.train.checkpoint
