@@ -489,13 +489,15 @@ def adaptive_search(
                     exact = hits[-1].entropy if hits else None
                 for t in hits:
                     t.entropy = exact
-            unchanged = None
+            e_prev = hits[-1].entropy if hits else None
             if sequential is not None and not sequential.exact_reference and not (hits and last):
-                # E_prev's values come from what was read; the trace's values are means over
-                # the batches read. Nothing accepted: the model, so E_prev, is unchanged
+                # the next E_prev's values: those the accepted size read, the rest computed as
+                # needed (the trace holds means over the batches read). Nothing accepted leaves
+                # the model, so E_prev, as it was; the final E_val is still read in full
                 sequential.carry(name, best if hits else None)
-                unchanged = None if last else state.e_prev
-            state.e_prev = hits[-1].entropy if hits else unchanged
+                if not hits and not last:
+                    e_prev = state.e_prev
+            state.e_prev = e_prev
             commit(name, view, kept_neurons(scores[name], best))
             state.sizes[name] = best
             evaluate.done(name)
