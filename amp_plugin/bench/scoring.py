@@ -56,8 +56,8 @@ def bench_scoring(layers: int = 12, width: int = 64, calib_images: int = 4096,
             t0 = time.perf_counter()
             scores = imp.accumulate(model, calib, converge=converge)
             seconds = time.perf_counter() - t0
-            moved = sum(int((buckets(scores[n], search_sizes(len(v))) !=
-                             buckets(v, search_sizes(len(v)))).sum())
+            tried = {n: search_sizes(len(v)) for n, v in full_scores.items()}
+            moved = sum(int((buckets(scores[n], tried[n]) != buckets(v, tried[n])).sum())
                         for n, v in full_scores.items())
             sizes = search(imp) if converge.stopped is not None else exact
             row["options"][str(tol)] = {

@@ -37,7 +37,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, ExitStack, nullcontext
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -248,17 +248,23 @@ class SequentialTrials:
         return values, self.threshold - rise
 
     def _as_needed(self, name: str, masked: Callable[[], AbstractContextManager],
-                   order: Sequence[int]):
+                   order: Sequence[int], stack: ExitStack):
         """The candidate's values batch by batch in `order`, E_prev's value on each batch
-        computed first where not yet known (the MLP whole: outside `masked`)."""
-        reference = self.state.reference
+        computed first where not yet known (the MLP whole). `stack`, the caller's, holds
+        the candidate in place from batch to batch: it is left only to compute E_prev's
+        value, and when the caller's `with` ends (also where a reader stops early)."""
+        reference, placed = self.state.reference, False
         for b in order:
             if reference[b] is None:
+                if placed:
+                    stack.close()
+                    placed = False
                 _, _, reference[b] = next(iter(self.evaluate.batch_values(name, [b])))
                 self.state.reference_reads += 1
-            with masked():  # left before yielding: a reader that stops leaves no mask
-                value = next(iter(self.evaluate.batch_values(name, [b])))
-            yield value
+            if not placed:
+                stack.enter_context(masked())
+                placed = True
+            yield next(iter(self.evaluate.batch_values(name, [b])))
 
     def trial(self, name: str, size: int, hidden: int | None = None,
               masked: Callable[[], AbstractContextManager] = nullcontext) -> float:
@@ -278,7 +284,9 @@ class SequentialTrials:
                 read = read_trial(self.evaluate.batch_values(name, self.order), reference,
                                   test)
         else:
-            read = read_trial(self._as_needed(name, masked, self.order), reference, test)
+            with ExitStack() as stack:
+                read = read_trial(self._as_needed(name, masked, self.order, stack),
+                                  reference, test)
         self.reads[name, size] = read
         self.state.reads.append(len(read.values))
         if len(read.values) == self.batches:
@@ -318,7 +326,8 @@ class SequentialTrials:
             with masked():
                 more = read_trial(self.evaluate.batch_values(name, rest), None, None)
         else:
-            more = read_trial(self._as_needed(name, masked, rest), None, None)
+            with ExitStack() as stack:
+                more = read_trial(self._as_needed(name, masked, rest, stack), None, None)
         read.values.update(more.values)
         read.agreed.update(more.agreed)
         self.state.completions[name] = len(rest)
