@@ -445,7 +445,7 @@ def adaptive_search(
             order = keep_order(scores[name]).to(view.output.weight.device)
             measured: dict[int, float] = {}
             reference = state.e_prev
-            step, first, first_read = [0], len(trace), len(state.reads)
+            step, first = [0], len(trace)
 
             def accept(size: int, name=name, view=view, order=order, measured=measured,
                        reference=reference, step=step) -> bool:
@@ -468,35 +468,24 @@ def adaptive_search(
                 trace.append(Trial(name, index_of[name], size, measured[size], ok, reference))
                 return ok
 
+            def again(step=step, measured=measured, accept=accept, view=view, first=first
+                      ) -> int:
+                del trace[first:]
+                measured.clear()
+                step[0] = 0
+                return candidate_sizes(view.hidden, max_steps, accept, round_to)
+
             best = candidate_sizes(view.hidden, max_steps, accept, round_to)
-            hits = [t for t in trace if t.block == name and t.accepted and t.size == best]
-            last = name == names[-1]  # E_val at the end: exact in every mode
-            if sequential is not None and hits and (sequential.exact_reference or last):
-                exact = finite_value(sequential.complete(name, best, lambda: candidate(
-                    name, view, order[:best])), name, best, what)
-                if sequential.holds(name, best, exact - reference):
-                    sequential.settle(name, best)
-                else:
-                    # an early accept the full pass refutes: the block again, every batch read
-                    wasted = sum(state.reads[first_read:]) + state.completions.pop(name)
-                    del trace[first:], state.reads[first_read:]
-                    measured.clear()
-                    step[0] = 0
-                    best = sequential.exactly(name, wasted, lambda: candidate_sizes(
-                        view.hidden, max_steps, accept, round_to))
-                    hits = [t for t in trace if t.block == name and t.accepted
-                            and t.size == best]
-                    exact = hits[-1].entropy if hits else None
-                for t in hits:
-                    t.entropy = exact
+            hits = [t for t in trace[first:] if t.accepted and t.size == best]
             e_prev = hits[-1].entropy if hits else None
-            if sequential is not None and not sequential.exact_reference and not (hits and last):
-                # the next E_prev's values: those the accepted size read, the rest computed as
-                # needed (the trace holds means over the batches read). Nothing accepted leaves
-                # the model, so E_prev, as it was; the final E_val is still read in full
-                sequential.carry(name, best if hits else None)
-                if not hits and not last:
-                    e_prev = state.e_prev
+            if sequential is not None:
+                best, e_prev = sequential.decided(
+                    name, best, bool(hits), name == names[-1],
+                    lambda size, name=name, view=view, order=order: candidate(
+                        name, view, order[:size]), again)
+                for t in trace[first:]:  # a completed size's mean is now the exact one
+                    if t.accepted and t.size == best:
+                        t.entropy = e_prev
             state.e_prev = e_prev
             commit(name, view, kept_neurons(scores[name], best))
             state.sizes[name] = best

@@ -185,8 +185,8 @@ def record(early: EarlyDecisions, batches: int, reads: Sequence[int],
 
 class SequentialTrials:
     """The trials of `search.greedy.adaptive_search` with early decisions: each reads the
-    batches in the fixed random order until the paired test decides; an accepted size that
-    ends a block is then read on the rest, so E_prev is always the exact full-pass value.
+    batches in the fixed random order until the paired test decides; `decided` ends a
+    block (completes its accepted size, or carries its values over as E_prev's).
 
     `evaluate`: the search's `EntropyEval` (`batch_values`, `mean`, `random_access`,
     `val_batches`); `state`: its `SearchState`, whose `reference` (E_prev's agreed value on
@@ -200,28 +200,13 @@ class SequentialTrials:
                       else list(range(self.batches)))
         self.reads: dict[tuple[str, int], TrialRead] = {}
         self.full_passes = False
+        self.block, self.first_read = None, 0  # the block of the last trial; its first read
 
     def full(self, name: str) -> float:
         """E_val of the model as it is now, every batch read: the next reference."""
         read = read_trial(self.evaluate.batch_values(name, range(self.batches)), None, None)
-        self.state.reference = [read.agreed[b] for b in range(self.batches)]
+        self._next_reference(read)
         return self.evaluate.mean(read.values)
-
-    def exactly(self, name: str, wasted: int, search: Callable[[], int]) -> int:
-        """`search()` (a block's binary search) with every trial reading every batch; its
-        accepted size's values become the next reference. Recorded in `refuted` with the
-        batches the refuted attempt read (`wasted`)."""
-        self.state.refuted[name] = wasted
-        self.full_passes = True
-        try:
-            best = search()
-        finally:
-            self.full_passes = False
-        read = self.reads.get((name, best))
-        if read is not None and len(read.values) == self.batches:
-            self.state.reference = [read.agreed[b] for b in range(self.batches)]
-        self.reads.clear()
-        return best
 
     @property
     def exact_reference(self) -> bool:
@@ -271,6 +256,8 @@ class SequentialTrials:
         """The candidate's mean over the batches its trial read (exact when all);
         `hidden`: the MLP's width when whole (the size of the block's start state);
         `masked()`: the candidate in place (this enters it)."""
+        if name != self.block:
+            self.block, self.first_read = name, len(self.state.reads)
         if not self.exact_reference and self.state.reference is None:
             self.state.reference = [None] * self.batches  # resumed: computed as needed
         # resumed without E_prev's values on every batch: full passes until the next one
@@ -298,28 +285,55 @@ class SequentialTrials:
         (E_prev's values computed as needed, so every batch's is known now) the mean of the
         per-batch differences."""
         read = self.reads[name, size]
-        return self.holds(name, size, rise) if read.decision is None else read.decision
+        return self._holds(name, size, rise) if read.decision is None else read.decision
 
-    def holds(self, name: str, size: int, rise: float) -> bool:
+    def decided(self, name: str, best: int, accepted: bool, last: bool,
+                masked: Callable[[int], AbstractContextManager],
+                search: Callable[[], int]) -> tuple[int, float | None]:
+        """Block `name`'s binary search chose `best` (`accepted`: a trial accepted it;
+        `last`: the last block searched; `masked(size)`: that candidate in place; `search()`:
+        the block's binary search again, its trace dropped). Returns (the block's size, the
+        next E_prev: None where E_val is measured again, as after a block that accepted
+        nothing in the plain search).
+
+        An accepted size is completed (read on the batches its trial left) with
+        `exact_reference`, and always in the last block (the search's final E_val); an early
+        accept that exact pass refutes is searched again. Otherwise the block's values carry
+        over: those the accepted size read, or E_prev's if nothing was accepted (the model
+        is unchanged), the next E_prev being the mean over the batches read."""
+        if accepted and (self.exact_reference or last):
+            exact = self._complete(name, best, lambda: masked(best))
+            if not self._holds(name, best, exact - self.state.e_prev):
+                return self._again(name, search)
+            self._next_reference(self.reads[name, best])
+            return best, exact
+        if self.exact_reference or last:
+            self.reads.clear()
+            return best, None
+        if not accepted:  # the model unchanged: E_prev and its values stay
+            self.reads.clear()
+            return best, self.state.e_prev
+        read = self.reads[name, best]  # the rest of its values are computed as needed
+        self._next_reference(read)
+        return best, sum(read.values.values()) / len(read.values)
+
+    def _next_reference(self, read: TrialRead) -> None:
+        """`read`'s agreed values become E_prev's (None where not read); the block's reads
+        are done with."""
+        self.state.reference = [read.agreed.get(b) for b in range(self.batches)]
+        self.reads.clear()
+
+    def _holds(self, name: str, size: int, rise: float) -> bool:
         """The exact comparison of a size read on every batch."""
         if not self.exact_reference:
             read, ref = self.reads[name, size], self.state.reference
             rise = sum(read.agreed[b] - ref[b] for b in range(self.batches)) / self.batches
         return rise <= self.threshold
 
-    def carry(self, name: str, size: int | None) -> None:
-        """Block `name` decided at `size` (None: nothing accepted, the model unchanged, so
-        E_prev's values stay) without completing it: the values its trial read become the
-        next block's E_prev values, the others are computed as needed."""
-        if size is not None:
-            read = self.reads[name, size]
-            self.state.reference = [read.agreed.get(b) for b in range(self.batches)]
-        self.reads.clear()
-
-    def complete(self, name: str, size: int,
-                 masked: Callable[[], AbstractContextManager] = nullcontext) -> float:
+    def _complete(self, name: str, size: int,
+                  masked: Callable[[], AbstractContextManager] = nullcontext) -> float:
         """The accepted `size` (`masked()`: its candidate in place) read on the batches its
-        trial left; returns its exact mean. Call `holds` next, then `settle`."""
+        trial left; returns its exact mean."""
         read = self.reads[name, size]
         rest = [b for b in self.order if b not in read.values]
         if self.exact_reference:
@@ -333,11 +347,27 @@ class SequentialTrials:
         self.state.completions[name] = len(rest)
         return self.evaluate.mean(read.values)
 
-    def settle(self, name: str, size: int) -> None:
-        """The completed `size` of block `name` stands: its values are the next E_prev's."""
-        read = self.reads[name, size]
-        self.state.reference = [read.agreed[b] for b in range(self.batches)]
+    def _again(self, name: str, search: Callable[[], int]) -> tuple[int, float | None]:
+        """A block whose early accept the full pass refuted: `search()` (its binary search
+        from scratch) with every trial reading every batch. Returns (size, its exact E_val;
+        None if nothing was accepted). Recorded in `refuted` with the batches the refuted
+        attempt read, its trials' reads dropped."""
+        reads = self.state.reads
+        self.state.refuted[name] = (sum(reads[self.first_read:])
+                                    + self.state.completions.pop(name))
+        del reads[self.first_read:]
         self.reads.clear()
+        self.full_passes = True
+        try:
+            best = search()
+        finally:
+            self.full_passes = False
+        read = self.reads.get((name, best))
+        if read is None:  # nothing accepted: E_val is measured again
+            self.reads.clear()
+            return best, None
+        self._next_reference(read)  # read on every batch
+        return best, self.evaluate.mean(read.values)
 
     def record(self) -> dict:
         return record(self.early, self.batches, self.state.reads, self.state.completions,
