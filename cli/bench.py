@@ -60,6 +60,9 @@ def search_cmd(
         "with --confidence: exact (each block's accepted size read on every batch; the "
         "default) or as-needed (E_prev's values only on the batches trials read); "
         "repeatable")),
+    orders: int = typer.Option(0, min=0, help=(
+        "with --confidence: also replay each option in this many batch orders on a "
+        "recording of the exact search (order 0 is the runs' own)")),
 ) -> None:
     """Reference procedure vs AMPPruner on one model: same sizes, wall times, ratio; with
     --confidence, the counted cost of early decisions and whether the sizes stay exact."""
@@ -81,7 +84,7 @@ def search_cmd(
                                      param_hint="--reference")
         _early(layers, width, val_images, batch_size, confidence, seeds, seed, image_size,
                patch_size, threshold, device, dtype, json_out, tuple(pair_with or ("nearest",)),
-               tuple(reference or ("exact",)))
+               tuple(reference or ("exact",)), orders)
         return
     from amp_plugin.bench.search import bench_search
 
@@ -131,12 +134,13 @@ def search_cmd(
 
 
 def _early(layers, width, val_images, batch_size, confidences, seeds, seed, image_size,
-           patch_size, threshold, device, dtype, json_out, pairings, references) -> None:
+           patch_size, threshold, device, dtype, json_out, pairings, references, orders
+           ) -> None:
     from amp_plugin.bench.search import bench_early
 
     r = bench_early(layers, width, val_images, batch_size or 64, tuple(confidences), seeds,
                     seed, image_size, patch_size, threshold, device=device, dtype=dtype,
-                    pairings=pairings, references=references)
+                    pairings=pairings, references=references, orders=orders)
     t = Table(title=f"early decisions: {layers} blocks, width {width}, {r['val_images']} "
                     f"images in {r['val_batches']} batches, threshold {threshold:g}; "
                     "image-block forwards (ref.: the reference procedure, counted), batches "
@@ -164,9 +168,30 @@ def _early(layers, width, val_images, batch_size, confidences, seeds, seed, imag
         _spread(console, f"confidence {c}: forwards / today's cache", s["over_cache"],
                 s["identical_seeds"], len(r["seeds"]),
                 f" ({r['device']}, {r['dtype']}, {r['threads']} threads)")
+    if orders:
+        console.print(_orders_table(r, orders))
     _write(json_out, r)
-    if any(s["identical_seeds"] < len(r["seeds"]) for s in r["summary"].values()):
+    replayed = [o["orders"]["order_0_is_the_run"] for row in r["seeds"]
+                for o in row["options"].values() if "orders" in o]
+    if any(s["identical_seeds"] < len(r["seeds"]) for s in r["summary"].values()) or (
+            not all(replayed)):
         raise typer.Exit(1)
+
+
+def _orders_table(r: dict, orders: int) -> Table:
+    """Each option replayed in `orders` batch orders per seed."""
+    t = Table(title=f"replayed in {orders} batch orders per seed on a recording of the exact "
+                    "search: orders whose sizes are the exact search's, forwards / today's "
+                    "cache over those; order 0 replays the run above")
+    for col in ("search", "identical", "mean", "min", "max", "order 0 = run"):
+        t.add_column(col, justify="left" if col == "search" else "right")
+    for key, s in r["summary"].items():
+        o, f = s["orders"], s["orders"]["over_cache"] or {}
+        same = all(row["options"][key]["orders"]["order_0_is_the_run"] for row in r["seeds"])
+        t.add_row(f"confidence {key}", f"{o['identical']}/{o['replays']}",
+                  *(f"{f[k]:.3f}" if f else "-" for k in ("mean", "min", "max")),
+                  "yes" if same else "NO")
+    return t
 
 
 def _spread(console: Console, what: str, value: dict, identical: int, seeds: int,

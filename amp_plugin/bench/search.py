@@ -28,6 +28,7 @@ from ..search.pruner import AMPPruner
 from ..search.sequential import EarlyDecisions
 from ..utils.progress import progress
 from ..utils.tensors import resolve_device
+from .replay import RecordingDecisions, replay
 
 
 @torch.no_grad()
@@ -259,13 +260,39 @@ def bench_search(layers: int = 12, width: int = 384, val_images: int = 64,
     }
 
 
+def spread(values: list[float]) -> dict[str, float] | None:
+    """min, mean and max of `values` (None if there are none)."""
+    if not values:
+        return None
+    return {"min": min(values), "mean": sum(values) / len(values), "max": max(values)}
+
+
+def _replayed(recording, option: tuple, trials: int, threshold: float, orders: int,
+              cache: int, forwards: int, record: dict) -> dict:
+    """One option (confidence, nearest, exact reference) replayed in `orders` batch orders;
+    whether order 0 gave exactly the real run's forwards and record."""
+    runs = []
+    for order in range(orders):
+        early = EarlyDecisions(option[0], trials=trials, nearest=option[1],
+                               exact_reference=option[2], seed=order)
+        r = replay(recording, early, threshold)
+        n = r["image_block_forwards"]
+        runs.append({"order": order, "identical": r["identical"],
+                     "diverged_at": r["diverged_at"], "image_block_forwards": n,
+                     "over_cache": None if n is None else n / cache,
+                     "decided_early": (r["early_decisions"] or {}).get("decided_early")})
+        if order == 0:
+            matches = n == forwards and r["early_decisions"] == record
+    return {"runs": runs, "order_0_is_the_run": matches}
+
+
 def bench_early(layers: int = 12, width: int = 384, val_images: int = 1024,
                 batch_size: int | None = 64, confidences: tuple[float, ...] = (0.99,),
                 seeds: int = 1, seed: int = 0, image_size: int = 32, patch_size: int = 8,
                 threshold: float = 2e-3, inv_temperature: float = 20.0, device: str = "cpu",
                 dtype: str = "float32", show_progress: bool = True,
                 pairings: tuple[str, ...] = ("nearest",),
-                references: tuple[str, ...] = ("exact",)) -> dict:
+                references: tuple[str, ...] = ("exact",), orders: int = 0) -> dict:
     """Counted cost of early decisions (`amp.search.confidence`) against the exact search,
     on `seeds` random-weight ViTs (seeds seed, seed+1, ...): image-block forwards of the
     reference procedure (counted from the exact search's decisions), of the exact search
@@ -274,7 +301,9 @@ def bench_early(layers: int = 12, width: int = 384, val_images: int = 1024,
     default; `start`: always with the block's start) and E_prev's values (`exact`: each
     block's accepted size read on every batch, the default; `as-needed`: only where trials
     read), and whether each gives the exact search's sizes. Options are keyed "0.99"
-    (nearest, exact), "0.99 start", "0.99 as-needed", "0.99 start as-needed"."""
+    (nearest, exact), "0.99 start", "0.99 as-needed", "0.99 start as-needed". `orders`:
+    each option is also replayed (`bench.replay`) in that many batch orders (seeds 0, 1,
+    ...) on a recording of the exact search; order 0 is the real runs' own."""
     unknown = sorted(set(pairings) - {"nearest", "start"})
     if unknown or not pairings:
         raise ValueError(f"pairings: expected nearest and/or start, got {list(pairings)}")
@@ -303,6 +332,14 @@ def bench_early(layers: int = 12, width: int = 384, val_images: int = 1024,
             runs[key] = (result, time.perf_counter() - t0)
         exact, exact_seconds = runs[None]
         cache = exact.extra["image_block_forwards"]
+        recording = None
+        if orders:
+            recorder = RecordingDecisions()
+            recorded = AMPPruner(copy.deepcopy(model), val[0][:1], imp, val, threshold,
+                                 show_progress=show_progress, cache_device_bytes=1 << 50,
+                                 confidence=recorder).step()
+            recording = recorder.recording
+            recording.sizes = dict(recorded.hidden_sizes)
         row = {"seed": s, "reference": reference_block_forwards(exact.trace, layers, images),
                "cache": cache, "cache_seconds": exact_seconds,
                "mlp_params_kept": exact.mlp_params["after"] / exact.mlp_params["before"],
@@ -319,14 +356,24 @@ def bench_early(layers: int = 12, width: int = 384, val_images: int = 1024,
                 "batches_read": record["batches_read"],
                 "batches_full_passes": record["batches_full_passes"],
                 "decided_early": record["decided_early"], "seconds": seconds}
+            if recording is not None:
+                row["options"][key]["orders"] = _replayed(
+                    recording, options[key], trials, threshold, orders, cache, forwards,
+                    record)
+        if recording is not None:
+            row["recorded_sizes_exact"] = recording.sizes == exact.hidden_sizes
         rows.append(row)
     summary = {}
     for key in options:
-        ratios = [r["options"][key]["over_cache"] for r in rows]
-        summary[key] = {
-            "over_cache": {"min": min(ratios), "mean": sum(ratios) / len(ratios),
-                           "max": max(ratios)},
-            "identical_seeds": sum(r["options"][key]["identical_sizes"] for r in rows)}
+        summary[key] = {"over_cache": spread([r["options"][key]["over_cache"] for r in rows]),
+                        "identical_seeds": sum(r["options"][key]["identical_sizes"]
+                                               for r in rows)}
+        if orders:
+            replays = [o for r in rows for o in r["options"][key]["orders"]["runs"]]
+            summary[key]["orders"] = {
+                "replays": len(replays),
+                "identical": sum(o["identical"] for o in replays),
+                "over_cache": spread([o["over_cache"] for o in replays if o["identical"]])}
     return {"layers": layers, "width": width, "val_images": len(val) * len(val[0]),
             "val_batches": len(val), "threshold": threshold, "seeds": rows,
             "summary": summary, "threads": torch.get_num_threads(),

@@ -36,7 +36,7 @@ from ..utils.progress import Bar
 from ..utils.tensors import device_of, split_batch, to_device
 from .cache import StateCache
 from .measures import DEFAULT_MEASURE, SearchMeasure, make_measure
-from .sequential import EarlyDecisions, SequentialTrials
+from .sequential import EarlyDecisions
 
 
 @dataclass
@@ -430,8 +430,7 @@ def adaptive_search(
     names = [n for n in list(views)[::-1] if n not in state.sizes]
     cache = f"cache: {evaluate.mode.split(' (')[0]}"
     what = measure_label(evaluate.measure.name)
-    sequential = (SequentialTrials(early, evaluate, state, threshold) if early is not None
-                  else None)
+    sequential = early.sequential(evaluate, state, threshold) if early is not None else None
     with Bar(description, len(views), show_progress, status=cache) as bar:
         bar.advance(len(views) - len(names))
         for name in names:

@@ -133,6 +133,10 @@ class EarlyDecisions:
     def test(self, batches: int, threshold: float) -> PairedTest:
         return PairedTest(batches, threshold, self.alpha, self.min_batches)
 
+    def sequential(self, evaluate: Any, state: Any, threshold: float) -> SequentialTrials:
+        """The trials of one search under these settings."""
+        return SequentialTrials(self, evaluate, state, threshold)
+
 
 @dataclass
 class TrialRead:
