@@ -23,7 +23,7 @@ def _one_thread():
 def _recorded(model, val, imp, threshold):
     recorder = RecordingDecisions()
     result = _search(model, val, imp, threshold, recorder)
-    recorder.recording.sizes = dict(result.hidden_sizes)
+    assert recorder.recording.sizes == result.hidden_sizes
     return recorder.recording, result
 
 

@@ -7,7 +7,7 @@ batch: each trial's candidate, and each block whole (the state E_prev's values c
 when computed as needed). `replay` then runs the library's own search and early decisions
 (`search.greedy.adaptive_search`, `search.sequential`) on those values instead of forwards,
 counting the image-block forwards each read would cost. For the batch order of a real run
-it gives that run's decisions, reads and forwards exactly (`integration_tests` checks it);
+it gives that run's decisions, reads and forwards exactly (tested);
 other orders cost seconds. A replay that leaves the recorded path (an early decision the
 full pass would not take) stops there and is reported as differing.
 
@@ -18,7 +18,8 @@ full pass would not take) stops there and is reported as differing.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
@@ -45,7 +46,6 @@ class Recording:
     batch_images: list[int] = field(default_factory=list)
     fill: int = 0
     sizes: dict[str, int] = field(default_factory=dict)
-    forwards: int = 0  # the recorded search's own, the block-whole reads included
 
 
 class _Recorder(SequentialTrials):
@@ -70,7 +70,8 @@ class _Recorder(SequentialTrials):
         self.recording.values[name, WHOLE] = list(self.state.reference)
         return value
 
-    def trial(self, name: str, size: int, hidden: int | None = None, masked=None) -> float:
+    def trial(self, name: str, size: int, hidden: int | None = None,
+              masked: Callable[[], AbstractContextManager] = nullcontext) -> float:
         if (name, WHOLE) not in self.recording.values:  # before the candidate is in place
             self.recording.values[name, WHOLE] = self._values(name)
         self.recording.hidden[name] = hidden
@@ -86,7 +87,7 @@ class _Recorder(SequentialTrials):
         self.recording.fill = cache.block_forwards
         self.recording.batch_images = [len(b[0]) if isinstance(b, (list, tuple)) else len(b)
                                        for b in self.evaluate.val_batches]
-        self.recording.forwards = self.evaluate.image_block_forwards
+        self.recording.sizes = dict(self.state.sizes)
         return super().record()
 
 

@@ -335,11 +335,10 @@ def bench_early(layers: int = 12, width: int = 384, val_images: int = 1024,
         recording = None
         if orders:
             recorder = RecordingDecisions()
-            recorded = AMPPruner(copy.deepcopy(model), val[0][:1], imp, val, threshold,
-                                 show_progress=show_progress, cache_device_bytes=1 << 50,
-                                 confidence=recorder).step()
+            AMPPruner(copy.deepcopy(model), val[0][:1], imp, val, threshold,
+                      show_progress=show_progress, cache_device_bytes=1 << 50,
+                      confidence=recorder).step()
             recording = recorder.recording
-            recording.sizes = dict(recorded.hidden_sizes)
         row = {"seed": s, "reference": reference_block_forwards(exact.trace, layers, images),
                "cache": cache, "cache_seconds": exact_seconds,
                "mlp_params_kept": exact.mlp_params["after"] / exact.mlp_params["before"],
