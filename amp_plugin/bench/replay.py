@@ -61,9 +61,7 @@ class _Recorder(SequentialTrials):
         self.recording.n_blocks = evaluate.n_blocks
 
     def _values(self, name: str) -> list[float]:
-        read = {b: agreed for b, _, agreed in self.evaluate.batch_values(
-            name, range(self.batches))}
-        return [read[b] for b in range(self.batches)]
+        return [agreed for _, _, agreed in self.evaluate.batch_values(name, range(self.batches))]
 
     def full(self, name: str) -> float:
         value = super().full(name)
