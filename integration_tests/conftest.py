@@ -18,6 +18,17 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 else:
     torch.set_num_threads(2)
 
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test (tiny tensors: one thread is many times faster than two
+    on a busy CPU); the number before is restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 TIMM_KINDS = {
     "mlp": {},
     "glu": {"mlp_layer": "timm.layers.GluMlp", "act_layer": "torch.nn.SiLU", "mlp_ratio": 4},

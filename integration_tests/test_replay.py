@@ -5,19 +5,12 @@ says where."""
 from __future__ import annotations
 
 import pytest
-import torch
 from test_sequential import _Reckless, _search, _setup
 
 from amp_plugin.bench.replay import WHOLE, RecordingDecisions, replay
 from amp_plugin.search.sequential import EarlyDecisions
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _recorded(model, val, imp, threshold):

@@ -27,13 +27,7 @@ T_3_0975 = 3.182446305284263
 T_9_0995 = 3.249835541592149
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tensors are tiny: one thread is many times faster than two on a busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_half_width_against_hand_computation():
