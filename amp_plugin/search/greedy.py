@@ -467,21 +467,22 @@ def adaptive_search(
                 trace.append(Trial(name, index_of[name], size, measured[size], ok, reference))
                 return ok
 
-            def again(step=step, measured=measured, accept=accept, view=view, first=first
-                      ) -> int:
+            def search(step=step, measured=measured, accept=accept, view=view, first=first
+                       ) -> int:
+                """The block's binary search, from scratch (its trials so far dropped)."""
                 del trace[first:]
                 measured.clear()
                 step[0] = 0
                 return candidate_sizes(view.hidden, max_steps, accept, round_to)
 
-            best = candidate_sizes(view.hidden, max_steps, accept, round_to)
+            best = search()
             hits = [t for t in trace[first:] if t.accepted and t.size == best]
             e_prev = hits[-1].entropy if hits else None
             if sequential is not None:
                 best, e_prev = sequential.decided(
                     name, best, bool(hits), name == names[-1],
                     lambda size, name=name, view=view, order=order: candidate(
-                        name, view, order[:size]), again)
+                        name, view, order[:size]), search)
                 for t in trace[first:]:  # a completed size's mean is now the exact one
                     if t.accepted and t.size == best:
                         t.entropy = e_prev
