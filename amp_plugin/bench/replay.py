@@ -28,6 +28,7 @@ import torch
 
 from ..search.greedy import adaptive_search
 from ..search.sequential import EarlyDecisions, SequentialTrials
+from ..utils.tensors import split_batch
 
 WHOLE = None  # the size key of a block whole (its MLP unpruned, later blocks as decided)
 
@@ -83,7 +84,7 @@ class _Recorder(SequentialTrials):
         if cache.recomputed_blocks:
             raise ValueError("a recording needs the whole state cache (none recomputed)")
         self.recording.fill = cache.block_forwards
-        self.recording.batch_images = [len(b[0]) if isinstance(b, (list, tuple)) else len(b)
+        self.recording.batch_images = [split_batch(b)[0].shape[0]
                                        for b in self.evaluate.val_batches]
         self.recording.sizes = dict(self.state.sizes)
         return super().record()

@@ -21,6 +21,7 @@ from ..core.mlp import find_mlps
 from ..data import batches
 from ..evaluate.throughput import device_name
 from ..search.pruner import AMPPruner
+from ..utils.stats import spread
 from .search import bench_images, bench_vit
 
 
@@ -69,9 +70,8 @@ def bench_scoring(layers: int = 12, width: int = 64, calib_images: int = 4096,
         rows.append(row)
     summary = {}
     for tol in map(str, tolerances):
-        fractions = [r["options"][tol]["read_fraction"] for r in rows]
-        summary[tol] = {"read_fraction": {"min": min(fractions), "max": max(fractions),
-                                          "mean": sum(fractions) / len(fractions)},
+        summary[tol] = {"read_fraction": spread([r["options"][tol]["read_fraction"]
+                                                 for r in rows]),
                         "identical_seeds": sum(r["options"][tol]["identical_sizes"]
                                                for r in rows)}
     blocks = len(find_mlps(vision_tower(model)[0]))

@@ -27,6 +27,7 @@ from ..search.measures.kl import KL
 from ..search.pruner import AMPPruner
 from ..search.sequential import EarlyDecisions
 from ..utils.progress import progress
+from ..utils.stats import spread
 from ..utils.tensors import resolve_device
 from .replay import RecordingDecisions, replay
 
@@ -258,13 +259,6 @@ def bench_search(layers: int = 12, width: int = 384, val_images: int = 64,
         "threads": torch.get_num_threads(), "repeats": repeats, "device": device_name(dev),
         "dtype": dtype,
     }
-
-
-def spread(values: list[float]) -> dict[str, float] | None:
-    """min, mean and max of `values` (None if there are none)."""
-    if not values:
-        return None
-    return {"min": min(values), "mean": sum(values) / len(values), "max": max(values)}
 
 
 def _replayed(recording, option: tuple, trials: int, threshold: float, orders: int,

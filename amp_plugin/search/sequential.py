@@ -255,6 +255,17 @@ class SequentialTrials:
                 placed = True
             yield next(iter(self.evaluate.batch_values(name, [b])))
 
+    def _read(self, name: str, masked: Callable[[], AbstractContextManager],
+              order: Sequence[int], reference: Sequence[float] | None,
+              test: PairedTest | None) -> TrialRead:
+        """`read_trial` of the candidate (`masked()` in place) over `order`, E_prev's values
+        computed first where needed (`exact_reference` off)."""
+        if self.exact_reference:
+            with masked():
+                return read_trial(self.evaluate.batch_values(name, order), reference, test)
+        with ExitStack() as stack:
+            return read_trial(self._as_needed(name, masked, order, stack), reference, test)
+
     def trial(self, name: str, size: int, hidden: int | None = None,
               masked: Callable[[], AbstractContextManager] = nullcontext) -> float:
         """The candidate's mean over the batches its trial read (exact when all);
@@ -270,14 +281,7 @@ class SequentialTrials:
             reference, threshold = self.paired_with(name, size,
                                                     size + 1 if hidden is None else hidden)
             test = self.early.test(self.batches, threshold)
-        if self.exact_reference:
-            with masked():
-                read = read_trial(self.evaluate.batch_values(name, self.order), reference,
-                                  test)
-        else:
-            with ExitStack() as stack:
-                read = read_trial(self._as_needed(name, masked, self.order, stack),
-                                  reference, test)
+        read = self._read(name, masked, self.order, reference, test)
         self.reads[name, size] = read
         self.state.reads.append(len(read.values))
         if len(read.values) == self.batches:
@@ -311,12 +315,9 @@ class SequentialTrials:
                 return self._again(name, search)
             self._next_reference(self.reads[name, best])
             return best, exact
-        if self.exact_reference or last:
+        if not accepted:  # the model unchanged; E_prev and its values carry over as needed
             self.reads.clear()
-            return best, None
-        if not accepted:  # the model unchanged: E_prev and its values stay
-            self.reads.clear()
-            return best, self.state.e_prev
+            return best, None if self.exact_reference or last else self.state.e_prev
         read = self.reads[name, best]  # the rest of its values are computed as needed
         self._next_reference(read)
         return best, sum(read.values.values()) / len(read.values)
@@ -340,12 +341,7 @@ class SequentialTrials:
         trial left; returns its exact mean."""
         read = self.reads[name, size]
         rest = [b for b in self.order if b not in read.values]
-        if self.exact_reference:
-            with masked():
-                more = read_trial(self.evaluate.batch_values(name, rest), None, None)
-        else:
-            with ExitStack() as stack:
-                more = read_trial(self._as_needed(name, masked, rest, stack), None, None)
+        more = self._read(name, masked, rest, None, None)
         read.values.update(more.values)
         read.agreed.update(more.agreed)
         self.state.completions[name] = len(rest)

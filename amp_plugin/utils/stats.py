@@ -9,6 +9,13 @@ import statistics
 from collections.abc import Sequence
 
 
+def spread(values: Sequence[float]) -> dict[str, float] | None:
+    """{min, mean, max} of `values` (None if there are none)."""
+    if not values:
+        return None
+    return {"min": min(values), "mean": sum(values) / len(values), "max": max(values)}
+
+
 def quartiles(values: Sequence[float]) -> dict[str, float]:
     """{median, q1, q3, min, max} of at least one value (q1 = q3 = the value for one)."""
     if not values:
